@@ -1,0 +1,205 @@
+"""Strict configuration: one dataclass per section, YAML on top, dotted overrides last.
+
+    cfg = load_config("configs/base.yaml", ["train.total_steps=200", "optim.lr=1e-3"])
+
+Every default lives here once, with a comment. Unknown keys and wrong types raise
+ConfigError naming the key (with a "did you mean" hint), so a typo never trains the
+wrong model silently. `save_config` writes the resolved config into the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/demo"          # a prepare_voxceleb.py output folder
+    sample_rate: int = 16000        # model rate; files at other rates are resampled on load
+    min_secs: float = 2.0           # shortest random training crop (SUPERB: 2)
+    max_secs: float = 8.0           # longest random training crop (SUPERB: 8)
+    batch_size: int = 10            # crops per batch per process (SUPERB: 10)
+    eval_batch_secs: float = 300.0  # audio seconds per evaluation batch (length-sorted, so padding stays small)
+    eval_chunk_secs: float = 0.0    # >0: embed utterances longer than this in overlapping chunks to bound memory
+
+
+@dataclass
+class UpstreamConfig:
+    name: str = "wavlm_base_plus"   # fbank | mfcc | wavlm_base(_plus|_large) | hubert_base|hubert_large | wav2vec2_base|_large|_large_lv60k | xlsr53|xlsr_300m
+    ckpt: str = ""                  # local weights file; empty: torchaudio bundle (downloads once into the torch hub cache)
+    random_init: bool = False       # build the architecture with random weights (tests, benchmarks, no hub)
+    arch: dict = field(default_factory=dict)  # architecture overrides for random_init, e.g. {encoder_num_layers: 2}
+    trainable: bool = False         # fine-tune the upstream (SUPERB: frozen)
+    n_mels: int = 80                # fbank: mel bands
+    n_mfcc: int = 40                # mfcc: coefficients
+
+
+@dataclass
+class FeaturizerConfig:
+    layer_norm: bool = False        # normalise each layer before the weighted sum (layers differ in scale)
+
+
+@dataclass
+class DownstreamConfig:
+    name: str = "xvector"           # xvector (SUPERB x-vector TDNN)
+    proj_dim: int = 512             # projector from the upstream's hidden size
+    channels: int = 512             # TDNN channels (SUPERB: 512)
+    stats_dim: int = 1500           # last frame-level layer before statistics pooling
+    embed_dim: int = 512            # speaker embedding size
+
+
+@dataclass
+class LossConfig:
+    name: str = "amsoftmax"         # amsoftmax: cos - m (SUPERB) | aamsoftmax: cos(theta + m) (ArcFace)
+    margin: float = 0.4             # SUPERB AM-softmax: 0.4
+    scale: float = 30.0             # SUPERB AM-softmax: 30
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"             # adamw | adam | sgd
+    lr: float = 1e-4                # peak learning rate (SUPERB: 1e-4)
+    weight_decay: float = 0.0
+    momentum: float = 0.9           # sgd only
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "constant"          # constant | linear | cosine | exponential (after warm-up; used when train.use_scheduler)
+    warmup_steps: int = 0           # linear warm-up from 0 over this many optimizer steps
+    final_lr_ratio: float = 0.01    # lr at the last step as a fraction of optim.lr (linear, cosine, exponential)
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 200000       # optimizer steps (SUPERB: 200k)
+    log_step: int = 500             # print/log loss, accuracy, lr and speed every N steps
+    eval_step: int = 10000          # validation EER on the held-out validation speakers every N steps
+    save_step: int = 10000          # checkpoint every N steps (and whenever validation improves)
+    keep_num_ckpts: int = 3         # keep the newest N step-* folders (<= 0: all); the best is never deleted
+    gradient_clipping: float = 3.0  # max global grad norm (0: off)
+    gradient_accumulate: int = 5    # micro-batches per optimizer step (SUPERB: 5)
+    mixed_precision: str = "no"     # no | fp16 | bf16 (via Accelerate)
+    seed: int = 1337
+    auto_resume: bool = True        # re-running the same command resumes from the newest complete checkpoint
+    resume_ckpt_dir: str = ""       # resume from this step-* folder instead
+    valid_metric: str = "eer"       # eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best
+    valid_higher_better: bool = False
+    use_scheduler: bool = False     # SUPERB: constant lr
+    test_after_train: bool = True   # evaluate the best checkpoint on the test trial lists at the end
+
+
+@dataclass
+class Config:
+    exp_dir: str = "exp/run"        # the run folder: config, labels, step-*/ checkpoints, logs
+    num_workers: int = 2            # data loader worker processes
+    eval_batch: int = -1            # cap validation/evaluation to N batches (-1: all; quick checks only)
+    data: DataConfig = field(default_factory=DataConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {  # string keys with a closed set of values
+    "upstream.name": None,  # checked by models.upstream.build_upstream (it owns the list)
+    "downstream.name": ("xvector",),
+    "loss.name": ("amsoftmax", "aamsoftmax"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "scheduler.name": ("constant", "linear", "cosine", "exponential"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.valid_metric": ("eer", "min_dcf_0.01", "min_dcf_0.05"),
+}
+
+
+def _coerce(value, typ, key):
+    """Check one value against its declared type; ints are accepted where floats are expected."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(obj, updates: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = prefix + str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(prefix + n for n in names)})"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; set its fields, e.g. {full}.<key>=...")
+            _merge(current, value, full + ".")
+        else:
+            value = _coerce(value, hints[key], full)
+            allowed = CHOICES.get(full)
+            if allowed and value not in allowed:
+                raise ConfigError(f"config key '{full}' must be one of {', '.join(allowed)}, got {value!r}")
+            setattr(obj, key, value)
+
+
+def parse_override(text: str) -> dict:
+    """'train.total_steps=200' -> {'train': {'total_steps': 200}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        try:
+            _merge(cfg, loaded)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str):
+    """Write the resolved config atomically; loading it back gives the same Config."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

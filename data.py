@@ -1,0 +1,208 @@
+"""Reading what prepare_voxceleb.py wrote, and feeding audio to the models.
+
+Training batches are random crops. One crop length is drawn per batch (between
+min_secs and max_secs) and every utterance in the batch is cut to it, so training
+batches carry no padding at all; utterances shorter than the crop are repeated to
+fill it. Every random choice (order, crop length, crop offset) is a pure function of
+(seed, epoch, position), so a resumed run sees exactly the batches an uninterrupted
+run would, whatever the number of workers.
+
+Evaluation batches are whole utterances sorted by length and packed up to a budget
+of audio seconds, so padding stays small and memory is bounded by the budget.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+
+class AudioError(ValueError):
+    """A file that cannot be used as audio; the message names the file and the problem."""
+
+
+def load_audio(path: str, sample_rate: int, start_secs: float = 0.0, num_secs: float | None = None) -> torch.Tensor:
+    """Read [start, start+num) seconds of a file as mono float32 at `sample_rate`: (T,)."""
+    try:
+        info = sf.info(path)
+        start = int(round(start_secs * info.samplerate))
+        frames = -1 if num_secs is None else int(round(num_secs * info.samplerate))
+        wav, sr = sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)  # (T, C)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"{path}: unreadable audio ({str(e).splitlines()[-1]})") from None
+    if wav.shape[0] == 0:
+        raise AudioError(f"{path}: no audio samples")
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{path}: audio contains NaN or inf samples")
+    wav = torch.from_numpy(wav.mean(axis=1))  # multi-channel files are averaged to mono
+    if sr != sample_rate:
+        wav = AF.resample(wav, sr, sample_rate)
+    return wav
+
+
+# ---------------------------------------------------------------------------- manifests
+
+@dataclass
+class Utterance:
+    id: str
+    path: str
+    speaker: str
+    duration: float
+    sample_rate: int
+    split: str
+
+
+def read_manifest(data_dir: str) -> list[Utterance]:
+    path = Path(data_dir) / "utterances.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run prepare_voxceleb.py --out {data_dir} first")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return [Utterance(r["id"], r["path"], r["speaker"], float(r["duration"]), int(r["sample_rate"]), r["split"])
+                for r in rows]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: malformed manifest ({e})") from None
+
+
+def read_trials(path: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """A `label enroll test` file -> (labels (N,) int8, enroll paths, test paths)."""
+    labels, enroll, test = [], [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 3 or parts[0] not in ("0", "1", "target", "nontarget"):
+                raise ValueError(f"{path}:{n}: expected 'label enroll test' with label 1/0, got {line.strip()!r}")
+            labels.append(parts[0] in ("1", "target"))
+            enroll.append(parts[1])
+            test.append(parts[2])
+    if not labels:
+        raise ValueError(f"{path}: empty trial list")
+    return np.asarray(labels, dtype=np.int8), enroll, test
+
+
+def trial_lists(data_dir: str) -> dict[str, Path]:
+    """name -> file for every list in data_dir/trials; 'valid' is the validation list."""
+    return {p.stem: p for p in sorted((Path(data_dir) / "trials").glob("*.txt"))}
+
+
+# ---------------------------------------------------------------------------- training
+
+class CropBatchSampler:
+    """Yields batches of (utterance index, crop secs, item seed); see the module docstring.
+
+    Endless; each epoch is a seeded permutation; neighbouring utterances are grouped by length
+    (buckets of 100 batches) so short utterances are rarely stretched much. The number
+    of batches is a multiple of `multiple` (gradient accumulation x processes), so
+    every epoch ends on an optimizer step and resuming never splits one.
+    """
+
+    def __init__(self, durations, batch_size, min_secs, max_secs, seed, multiple=1):
+        self.durations = np.asarray(durations, dtype=np.float64)
+        self.batch_size, self.min_secs, self.max_secs = batch_size, min_secs, max_secs
+        self.seed, self.multiple = seed, multiple
+        if len(self) == 0:
+            raise ValueError(f"{len(self.durations)} training utterances cannot fill {multiple} batch(es) of {batch_size}")
+
+    def __len__(self):
+        """Batches per epoch."""
+        n = len(self.durations) // self.batch_size
+        return n - n % self.multiple
+
+    def __iter__(self):
+        """Endless: epoch after epoch, so the loader (and its workers) lives for the whole run."""
+        for epoch in itertools.count():
+            yield from self.epoch_batches(epoch)
+
+    def epoch_batches(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.durations))
+        bucket = self.batch_size * 100
+        for i in range(0, len(order), bucket):  # sort inside buckets so a batch holds similar lengths
+            chunk = order[i:i + bucket]
+            order[i:i + bucket] = chunk[np.argsort(self.durations[chunk], kind="stable")]
+        batches = order[: len(self) * self.batch_size].reshape(len(self), self.batch_size)
+        batches = batches[rng.permutation(len(batches))]
+        crop_secs = rng.uniform(self.min_secs, self.max_secs, size=len(batches))
+        item_seeds = rng.integers(0, 2**31, size=batches.shape)
+        for b, secs, seeds in zip(batches, crop_secs, item_seeds):
+            yield [(int(i), float(secs), int(s)) for i, s in zip(b, seeds)]
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """(index, crop secs, seed) -> (waveform (T,), speaker label)."""
+
+    def __init__(self, utts: list[Utterance], labels: list[int], sample_rate: int):
+        self.utts, self.labels, self.sample_rate = utts, labels, sample_rate
+
+    def __len__(self):
+        return len(self.utts)
+
+    def __getitem__(self, item):
+        index, secs, seed = item
+        utt = self.utts[index]
+        rng = np.random.default_rng(seed)
+        start = rng.uniform(0.0, max(utt.duration - secs, 0.0))
+        wav = load_audio(utt.path, self.sample_rate, start, secs)  # only the crop is decoded
+        need = int(round(secs * self.sample_rate))
+        if wav.numel() < need:  # shorter than the crop: repeat it (no padding inside training batches)
+            wav = wav.repeat(math.ceil(need / wav.numel()))
+        return wav[:need], self.labels[index]
+
+
+def collate_crops(items):
+    wavs = torch.stack([w for w, _ in items])  # (B, T): equal lengths by construction
+    lengths = torch.full((len(items),), wavs.shape[1], dtype=torch.long)
+    labels = torch.tensor([y for _, y in items], dtype=torch.long)
+    return wavs, lengths, labels
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def length_batches(durations, max_batch_secs: float) -> list[list[int]]:
+    """Indices sorted by length (longest first) and packed so that batch size x longest <= budget."""
+    order = np.argsort(-np.asarray(durations, dtype=np.float64), kind="stable")
+    batches, current = [], []
+    for i in order:
+        longest = durations[current[0]] if current else durations[i]
+        if current and longest * (len(current) + 1) > max_batch_secs:
+            batches.append(current)
+            current = []
+        current.append(int(i))
+    if current:
+        batches.append(current)
+    return batches
+
+
+class UtteranceDataset(torch.utils.data.Dataset):
+    """Whole utterances: index -> (waveform (T,), index). Too-short files are repeated to `min_samples`."""
+
+    def __init__(self, paths: list[str], sample_rate: int, min_samples: int = 0):
+        self.paths, self.sample_rate, self.min_samples = paths, sample_rate, min_samples
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        wav = load_audio(self.paths[index], self.sample_rate)
+        if wav.numel() < self.min_samples:
+            wav = wav.repeat(math.ceil(self.min_samples / wav.numel()))[: self.min_samples]
+        return wav, index
+
+
+def collate_padded(items):
+    lengths = torch.tensor([w.numel() for w, _ in items], dtype=torch.long)
+    wavs = torch.zeros(len(items), int(lengths.max()))
+    for row, (w, _) in enumerate(items):
+        wavs[row, : w.numel()] = w
+    index = torch.tensor([i for _, i in items], dtype=torch.long)
+    return wavs, lengths, index

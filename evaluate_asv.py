@@ -1,0 +1,219 @@
+"""Embed, score and measure: checkpoints x trial lists -> scores.txt and metrics.json.
+
+    python evaluate_asv.py --ckpt_dir exp/demo/best
+    python evaluate_asv.py --ckpt_dir exp/demo/step-* --trials test my_list.txt
+    accelerate launch evaluate_asv.py --ckpt_dir exp/vox1/step-20000   # several GPUs
+
+Each unique utterance of all requested trial lists is embedded once, at full length,
+in length-sorted batches. A frozen upstream runs once per batch and every checkpoint's
+featurizer and downstream are applied to the same hidden states, so evaluating ten
+checkpoints costs little more than one. Under several processes every process embeds
+its share and the embeddings are gathered (`gather_for_metrics`).
+
+Writes, per checkpoint and trial list: <ckpt_dir>/eval/<list>/scores.txt
+(`enroll test score label`) and metrics.json (EER %, minDCF at 0.01 and 0.05).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from accelerate import Accelerator
+
+import metrics
+from config import ConfigError, load_config
+from data import UtteranceDataset, collate_padded, length_batches, read_manifest, read_trials, trial_lists
+from models import build_encoder, build_upstream, cosine_scores, load_model_file, min_input_samples
+
+
+def model_meta(cfg) -> dict:
+    """What a checkpoint must agree with to be loaded under a config (see models.load_model_file)."""
+    return {"upstream": cfg.upstream.name, "downstream": cfg.downstream.name, "embed_dim": cfg.downstream.embed_dim}
+
+
+def utterance_durations(paths: list[str], manifest_durations: dict[str, float]) -> list[float]:
+    """Durations from the manifest, or from the file header for files outside it."""
+    out = []
+    for p in paths:
+        if p not in manifest_durations:
+            try:
+                info = sf.info(p)
+            except Exception as e:
+                raise ValueError(f"{p}: unreadable audio ({e})") from None
+            manifest_durations[p] = info.frames / info.samplerate
+        out.append(manifest_durations[p])
+    return out
+
+
+def make_eval_loader(paths, durations, cfg, min_samples: int):
+    batches = length_batches(durations, cfg.data.eval_batch_secs)
+    return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples),
+                                       batch_sampler=batches, collate_fn=collate_padded,
+                                       num_workers=cfg.num_workers)
+
+
+@torch.no_grad()
+def embed(accelerator, upstream, encoders, loader, num_utts: int, max_batches: int = -1):
+    """Embed every utterance of a (prepared) loader with each encoder.
+
+    Returns (list of (U, E) float32 arrays, one per encoder; (U,) bool, True where embedded).
+    Utterances are placed by their index, so the padding duplicates that even batches add
+    under several processes are harmless, and each utterance counts once.
+    """
+    was_training = [e.training for e in encoders]
+    for e in encoders:
+        e.eval()
+    upstream_was_training = upstream.training
+    upstream.eval()
+    tables = [np.zeros((num_utts, accelerator.unwrap_model(e).downstream.embed_dim), np.float32) for e in encoders]
+    done = np.zeros(num_utts, dtype=bool)
+    for n, (wavs, lengths, index) in enumerate(loader):
+        if n == max_batches:
+            break
+        with accelerator.autocast():
+            hidden, frames = upstream(wavs, lengths)
+            embs = [e(hidden, frames).float() for e in encoders]
+        # batches differ in size between processes: pad to a common size, gather, drop the pads
+        index = accelerator.gather_for_metrics(accelerator.pad_across_processes(index, pad_index=-1)).cpu().numpy()
+        real = index >= 0
+        for table, emb in zip(tables, embs):
+            table[index[real]] = accelerator.gather_for_metrics(accelerator.pad_across_processes(emb)).cpu().numpy()[real]
+        done[index[real]] = True
+    for e, mode in zip(encoders, was_training):
+        e.train(mode)
+    upstream.train(upstream_was_training)
+    return tables, done
+
+
+def score_list(table: np.ndarray, done: np.ndarray, row: dict[str, int], trials) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine-score the trials whose two sides were embedded -> (scores, kept-trial mask)."""
+    labels, enroll, test = trials
+    a = np.fromiter((row[p] for p in enroll), dtype=np.int64, count=len(enroll))
+    b = np.fromiter((row[p] for p in test), dtype=np.int64, count=len(test))
+    keep = done[a] & done[b]
+    return cosine_scores(table, a[keep], b[keep]), keep
+
+
+def write_results(out_dir: Path, trials, scores, keep) -> dict:
+    labels, enroll, test = trials
+    labels = labels[keep]
+    result = metrics.compute_metrics(scores, labels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = np.flatnonzero(keep)
+    tmp = out_dir / "scores.txt.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(f"{enroll[i]} {test[i]} {s:.6f} {y}\n" for i, s, y in zip(kept, scores, labels))
+    os.replace(tmp, out_dir / "scores.txt")
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out_dir / "metrics.json")
+    return result
+
+
+def resolve_trials(data_dir: str, names_or_files: list[str]) -> dict[str, Path]:
+    """Trial list names (from data_dir/trials) or files -> {name: path}; default: every test list."""
+    known = trial_lists(data_dir)
+    if not names_or_files:
+        return {k: v for k, v in known.items() if k != "valid"}
+    out = {}
+    for item in names_or_files:
+        if item in known:
+            out[item] = known[item]
+        elif Path(item).is_file():
+            out[Path(item).stem] = Path(item)
+        else:
+            raise ValueError(f"trial list '{item}' is neither a file nor one of {', '.join(known) or '(none)'} "
+                             f"in {data_dir}/trials")
+    return out
+
+
+def load_trials(lists: dict[str, Path], known_paths: dict[str, float]):
+    """Read trial lists; every named file must exist (checked once per unique path)."""
+    trials = {name: read_trials(str(path)) for name, path in lists.items()}
+    unique = sorted({p for _, enroll, test in trials.values() for p in (*enroll, *test)})
+    for name, (_, enroll, test) in trials.items():
+        for p in {*enroll, *test}:
+            if p not in known_paths and not os.path.isfile(p):
+                raise ValueError(f"{lists[name]}: names a missing audio file {p}")
+    return trials, unique
+
+
+def evaluate_checkpoints(accelerator, cfg, ckpt_dirs: list[Path], list_names: list[str] = ()) -> dict:
+    """Evaluate checkpoints of one run (one config) on trial lists; returns {ckpt: {list: metrics}}."""
+    sr = cfg.data.sample_rate
+    manifest = {u.path: u.duration for u in read_manifest(cfg.data.dir)}
+    lists = resolve_trials(cfg.data.dir, list(list_names))
+    if not lists:
+        raise ValueError(f"no test trial lists in {cfg.data.dir}/trials")
+    trials, paths = load_trials(lists, manifest)
+    row = {p: i for i, p in enumerate(paths)}
+
+    upstream = build_upstream(cfg.upstream, sr)
+    encoders, upstreams = [], []
+    for ckpt in ckpt_dirs:
+        encoder = build_encoder(cfg, upstream)
+        own_upstream = build_upstream(cfg.upstream, sr) if cfg.upstream.trainable else upstream
+        load_model_file(str(ckpt / "model.pt"), encoder, own_upstream, model_meta(cfg))
+        encoders.append(encoder)
+        upstreams.append(own_upstream)
+    loader = make_eval_loader(paths, utterance_durations(paths, manifest), cfg, min_input_samples(upstream, encoders[0]))
+    loader = accelerator.prepare(loader)
+    if cfg.upstream.trainable:  # each checkpoint has its own upstream: one pass each
+        results = [embed(accelerator, u.to(accelerator.device), [e.to(accelerator.device)], loader, len(paths),
+                         cfg.eval_batch) for u, e in zip(upstreams, encoders)]
+        tables = [r[0][0] for r in results]
+        done = results[0][1]
+    else:
+        tables, done = embed(accelerator, upstream.to(accelerator.device),
+                             [e.to(accelerator.device) for e in encoders], loader, len(paths), cfg.eval_batch)
+    if done.sum() < len(paths):
+        accelerator.print(f"note: eval_batch={cfg.eval_batch} embedded {done.sum()} of {len(paths)} utterances; "
+                          "trials with the others are left out")
+    out = {}
+    for ckpt, table in zip(ckpt_dirs, tables):
+        out[str(ckpt)] = {}
+        for name, t in trials.items():
+            scores, keep = score_list(table, done, row, t)
+            if accelerator.is_main_process:
+                m = write_results(ckpt / "eval" / name, t, scores, keep)
+                out[str(ckpt)][name] = m
+                accelerator.print(f"{ckpt} | {name} | EER {m['eer']:.2f}% | minDCF0.01 {m['min_dcf_0.01']:.4f} "
+                                  f"| minDCF0.05 {m['min_dcf_0.05']:.4f} | {m['num_trials']} trials")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_dir", nargs="+", required=True,
+                        help="one or more exp/<run>/step-N (or exp/<run>/best) folders of the same run")
+    parser.add_argument("--trials", nargs="*", default=[],
+                        help="trial list names in <data.dir>/trials or files of 'label enroll test' lines "
+                             "(default: every test list of the run's data)")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="config overrides on top of the run's config.yaml, e.g. eval_batch=2 data.eval_batch_secs=60")
+    args = parser.parse_args()
+    try:
+        ckpts = [Path(c) for c in args.ckpt_dir]
+        for c in ckpts:
+            if not (c / "model.pt").is_file():
+                raise ValueError(f"{c}: not a checkpoint folder (no model.pt)")
+        runs = {c.absolute().parent for c in ckpts}
+        if len(runs) != 1:
+            raise ValueError(f"--ckpt_dir folders come from {len(runs)} runs; evaluate one run at a time")
+        run = runs.pop()
+        cfg = load_config(str(run / "config.yaml"), args.overrides)
+        accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        evaluate_checkpoints(accelerator, cfg, ckpts, args.trials)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Upstreams: waveform (B, T) + lengths -> hidden states [(B, T', D)] * L + frame lengths (B,).
+
+`fbank` and `mfcc` are computed in torch, batched. The self-supervised models are
+torchaudio's wav2vec 2.0 / HuBERT / WavLM implementations, loaded from the torchaudio
+bundle (downloaded once into the torch hub cache), from a local weights file
+(`upstream.ckpt`), or built with random weights (`upstream.random_init`, for tests and
+benchmarks on machines without hub access). Every upstream exposes `num_layers`,
+`hidden_size`, `hop` (input samples per frame) and `min_samples`, so what follows sizes
+itself from it.
+
+Padding invariance: filterbank frames are cut without centring, so frame t only sees
+samples [t*hop, t*hop + win) and padded samples never leak into a valid frame.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio
+import torchaudio.pipelines as pipelines
+
+# name -> torchaudio bundle. A plain dict: greppable, no import tricks.
+SSL_BUNDLES = {
+    "wavlm_base": pipelines.WAVLM_BASE,
+    "wavlm_base_plus": pipelines.WAVLM_BASE_PLUS,
+    "wavlm_large": pipelines.WAVLM_LARGE,
+    "hubert_base": pipelines.HUBERT_BASE,
+    "hubert_large": pipelines.HUBERT_LARGE,
+    "wav2vec2_base": pipelines.WAV2VEC2_BASE,
+    "wav2vec2_large": pipelines.WAV2VEC2_LARGE,
+    "wav2vec2_large_lv60k": pipelines.WAV2VEC2_LARGE_LV60K,
+    "xlsr53": pipelines.WAV2VEC2_XLSR53,
+    "xlsr_300m": pipelines.WAV2VEC2_XLSR_300M,
+}
+UPSTREAMS = ("fbank", "mfcc", *SSL_BUNDLES)
+
+
+def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_len) bool, True on valid frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class FilterbankUpstream(nn.Module):
+    """Log mel filterbank (or MFCC), 25 ms windows every 10 ms, mean-normalised per utterance."""
+
+    def __init__(self, kind: str = "fbank", sample_rate: int = 16000, n_mels: int = 80, n_mfcc: int = 40):
+        super().__init__()
+        self.win, self.hop = int(0.025 * sample_rate), int(0.010 * sample_rate)
+        mel = dict(n_fft=512, win_length=self.win, hop_length=self.hop, n_mels=n_mels, center=False,
+                   window_fn=torch.hamming_window, f_min=20.0)
+        if kind == "fbank":
+            self.transform = torchaudio.transforms.MelSpectrogram(sample_rate, **mel)
+            self.hidden_size = n_mels
+        else:
+            self.transform = torchaudio.transforms.MFCC(sample_rate, n_mfcc=n_mfcc, log_mels=True, melkwargs=mel)
+            self.hidden_size = n_mfcc
+        self.kind, self.num_layers, self.min_samples = kind, 1, self.win
+
+    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor):
+        with torch.autocast(wavs.device.type, enabled=False):  # spectra in fp32 even under mixed precision
+            feats = self.transform(wavs.float())  # (B, F, T')
+            if self.kind == "fbank":
+                feats = torch.log(feats + 1e-6)
+            feats = feats.transpose(1, 2)  # (B, T', F)
+            frames = torch.div(lengths - self.win, self.hop, rounding_mode="floor").clamp(min=0) + 1
+            frames = frames.clamp(max=feats.shape[1])
+            mask = frame_mask(frames, feats.shape[1]).unsqueeze(-1)  # (B, T', 1)
+            mean = (feats * mask).sum(1, keepdim=True) / frames.view(-1, 1, 1)  # over valid frames only
+            feats = (feats - mean) * mask
+        return [feats], frames
+
+
+class SSLUpstream(nn.Module):
+    """A torchaudio wav2vec 2.0 / HuBERT / WavLM model returning every layer: the
+    transformer input (layer 0, as s3prl counts it) and each transformer layer's output."""
+
+    def __init__(self, name: str, ckpt: str = "", random_init: bool = False, arch: dict | None = None):
+        super().__init__()
+        bundle = SSL_BUNDLES[name]
+        params = {**bundle._params, **(arch or {})}
+        factory = torchaudio.models.wavlm_model if name.startswith("wavlm") else torchaudio.models.wav2vec2_model
+        try:
+            self.model = factory(**params)
+        except TypeError as e:
+            raise ValueError(f"upstream.arch does not fit {name}: {e}") from None
+        if ckpt:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if missing:
+                raise ValueError(f"{ckpt}: not a {name} checkpoint (missing {len(missing)} weights, e.g. {missing[0]})")
+        elif not random_init:
+            try:
+                self.model = bundle.get_model()
+            except Exception as e:  # no network, no cache: say how to proceed
+                raise RuntimeError(f"cannot download the {name} weights ({type(e).__name__}: {e}); "
+                                   "set upstream.ckpt to a local weights file or upstream.random_init=true") from None
+        self.is_wavlm = name.startswith("wavlm")
+        self.normalize_waveform = bundle._normalize_waveform  # large LV60K / XLS-R expect zero-mean unit-var input
+        self.num_layers = len(self.model.encoder.transformer.layers) + 1
+        self.hidden_size = params["encoder_embed_dim"]
+        self.hop = 1
+        for _, kernel, stride in params["extractor_conv_layer_config"]:
+            self.hop *= stride
+        receptive = 1
+        for _, kernel, stride in reversed(params["extractor_conv_layer_config"]):
+            receptive = (receptive - 1) * stride + kernel
+        self.min_samples = receptive
+
+    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor):
+        if self.normalize_waveform:
+            mask = frame_mask(lengths, wavs.shape[1])
+            n = lengths.view(-1, 1).to(wavs.dtype)
+            mean = (wavs * mask).sum(1, keepdim=True) / n
+            var = (((wavs - mean) * mask) ** 2).sum(1, keepdim=True) / n
+            wavs = (wavs - mean) / torch.sqrt(var + 1e-7) * mask
+        # torchaudio's extract_features returns only the transformer layers and, for WavLM,
+        # fails on padded batches; we also want the transformer input (SUPERB's layer 0),
+        # so the same steps are run here with the padding mask each model family expects.
+        x, frames = self.model.feature_extractor(wavs, lengths)  # (B, T', C)
+        x = self.model.encoder.feature_projection(x)  # (B, T', D)
+        padding = ~frame_mask(frames, x.shape[1])  # (B, T') True on padded frames
+        x = x.masked_fill(padding.unsqueeze(-1), 0.0)
+        masks = {}
+        if padding.any():  # additive masks, as torchaudio builds them
+            additive = -10000.0 * padding.to(x.dtype)  # (B, T')
+            if self.is_wavlm:
+                masks["key_padding_mask"] = additive
+            else:
+                b, t = padding.shape
+                masks["attention_mask"] = additive[:, None, None, :].expand(b, 1, t, t)
+        transformer = self.model.encoder.transformer
+        x = transformer._preprocess(x)
+        hidden, position_bias = [x], None
+        for layer in transformer.layers:
+            x, position_bias = layer(x, position_bias=position_bias, **masks)
+            hidden.append(x)
+        return hidden, frames
+
+
+def build_upstream(cfg, sample_rate: int) -> nn.Module:
+    """cfg: config.UpstreamConfig. Frozen upstreams are put in eval mode with no gradients."""
+    if cfg.name not in UPSTREAMS:
+        raise ValueError(f"unknown upstream.name '{cfg.name}' (choose from {', '.join(UPSTREAMS)})")
+    if cfg.name in ("fbank", "mfcc"):
+        upstream = FilterbankUpstream(cfg.name, sample_rate, cfg.n_mels, cfg.n_mfcc)
+    else:
+        if sample_rate != 16000:
+            raise ValueError(f"upstream {cfg.name} needs data.sample_rate 16000, got {sample_rate}")
+        upstream = SSLUpstream(cfg.name, cfg.ckpt, cfg.random_init, cfg.arch)
+    if not cfg.trainable:
+        upstream.eval().requires_grad_(False)
+    return upstream

@@ -1,0 +1,283 @@
+"""Train a speaker-verification model: label encoder (stage 1), then training (stage 2).
+
+    accelerate launch train_asv.py --config configs/base.yaml
+    python train_asv.py --config configs/demo.yaml train.total_steps=200 exp_dir=exp/try
+
+Re-running the same command resumes from the newest complete checkpoint in exp_dir.
+Checkpoints: exp_dir/step-N/ (Accelerate state + model.pt, the file evaluation loads),
+exp_dir/best -> the checkpoint with the best validation metric (validation speakers
+only; the test trials never choose anything). At the end the best checkpoint is
+evaluated on the test trial lists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+import metrics
+from config import ConfigError, load_config, save_config
+from data import AudioError, CropBatchSampler, CropDataset, collate_crops, read_manifest, read_trials, trial_lists
+from evaluate_asv import embed, evaluate_checkpoints, make_eval_loader, model_meta, score_list
+from models import MarginSoftmax, build_encoder, build_upstream, min_input_samples, save_model_file
+
+
+def lr_at(step: int, cfg) -> float:
+    """Learning rate for optimizer step `step` (0-based): a pure function of the step."""
+    peak = cfg.optim.lr
+    if not cfg.train.use_scheduler:
+        return peak
+    s, total = cfg.scheduler, cfg.train.total_steps
+    if step < s.warmup_steps:
+        return peak * (step + 1) / s.warmup_steps
+    progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+    r = s.final_lr_ratio
+    if s.name == "linear":
+        return peak * (1 - (1 - r) * progress)
+    if s.name == "cosine":
+        return peak * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if s.name == "exponential":
+        return peak * r ** progress
+    return peak
+
+
+def make_optimizer(cfg, params):
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+
+
+def build_label_encoder(exp: Path, train_utts) -> dict[str, int]:
+    """Stage 1: training speakers -> labels, saved as exp/speakers.txt (line i = label i)."""
+    speakers = sorted({u.speaker for u in train_utts})
+    path = exp / "speakers.txt"
+    if path.exists():  # a resumed run must keep its labels
+        saved = path.read_text().split()
+        if saved != speakers:
+            raise ValueError(f"{path}: the run's speakers differ from data.dir's training speakers; "
+                             "use a new exp_dir for new data")
+    else:
+        path.write_text("".join(f"{s}\n" for s in speakers))
+    return {s: i for i, s in enumerate(speakers)}
+
+
+def complete_checkpoints(exp: Path) -> list[Path]:
+    """step-N folders with a finished model.pt, oldest first (half-written *.tmp folders never count)."""
+    found = [p for p in exp.glob("step-*") if p.name[5:].isdigit() and (p / "model.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def better(value: float, best: float | None, cfg) -> bool:
+    if best is None:
+        return True
+    return value > best if cfg.train.valid_higher_better else value < best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (see config.py for every key and its default)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=200 optim.lr=1e-3")
+    args = parser.parse_args()
+    try:
+        train(load_config(args.config, args.overrides))
+    except (ConfigError, ValueError, FileNotFoundError, AudioError) as e:
+        sys.exit(f"error: {e}")
+
+
+def train(cfg):
+    t = cfg.train
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulate)
+    set_seed(t.seed)
+    exp = Path(cfg.exp_dir)
+    main_process = accelerator.is_main_process
+    if main_process:
+        exp.mkdir(parents=True, exist_ok=True)
+        for tmp in exp.glob("step-*.tmp"):  # a save interrupted by a kill: never resumed from
+            shutil.rmtree(tmp, ignore_errors=True)
+        save_config(cfg, str(exp / "config.yaml"))
+    accelerator.wait_for_everyone()
+
+    # ---- stage 1: data and label encoder
+    utts = read_manifest(cfg.data.dir)
+    train_utts = [u for u in utts if u.split == "train"]
+    if not train_utts:
+        raise ValueError(f"{cfg.data.dir}/utterances.csv has no training utterances")
+    label_of = build_label_encoder(exp, train_utts) if main_process else None
+    accelerator.wait_for_everyone()
+    if label_of is None:
+        label_of = {s: i for i, s in enumerate((exp / "speakers.txt").read_text().split())}
+    lists = trial_lists(cfg.data.dir)
+    if "valid" not in lists:
+        raise ValueError(f"{cfg.data.dir}/trials/valid.txt is missing: prepare_voxceleb.py writes it")
+    valid_trials = read_trials(str(lists["valid"]))
+    valid_paths = sorted({*valid_trials[1], *valid_trials[2]})
+    durations = {u.path: u.duration for u in utts}
+    missing = [p for p in valid_paths if p not in durations]
+    if missing:
+        raise ValueError(f"{lists['valid']}: names {missing[0]}, which is not in the manifest")
+
+    # ---- model: a frozen upstream stays outside `prepare` (no DDP wrapper, no optimizer, not saved)
+    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
+    encoder = build_encoder(cfg, upstream)
+    head = MarginSoftmax(cfg.downstream.embed_dim, len(label_of), cfg.loss.name, cfg.loss.margin, cfg.loss.scale)
+    params = [*encoder.parameters(), *head.parameters()]
+    if cfg.upstream.trainable:
+        params += list(upstream.parameters())
+    optimizer = make_optimizer(cfg, params)
+
+    sampler = CropBatchSampler([u.duration for u in train_utts], cfg.data.batch_size, cfg.data.min_secs,
+                               cfg.data.max_secs, t.seed, multiple=t.gradient_accumulate * accelerator.num_processes)
+    train_set = CropDataset(train_utts, [label_of[u.speaker] for u in train_utts], cfg.data.sample_rate)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_crops,
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    valid_loader = make_eval_loader(valid_paths, [durations[p] for p in valid_paths], cfg,
+                                    min_input_samples(upstream, encoder))
+    if cfg.upstream.trainable:
+        upstream, encoder, head, optimizer, loader, valid_loader = accelerator.prepare(
+            upstream, encoder, head, optimizer, loader, valid_loader)
+    else:
+        encoder, head, optimizer, loader, valid_loader = accelerator.prepare(encoder, head, optimizer, loader,
+                                                                             valid_loader)
+        upstream.to(accelerator.device)
+
+    # ---- resume: the newest complete checkpoint (or resume_ckpt_dir)
+    state = {"step": 0, "micro_batches": 0, "best_metric": None, "best_step": None}
+    resume = Path(t.resume_ckpt_dir) if t.resume_ckpt_dir else None
+    if resume is None and t.auto_resume and complete_checkpoints(exp):
+        resume = complete_checkpoints(exp)[-1]
+    if resume is not None:
+        try:
+            accelerator.load_state(str(resume))
+        except Exception as e:
+            raise ValueError(f"{resume}: cannot resume, checkpoint does not match the config "
+                             f"({' '.join(str(e).split())[:200]})") from None
+        state = json.loads((resume / "train_state.json").read_text())
+        accelerator.print(f"resumed from {resume} at step {state['step']}")
+    def set_lr(step: int):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+
+    set_lr(state["step"])
+
+    def validate(step: int) -> dict:
+        (table,), done = embed(accelerator, upstream, [encoder], valid_loader, len(valid_paths), cfg.eval_batch)
+        scores, keep = score_list(table, done, {p: i for i, p in enumerate(valid_paths)}, valid_trials)
+        result = metrics.compute_metrics(scores, valid_trials[0][keep])
+        accelerator.print(f"step {step} | valid EER {result['eer']:.2f}% | minDCF0.01 {result['min_dcf_0.01']:.4f} "
+                          f"| minDCF0.05 {result['min_dcf_0.05']:.4f}")
+        return result
+
+    def save(step: int, valid: dict | None):
+        """Write step-N.tmp, then rename: a kill mid-save leaves no half checkpoint behind."""
+        final, tmp = exp / f"step-{step}", exp / f"step-{step}.tmp"
+        accelerator.save_state(str(tmp))
+        if main_process:
+            save_model_file(str(tmp / "model.pt"), accelerator.unwrap_model(encoder),
+                            accelerator.unwrap_model(upstream), cfg.upstream.trainable, model_meta(cfg))
+            (tmp / "train_state.json").write_text(json.dumps(state) + "\n")
+            if valid is not None:
+                (tmp / "eval" / "valid").mkdir(parents=True)
+                (tmp / "eval" / "valid" / "metrics.json").write_text(json.dumps(valid, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if state["best_step"] == step:
+                link = exp / "best.tmp"
+                link.unlink(missing_ok=True)
+                link.symlink_to(final.name)
+                os.replace(link, exp / "best")
+            if t.keep_num_ckpts > 0:  # the newest N, and always the best
+                keep = {f"step-{state['best_step']}", final.name}
+                for old in complete_checkpoints(exp)[:-t.keep_num_ckpts]:
+                    if old.name not in keep:
+                        shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    # ---- stage 2: the training loop
+    log_path = exp / "train.log"
+    encoder.train()
+    head.train()
+    if cfg.upstream.trainable:
+        upstream.train()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), device=accelerator.device)
+    seen, micro, tic = 0, 0, time.time()
+    batches = accelerator.skip_first_batches(loader, state["micro_batches"]) if state["micro_batches"] else loader
+    accelerator.print(f"training {sum(p.numel() for p in params) / 1e6:.2f}M parameters on "
+                      f"{len(train_utts)} utterances of {len(label_of)} speakers; {len(sampler)} batches per epoch")
+    for wavs, lengths, labels in batches:
+        if state["step"] >= t.total_steps:
+            break
+        with accelerator.accumulate(encoder, head):
+            if cfg.upstream.trainable:
+                hidden, frames = upstream(wavs, lengths)
+            else:
+                with torch.no_grad():  # frozen: no activations kept for backward
+                    hidden, frames = upstream(wavs, lengths)
+            loss, cosine = head(encoder(hidden, frames), labels)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.gradient_clipping > 0:
+                accelerator.clip_grad_norm_(params, t.gradient_clipping)
+            optimizer.step()
+            optimizer.zero_grad()
+        state["micro_batches"] += 1
+        micro += 1
+        loss_sum += loss.detach()
+        correct += (cosine.argmax(1) == labels).sum()
+        seen += labels.numel()
+        if not accelerator.sync_gradients:
+            continue
+        state["step"] += 1
+        step = state["step"]
+        set_lr(step)
+
+        if step % t.log_step == 0 or step == t.total_steps:
+            loss_avg = accelerator.reduce(loss_sum, "mean").item() / micro
+            acc = accelerator.reduce(correct, "sum").item() / max(seen * accelerator.num_processes, 1)
+            speed = seen * accelerator.num_processes / (time.time() - tic)
+            line = (f"step {step} | loss {loss_avg:.4f} | acc {acc:.3f} | lr {lr_at(step - 1, cfg):.1e} "
+                    f"| {speed:.0f} crops/s")
+            accelerator.print(line)
+            if main_process:
+                with open(log_path, "a") as f:
+                    f.write(line + "\n")
+            loss_sum.zero_()
+            correct.zero_()
+            seen, micro, tic = 0, 0, time.time()
+
+        valid = None
+        if step % t.eval_step == 0 or step == t.total_steps:
+            valid = validate(step)
+            if better(valid[t.valid_metric], state["best_metric"], cfg):
+                state["best_metric"], state["best_step"] = valid[t.valid_metric], step
+            if main_process:
+                with open(log_path, "a") as f:
+                    f.write(f"step {step} | valid EER {valid['eer']:.2f}% | minDCF0.01 {valid['min_dcf_0.01']:.4f}\n")
+        if step % t.save_step == 0 or step == t.total_steps or (valid is not None and state["best_step"] == step):
+            save(step, valid)
+            tic = time.time()
+
+    if state["step"] < t.total_steps:
+        raise ValueError(f"the data loader ended at step {state['step']} of {t.total_steps}")
+    accelerator.print(f"done: {t.total_steps} steps; best validation {t.valid_metric} "
+                      f"{state['best_metric']} at step {state['best_step']} ({exp / 'best'})")
+    if t.test_after_train and state["best_step"] is not None:
+        evaluate_checkpoints(accelerator, cfg, [exp / "best"])
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
