@@ -29,7 +29,7 @@ class DataConfig:
     max_secs: float = 8.0           # longest random training crop (SUPERB: 8)
     batch_size: int = 10            # crops per batch per process (SUPERB: 10)
     eval_batch_secs: float = 300.0  # audio seconds per evaluation batch (length-sorted, so padding stays small)
-    eval_chunk_secs: float = 0.0    # >0: embed utterances longer than this in overlapping chunks to bound memory
+    eval_chunk_secs: float = 0.0    # >0: upstream on windows this long at evaluation: memory bounded by it, not the longest file
 
 
 @dataclass
@@ -68,7 +68,7 @@ class LossConfig:
 class OptimConfig:
     name: str = "adamw"             # adamw | adam | sgd
     lr: float = 1e-4                # peak learning rate (SUPERB: 1e-4)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0       # L2 penalty (decoupled for adamw)
     momentum: float = 0.9           # sgd only
 
 
@@ -77,6 +77,13 @@ class SchedulerConfig:
     name: str = "constant"          # constant | linear | cosine | exponential (after warm-up; used when train.use_scheduler)
     warmup_steps: int = 0           # linear warm-up from 0 over this many optimizer steps
     final_lr_ratio: float = 0.01    # lr at the last step as a fraction of optim.lr (linear, cosine, exponential)
+
+
+@dataclass
+class ScoreConfig:
+    asnorm: bool = False            # also write adaptive s-norm scores (scores_asnorm.txt, metrics_asnorm.json)
+    cohort_size: int = 1000         # training utterances in the AS-norm cohort (spread over speakers)
+    top_k: int = 300                # closest cohort members per side
 
 
 @dataclass
@@ -89,11 +96,11 @@ class TrainConfig:
     gradient_clipping: float = 3.0  # max global grad norm (0: off)
     gradient_accumulate: int = 5    # micro-batches per optimizer step (SUPERB: 5)
     mixed_precision: str = "no"     # no | fp16 | bf16 (via Accelerate)
-    seed: int = 1337
+    seed: int = 1337                # model init, sample order, crops: the same seed gives the same run
     auto_resume: bool = True        # re-running the same command resumes from the newest complete checkpoint
     resume_ckpt_dir: str = ""       # resume from this step-* folder instead
     valid_metric: str = "eer"       # eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best
-    valid_higher_better: bool = False
+    valid_higher_better: bool = False  # false for EER and minDCF (lower is better)
     use_scheduler: bool = False     # SUPERB: constant lr
     test_after_train: bool = True   # evaluate the best checkpoint on the test trial lists at the end
 
@@ -110,6 +117,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -203,3 +211,29 @@ def save_config(cfg: Config, path: str):
     with open(tmp, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)
+
+
+def reference() -> str:
+    """Markdown table of every key, default and comment, read from this file (`python config.py`)."""
+    import inspect
+    import re
+
+    sections = {c.__name__: c for c in (DataConfig, UpstreamConfig, FeaturizerConfig, DownstreamConfig, LossConfig,
+                                        OptimConfig, SchedulerConfig, ScoreConfig, TrainConfig)}
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(cls, prefix):
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): (\w+) = .+?(?:\s+# (.*))?$", line)
+            if m and m[2] in sections:
+                walk(sections[m[2]], f"{prefix}{m[1]}.")
+            elif m:
+                comment = (m[3] or "").replace("|", "\\|")
+                rows.append(f"| `{prefix}{m[1]}` | `{getattr(cls(), m[1])}` | {comment} |")
+
+    walk(Config, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference())

@@ -28,8 +28,10 @@ from accelerate import Accelerator
 
 import metrics
 from config import ConfigError, load_config
-from data import UtteranceDataset, collate_padded, length_batches, read_manifest, read_trials, trial_lists
-from models import build_encoder, build_upstream, cosine_scores, load_model_file, min_input_samples
+from data import (AudioError, UtteranceDataset, collate_padded, length_batches, load_audio, read_manifest, read_trials,
+                  trial_lists)
+from models import (asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores, load_model_file,
+                    min_input_samples, run_chunked)
 
 
 def model_meta(cfg) -> dict:
@@ -59,7 +61,7 @@ def make_eval_loader(paths, durations, cfg, min_samples: int):
 
 
 @torch.no_grad()
-def embed(accelerator, upstream, encoders, loader, num_utts: int, max_batches: int = -1):
+def embed(accelerator, upstream, encoders, loader, num_utts: int, max_batches: int = -1, chunk_samples: int = 0):
     """Embed every utterance of a (prepared) loader with each encoder.
 
     Returns (list of (U, E) float32 arrays, one per encoder; (U,) bool, True where embedded).
@@ -77,7 +79,7 @@ def embed(accelerator, upstream, encoders, loader, num_utts: int, max_batches: i
         if n == max_batches:
             break
         with accelerator.autocast():
-            hidden, frames = upstream(wavs, lengths)
+            hidden, frames = run_chunked(upstream, wavs, lengths, chunk_samples)
             embs = [e(hidden, frames).float() for e in encoders]
         # batches differ in size between processes: pad to a common size, gather, drop the pads
         index = accelerator.gather_for_metrics(accelerator.pad_across_processes(index, pad_index=-1)).cpu().numpy()
@@ -100,20 +102,32 @@ def score_list(table: np.ndarray, done: np.ndarray, row: dict[str, int], trials)
     return cosine_scores(table, a[keep], b[keep]), keep
 
 
-def write_results(out_dir: Path, trials, scores, keep) -> dict:
+def write_results(out_dir: Path, trials, scores, keep, suffix: str = "") -> dict:
+    """scores<suffix>.txt (`enroll test score label`) and metrics<suffix>.json, each written atomically."""
     labels, enroll, test = trials
     labels = labels[keep]
     result = metrics.compute_metrics(scores, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = np.flatnonzero(keep)
-    tmp = out_dir / "scores.txt.tmp"
+    tmp = out_dir / f"scores{suffix}.txt.tmp"
     with open(tmp, "w") as f:
         f.writelines(f"{enroll[i]} {test[i]} {s:.6f} {y}\n" for i, s, y in zip(kept, scores, labels))
-    os.replace(tmp, out_dir / "scores.txt")
-    tmp = out_dir / "metrics.json.tmp"
+    os.replace(tmp, out_dir / f"scores{suffix}.txt")
+    tmp = out_dir / f"metrics{suffix}.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out_dir / "metrics.json")
+    os.replace(tmp, out_dir / f"metrics{suffix}.json")
     return result
+
+
+def cohort_paths(utts, size: int) -> list[str]:
+    """Up to `size` training utterances for AS-norm, taken round-robin over speakers (every speaker counts)."""
+    by_speaker: dict[str, list[str]] = {}
+    for u in sorted(utts, key=lambda u: u.id):
+        if u.split == "train":
+            by_speaker.setdefault(u.speaker, []).append(u.path)
+    rounds = [[paths[i] for paths in by_speaker.values() if i < len(paths)]
+              for i in range(max(map(len, by_speaker.values()), default=0))]
+    return [p for r in rounds for p in r][:size]
 
 
 def resolve_trials(data_dir: str, names_or_files: list[str]) -> dict[str, Path]:
@@ -147,11 +161,16 @@ def load_trials(lists: dict[str, Path], known_paths: dict[str, float]):
 def evaluate_checkpoints(accelerator, cfg, ckpt_dirs: list[Path], list_names: list[str] = ()) -> dict:
     """Evaluate checkpoints of one run (one config) on trial lists; returns {ckpt: {list: metrics}}."""
     sr = cfg.data.sample_rate
-    manifest = {u.path: u.duration for u in read_manifest(cfg.data.dir)}
+    utts = read_manifest(cfg.data.dir)
+    manifest = {u.path: u.duration for u in utts}
     lists = resolve_trials(cfg.data.dir, list(list_names))
     if not lists:
         raise ValueError(f"no test trial lists in {cfg.data.dir}/trials")
     trials, paths = load_trials(lists, manifest)
+    cohort = cohort_paths(utts, cfg.score.cohort_size) if cfg.score.asnorm else []
+    if cfg.score.asnorm and not cohort:
+        raise ValueError(f"score.asnorm needs training utterances in {cfg.data.dir} for its cohort")
+    paths = sorted({*paths, *cohort})
     row = {p: i for i, p in enumerate(paths)}
 
     upstream = build_upstream(cfg.upstream, sr)
@@ -164,29 +183,67 @@ def evaluate_checkpoints(accelerator, cfg, ckpt_dirs: list[Path], list_names: li
         upstreams.append(own_upstream)
     loader = make_eval_loader(paths, utterance_durations(paths, manifest), cfg, min_input_samples(upstream, encoders[0]))
     loader = accelerator.prepare(loader)
+    chunk = int(cfg.data.eval_chunk_secs * sr)
     if cfg.upstream.trainable:  # each checkpoint has its own upstream: one pass each
         results = [embed(accelerator, u.to(accelerator.device), [e.to(accelerator.device)], loader, len(paths),
-                         cfg.eval_batch) for u, e in zip(upstreams, encoders)]
+                         cfg.eval_batch, chunk) for u, e in zip(upstreams, encoders)]
         tables = [r[0][0] for r in results]
         done = results[0][1]
     else:
         tables, done = embed(accelerator, upstream.to(accelerator.device),
-                             [e.to(accelerator.device) for e in encoders], loader, len(paths), cfg.eval_batch)
+                             [e.to(accelerator.device) for e in encoders], loader, len(paths), cfg.eval_batch, chunk)
     if done.sum() < len(paths):
         accelerator.print(f"note: eval_batch={cfg.eval_batch} embedded {done.sum()} of {len(paths)} utterances; "
                           "trials with the others are left out")
     out = {}
     for ckpt, table in zip(ckpt_dirs, tables):
         out[str(ckpt)] = {}
+        if cohort:
+            members = [row[p] for p in cohort if done[row[p]]]
+            mean, std = cohort_stats(table, table[members], cfg.score.top_k)
         for name, t in trials.items():
             scores, keep = score_list(table, done, row, t)
-            if accelerator.is_main_process:
-                m = write_results(ckpt / "eval" / name, t, scores, keep)
-                out[str(ckpt)][name] = m
-                accelerator.print(f"{ckpt} | {name} | EER {m['eer']:.2f}% | minDCF0.01 {m['min_dcf_0.01']:.4f} "
-                                  f"| minDCF0.05 {m['min_dcf_0.05']:.4f} | {m['num_trials']} trials")
+            if not accelerator.is_main_process:
+                continue
+            m = write_results(ckpt / "eval" / name, t, scores, keep)
+            line = (f"{ckpt} | {name} | EER {m['eer']:.2f}% | minDCF0.01 {m['min_dcf_0.01']:.4f} "
+                    f"| minDCF0.05 {m['min_dcf_0.05']:.4f} | {m['num_trials']} trials")
+            if cohort:
+                a = np.array([row[p] for p in t[1]])[keep]
+                b = np.array([row[p] for p in t[2]])[keep]
+                m["asnorm"] = write_results(ckpt / "eval" / name, t, asnorm_scores(scores, a, b, mean, std), keep,
+                                            "_asnorm")
+                line += f" | AS-norm EER {m['asnorm']['eer']:.2f}% minDCF0.01 {m['asnorm']['min_dcf_0.01']:.4f}"
+            out[str(ckpt)][name] = m
+            accelerator.print(line)
     accelerator.wait_for_everyone()
     return out
+
+
+@torch.no_grad()
+def score_pair(cfg, ckpt: Path, a: str, b: str):
+    """Quick check for a person: cosine score of two files and the decision at the validation EER threshold."""
+    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
+    encoder = build_encoder(cfg, upstream).eval()
+    load_model_file(str(ckpt / "model.pt"), encoder, upstream, model_meta(cfg))
+    upstream.eval()
+    need = min_input_samples(upstream, encoder)
+    embs = []
+    for path in (a, b):
+        wav = load_audio(path, cfg.data.sample_rate)
+        if wav.numel() < need:
+            wav = wav.repeat(need // wav.numel() + 1)[:need]
+        hidden, frames = upstream(wav[None], torch.tensor([wav.numel()]))
+        embs.append(encoder(hidden, frames).numpy())
+    score = float(cosine_scores(np.concatenate(embs), np.array([0]), np.array([1]))[0])
+    valid = ckpt / "eval" / "valid" / "metrics.json"
+    if not valid.is_file():
+        print(f"score {score:.4f} (no validation threshold: {valid} is missing)")
+        return score
+    threshold = json.loads(valid.read_text())["eer_threshold"]
+    decision = "same speaker" if score >= threshold else "different speakers"
+    print(f"score {score:.4f} | threshold {threshold:.4f} (EER threshold on validation speakers) | {decision}")
+    return score
 
 
 def main():
@@ -196,11 +253,16 @@ def main():
     parser.add_argument("--trials", nargs="*", default=[],
                         help="trial list names in <data.dir>/trials or files of 'label enroll test' lines "
                              "(default: every test list of the run's data)")
+    parser.add_argument("--pair", nargs=2, metavar=("A", "B"),
+                        help="score two audio files with one checkpoint and print same/different at the "
+                             "validation EER threshold")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides on top of the run's config.yaml, e.g. eval_batch=2 data.eval_batch_secs=60")
     args = parser.parse_args()
+    # `--ckpt_dir a b key=value` reads naturally; argparse would give key=value to --ckpt_dir
+    overrides = args.overrides + [c for c in args.ckpt_dir if "=" in c and not Path(c).exists()]
     try:
-        ckpts = [Path(c) for c in args.ckpt_dir]
+        ckpts = [Path(c) for c in args.ckpt_dir if c not in overrides]
         for c in ckpts:
             if not (c / "model.pt").is_file():
                 raise ValueError(f"{c}: not a checkpoint folder (no model.pt)")
@@ -208,10 +270,15 @@ def main():
         if len(runs) != 1:
             raise ValueError(f"--ckpt_dir folders come from {len(runs)} runs; evaluate one run at a time")
         run = runs.pop()
-        cfg = load_config(str(run / "config.yaml"), args.overrides)
+        cfg = load_config(str(run / "config.yaml"), overrides)
+        if args.pair:
+            if len(ckpts) != 1:
+                raise ValueError("--pair takes exactly one --ckpt_dir")
+            score_pair(cfg, ckpts[0], *args.pair)
+            return
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
         evaluate_checkpoints(accelerator, cfg, ckpts, args.trials)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, AudioError) as e:
         sys.exit(f"error: {e}")
 
 

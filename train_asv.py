@@ -32,6 +32,9 @@ from evaluate_asv import embed, evaluate_checkpoints, make_eval_loader, model_me
 from models import MarginSoftmax, build_encoder, build_upstream, min_input_samples, save_model_file
 
 
+MAX_BAD_STEPS_IN_ROW = 20  # non-finite updates skipped in a row before the run stops
+
+
 def lr_at(step: int, cfg) -> float:
     """Learning rate for optimizer step `step` (0-based): a pure function of the step."""
     peak = cfg.optim.lr
@@ -154,7 +157,7 @@ def train(cfg):
         upstream.to(accelerator.device)
 
     # ---- resume: the newest complete checkpoint (or resume_ckpt_dir)
-    state = {"step": 0, "micro_batches": 0, "best_metric": None, "best_step": None}
+    state = {"step": 0, "micro_batches": 0, "best_metric": None, "best_step": None, "skipped_steps": 0}
     resume = Path(t.resume_ckpt_dir) if t.resume_ckpt_dir else None
     if resume is None and t.auto_resume and complete_checkpoints(exp):
         resume = complete_checkpoints(exp)[-1]
@@ -173,7 +176,8 @@ def train(cfg):
     set_lr(state["step"])
 
     def validate(step: int) -> dict:
-        (table,), done = embed(accelerator, upstream, [encoder], valid_loader, len(valid_paths), cfg.eval_batch)
+        (table,), done = embed(accelerator, upstream, [encoder], valid_loader, len(valid_paths), cfg.eval_batch,
+                               int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         scores, keep = score_list(table, done, {p: i for i, p in enumerate(valid_paths)}, valid_trials)
         result = metrics.compute_metrics(scores, valid_trials[0][keep])
         accelerator.print(f"step {step} | valid EER {result['eer']:.2f}% | minDCF0.01 {result['min_dcf_0.01']:.4f} "
@@ -188,6 +192,9 @@ def train(cfg):
             save_model_file(str(tmp / "model.pt"), accelerator.unwrap_model(encoder),
                             accelerator.unwrap_model(upstream), cfg.upstream.trainable, model_meta(cfg))
             (tmp / "train_state.json").write_text(json.dumps(state) + "\n")
+            # for report.py, which never loads a model: which upstream layers the featurizer relies on
+            weights = accelerator.unwrap_model(encoder).featurizer.layer_weights()
+            (tmp / "layer_weights.json").write_text(json.dumps(weights) + "\n")
             if valid is not None:
                 (tmp / "eval" / "valid").mkdir(parents=True)
                 (tmp / "eval" / "valid" / "metrics.json").write_text(json.dumps(valid, indent=2) + "\n")
@@ -214,7 +221,7 @@ def train(cfg):
         upstream.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     correct = torch.zeros((), device=accelerator.device)
-    seen, micro, tic = 0, 0, time.time()
+    seen, micro, bad_in_row, tic = 0, 0, 0, time.time()
     batches = accelerator.skip_first_batches(loader, state["micro_batches"]) if state["micro_batches"] else loader
     accelerator.print(f"training {sum(p.numel() for p in params) / 1e6:.2f}M parameters on "
                       f"{len(train_utts)} utterances of {len(label_of)} speakers; {len(sampler)} batches per epoch")
@@ -229,9 +236,12 @@ def train(cfg):
                     hidden, frames = upstream(wavs, lengths)
             loss, cosine = head(encoder(hidden, frames), labels)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and t.gradient_clipping > 0:
-                accelerator.clip_grad_norm_(params, t.gradient_clipping)
-            optimizer.step()
+            finite = True
+            if accelerator.sync_gradients:  # gradients are complete (and all-reduced) only now
+                norm = accelerator.clip_grad_norm_(params, t.gradient_clipping if t.gradient_clipping > 0 else math.inf)
+                finite = bool(torch.isfinite(norm))  # one sync per optimizer step; identical on every process
+            if finite:
+                optimizer.step()
             optimizer.zero_grad()
         state["micro_batches"] += 1
         micro += 1
@@ -243,6 +253,17 @@ def train(cfg):
         state["step"] += 1
         step = state["step"]
         set_lr(step)
+        if not finite:  # a loss spike or NaN: skip this update, stop if it keeps happening
+            state["skipped_steps"] += 1
+            bad_in_row += 1
+            accelerator.print(f"warning: step {step} skipped: non-finite loss or gradient "
+                              f"({bad_in_row} in a row, {state['skipped_steps']} in all)")
+            if bad_in_row >= MAX_BAD_STEPS_IN_ROW:
+                last = complete_checkpoints(exp)
+                raise ValueError(f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient; "
+                                 f"stopped (last good checkpoint: {last[-1] if last else 'none'}); try a lower optim.lr")
+        else:
+            bad_in_row = 0
 
         if step % t.log_step == 0 or step == t.total_steps:
             loss_avg = accelerator.reduce(loss_sum, "mean").item() / micro
@@ -256,7 +277,7 @@ def train(cfg):
                     f.write(line + "\n")
             loss_sum.zero_()
             correct.zero_()
-            seen, micro, tic = 0, 0, time.time()
+            seen, micro, bad_in_row, tic = 0, 0, 0, time.time()
 
         valid = None
         if step % t.eval_step == 0 or step == t.total_steps:

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from .featurizer import WeightedSum
 from .heads import MarginSoftmax
-from .scoring import cosine_scores
-from .upstream import UPSTREAMS, build_upstream
+from .scoring import asnorm_scores, cohort_stats, cosine_scores
+from .upstream import UPSTREAMS, build_upstream, run_chunked
 from .xvector import XVector
 
 DOWNSTREAMS = {"xvector": XVector}

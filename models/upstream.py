@@ -62,7 +62,8 @@ class FilterbankUpstream(nn.Module):
             if self.kind == "fbank":
                 feats = torch.log(feats + 1e-6)
             feats = feats.transpose(1, 2)  # (B, T', F)
-            frames = torch.div(lengths - self.win, self.hop, rounding_mode="floor").clamp(min=0) + 1
+            frames = torch.div(lengths - self.win, self.hop, rounding_mode="floor") + 1
+            frames = frames.clamp(min=0)
             frames = frames.clamp(max=feats.shape[1])
             mask = frame_mask(frames, feats.shape[1]).unsqueeze(-1)  # (B, T', 1)
             mean = (feats * mask).sum(1, keepdim=True) / frames.view(-1, 1, 1)  # over valid frames only
@@ -151,3 +152,26 @@ def build_upstream(cfg, sample_rate: int) -> nn.Module:
     if not cfg.trainable:
         upstream.eval().requires_grad_(False)
     return upstream
+
+
+def run_chunked(upstream: nn.Module, wavs: torch.Tensor, lengths: torch.Tensor, chunk_samples: int):
+    """The upstream over consecutive windows of at most `chunk_samples`, hidden states joined in time.
+
+    Bounds memory by the window, not the longest file (SSL attention grows with the square of
+    the length). Each window sees only its own context, so embeddings are close to, not equal
+    to, a full-length pass; `chunk_samples <= 0` or short batches run in one piece.
+    """
+    if chunk_samples <= 0 or wavs.shape[1] <= chunk_samples:
+        return upstream(wavs, lengths)
+    chunk = max(chunk_samples // upstream.hop, 1) * upstream.hop  # windows start on frame boundaries
+    pieces, frames = [], torch.zeros_like(lengths)
+    for start in range(0, wavs.shape[1], chunk):
+        part = (lengths - start).clamp(0, chunk)
+        if int(part.max()) < upstream.min_samples:
+            break  # nothing left that makes a frame
+        hidden, part_frames = upstream(wavs[:, start:start + chunk], part.clamp(min=1))
+        # rows that ended earlier contribute no frames; their valid frames stay a contiguous prefix
+        frames += torch.where(part >= upstream.min_samples, part_frames, torch.zeros_like(part_frames))
+        pieces.append(hidden)
+    hidden = [torch.cat(layer, dim=1) for layer in zip(*pieces)]  # [(B, T', D)] * L
+    return hidden, frames
