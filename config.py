@@ -134,6 +134,8 @@ CHOICES = {  # string keys with a closed set of values
 
 def _coerce(value, typ, key):
     """Check one value against its declared type; ints are accepted where floats are expected."""
+    if typ is str and value is False:  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
+        return "no"
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string

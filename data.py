@@ -125,12 +125,12 @@ class CropBatchSampler:
 
     def epoch_batches(self, epoch: int):
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.durations))
+        order = rng.permutation(len(self.durations))[: len(self) * self.batch_size]  # a random remainder sits out
         bucket = self.batch_size * 100
         for i in range(0, len(order), bucket):  # sort inside buckets so a batch holds similar lengths
             chunk = order[i:i + bucket]
             order[i:i + bucket] = chunk[np.argsort(self.durations[chunk], kind="stable")]
-        batches = order[: len(self) * self.batch_size].reshape(len(self), self.batch_size)
+        batches = order.reshape(len(self), self.batch_size)
         batches = batches[rng.permutation(len(batches))]
         crop_secs = rng.uniform(self.min_secs, self.max_secs, size=len(batches))
         item_seeds = rng.integers(0, 2**31, size=batches.shape)

@@ -63,6 +63,8 @@ def load_model_file(path: str, encoder: nn.Module, upstream: nn.Module, meta: di
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "encoder" not in state:
+        raise ValueError(f"{path}: not a model file written by train_asv.py (no encoder weights)")
     saved = state.get("meta", {})
     for key in ("upstream", "downstream", "embed_dim"):
         if saved.get(key) != meta.get(key):

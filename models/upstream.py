@@ -46,7 +46,7 @@ class FilterbankUpstream(nn.Module):
     def __init__(self, kind: str = "fbank", sample_rate: int = 16000, n_mels: int = 80, n_mfcc: int = 40):
         super().__init__()
         self.win, self.hop = int(0.025 * sample_rate), int(0.010 * sample_rate)
-        mel = dict(n_fft=512, win_length=self.win, hop_length=self.hop, n_mels=n_mels, center=False,
+        mel = dict(n_fft=self.win, win_length=self.win, hop_length=self.hop, n_mels=n_mels, center=False,
                    window_fn=torch.hamming_window, f_min=20.0)
         if kind == "fbank":
             self.transform = torchaudio.transforms.MelSpectrogram(sample_rate, **mel)
@@ -66,7 +66,7 @@ class FilterbankUpstream(nn.Module):
             frames = frames.clamp(min=0)
             frames = frames.clamp(max=feats.shape[1])
             mask = frame_mask(frames, feats.shape[1]).unsqueeze(-1)  # (B, T', 1)
-            mean = (feats * mask).sum(1, keepdim=True) / frames.view(-1, 1, 1)  # over valid frames only
+            mean = (feats * mask).sum(1, keepdim=True) / frames.clamp(min=1).view(-1, 1, 1)  # valid frames only
             feats = (feats - mean) * mask
         return [feats], frames
 
@@ -87,9 +87,15 @@ class SSLUpstream(nn.Module):
         if ckpt:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             state = state.get("model", state) if isinstance(state, dict) else state
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            if missing:
-                raise ValueError(f"{ckpt}: not a {name} checkpoint (missing {len(missing)} weights, e.g. {missing[0]})")
+            try:  # strict=False: a fine-tuned ASR checkpoint may carry an extra `aux` head
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+            except RuntimeError as e:
+                raise ValueError(f"{ckpt}: not a {name} checkpoint of this size ({' '.join(str(e).split())[:200]})") from None
+            unexpected = [k for k in unexpected if k.startswith(("feature_extractor.", "encoder."))]
+            if missing or unexpected:
+                key = (missing or unexpected)[0]
+                raise ValueError(f"{ckpt}: not a {name} checkpoint of this architecture "
+                                 f"({len(missing)} missing, {len(unexpected)} unexpected weights, e.g. {key})")
         elif not random_init:
             try:
                 self.model = bundle.get_model()
