@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,22 @@ FAKE = {
 }
 
 
-def make_run(path, best="step-200", config=None, data=FAKE):
+# Layer weights saved with each step (13 = a base SSL model's CNN features + 12 transformer layers);
+# each step's differ, so the report line tells which step was read.
+WEIGHTS = {step: [round(w, 4) for w in np.exp(np.sin(np.arange(13) * (1 + step / 100))) / 13] for step in FAKE}
+
+
+def write_scores(path, num_trials=300, seed=0, shift=0.0):
+    """`enroll test score label` lines, as evaluate_asv.py writes them: a third targets, well separated."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(num_trials) % 3 == 0).astype(int)
+    scores = np.where(labels == 1, rng.normal(0.6, 0.12, num_trials), rng.normal(0.1, 0.1, num_trials)) + shift
+    path.write_text("".join(f"id{i % 17:05d}/a/{i:05d}.wav id{i % 13:05d}/b/{i:05d}.wav {s:.6f} {y}\n"
+                            for i, (s, y) in enumerate(zip(scores, labels))))
+
+
+def make_run(path, best="step-200", config=None, data=FAKE, scores=False, weights=None):
+    """A fake run; `scores`: scores.txt for every test list, `weights`: {step: layer weights}."""
     for step, lists in data.items():
         for name, (eer, dcf1, dcf5) in lists.items():
             d = path / f"step-{step}" / "eval" / name
@@ -26,15 +42,20 @@ def make_run(path, best="step-200", config=None, data=FAKE):
             metrics = {"eer": eer, "eer_threshold": 0.5, "min_dcf_0.01": dcf1, "min_dcf_0.05": dcf5,
                        "num_trials": 1000, "num_targets": 100}
             (d / "metrics.json").write_text(json.dumps(metrics))
+            if scores and name != "valid":
+                write_scores(d / "scores.txt", seed=step)
+        if weights and step in weights:
+            (path / f"step-{step}" / "layer_weights.json").write_text(json.dumps(weights[step]))
     (path / "config.yaml").write_text(config or "train:\n  valid_metric: eer\n  valid_higher_better: false\n")
     if best:
         (path / "best").symlink_to(best)  # relative, as training writes it
     return path
 
 
-def run_report(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "report.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True)
+def run_report(*args, cwd=REPO, plots=False):
+    """report.py as a command; --no-plots unless `plots`, as importing matplotlib costs ~1 s per call."""
+    command = [sys.executable, str(REPO / "report.py"), *map(str, args)] + ([] if plots else ["--no-plots"])
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True)
 
 
 def summary_row(run, name, step):
@@ -117,7 +138,7 @@ def test_asnorm_columns_when_present(tmp_path):
 def test_plot_written_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
     run = make_run(tmp_path / "run")
-    result = run_report(run)
+    result = run_report(run, plots=True)
     assert (run / "eer_vs_step.png").stat().st_size > 0
     assert "install matplotlib" not in result.stdout
     assert run_report(run, "--no-plots").returncode == 0
@@ -125,12 +146,94 @@ def test_plot_written_with_matplotlib(tmp_path):
 
 def test_without_matplotlib_tables_still_come_out(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", scores=True, weights=WEIGHTS)
     assert report.main([str(run)]) == 0
     out = capsys.readouterr().out
     assert out.count("(install matplotlib for plots)") == 1
-    assert summary_row(run, "vox1_o", 200) in (run / "report.md").read_text()
-    assert not (run / "eer_vs_step.png").exists()
+    text = (run / "report.md").read_text()
+    assert summary_row(run, "vox1_o", 200) in text
+    assert weights_line(WEIGHTS[200]) in text
+    assert "Plots:" not in text and not list(run.glob("*.png"))
+
+
+def is_png(path):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000  # a drawn figure, not an empty file
+
+
+def weights_line(weights):
+    return ", ".join(f"{i}: {w:.2f}" for i, w in enumerate(weights))
+
+
+def test_chosen_checkpoint_plots_and_layer_weights(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path / "run", scores=True, weights=WEIGHTS)
+    write_scores(run / "step-200" / "eval" / "vox1_o" / "scores_asnorm.txt", seed=7, shift=2.0)
+    read = []  # every scores file the report opens
+    real_read_scores = report.read_scores
+    monkeypatch.setattr(report, "read_scores", lambda path: read.append(path) or real_read_scores(path))
+    assert report.main([str(run)]) == 0
+
+    evals = run / "step-200" / "eval"
+    assert sorted(read) == sorted([evals / "vox1_h" / "scores.txt", evals / "vox1_o" / "scores.txt",
+                                   evals / "vox1_o" / "scores_asnorm.txt"])  # the chosen step only
+    pngs = ["eer_vs_step.png", "det_vox1_h.png", "scores_vox1_h.png", "det_vox1_o.png", "scores_vox1_o.png",
+            "layer_weights.png"]
+    assert sorted(p.name for p in run.glob("*.png")) == sorted(pngs)
+    text = (run / "report.md").read_text()
+    for name in pngs:
+        assert is_png(run / name), name
+        assert f"- {run / name}" in text
+    line = next(line for line in text.splitlines() if line.startswith("Layer weights of the chosen checkpoint"))
+    assert weights_line(WEIGHTS[200]) in line and weights_line(WEIGHTS[100]) not in text
+    top = int(np.argmax(WEIGHTS[200]))
+    assert f"Highest: layer {top} ({WEIGHTS[200][top]:.2f})" in line
+    assert "No readable scores.txt" not in text
+
+
+def test_single_layer_upstream_gives_no_layer_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = {200: {"valid": FAKE[200]["valid"], "vox1_o": FAKE[200]["vox1_o"]}}
+    run = make_run(tmp_path / "run", data=data, scores=True, weights={200: [1.0]})  # a filterbank upstream
+    assert report.main([str(run)]) == 0
+    assert sorted(p.name for p in run.glob("*.png")) == ["det_vox1_o.png", "eer_vs_step.png", "scores_vox1_o.png"]
+    text = (run / "report.md").read_text()
+    assert "layer weights" not in text.lower()
+
+
+def test_no_plots_still_gives_the_weights_line(tmp_path, capsys):
+    run = make_run(tmp_path / "run", scores=True, weights=WEIGHTS)
+    assert report.main([str(run), "--no-plots"]) == 0
+    assert "install matplotlib" not in capsys.readouterr().out
+    text = (run / "report.md").read_text()
+    assert weights_line(WEIGHTS[200]) in text
+    assert "Plots:" not in text and not list(run.glob("*.png"))
+
+
+def test_unreadable_scores_and_weights_are_named_and_skipped(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path / "run", data={200: FAKE[200]}, scores=True)
+    bad_scores = run / "step-200" / "eval" / "vox1_h" / "scores.txt"
+    bad_scores.write_text("a b 0.5 1\na b 0.25\n")  # a line cut short
+    bad_weights = run / "step-200" / "layer_weights.json"
+    bad_weights.write_text('{"layer": 1}')
+    assert report.main([str(run)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert any(str(bad_scores) in w for w in warnings) and any(str(bad_weights) in w for w in warnings)
+    text = (run / "report.md").read_text()
+    assert "No readable scores.txt at step 200 for vox1_h: no DET curve or score histogram." in text
+    assert (run / "det_vox1_o.png").exists() and not (run / "det_vox1_h.png").exists()
+    assert "layer weights" not in text.lower()
+
+
+def test_read_scores_and_probit(tmp_path):
+    path = tmp_path / "scores.txt"
+    path.write_text("id1/a.wav id2/b.wav 0.750000 1\nid1/a.wav id3/c.wav -0.125000 0\n")
+    scores, labels = report.read_scores(path)
+    assert scores.tolist() == [0.75, -0.125] and labels.tolist() == [1, 0]
+    assert np.allclose(report.ppf([0.5, 0.975, 0.001]), [0.0, 1.959964, -3.090232], atol=1e-6)
+    assert np.isfinite(report.ppf([0.0, 1.0])).all()  # the DET sweep's end points stay plottable
 
 
 def test_corrupt_metrics_json_is_named_and_skipped(tmp_path):
