@@ -114,14 +114,35 @@ def test_real_speech_learns(tmp_path):
     assert eer < 30.0, out
 
 
-def test_bad_config_and_checkpoint(demo, tmp_path):
+LAUNCH_2_CPU = ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(demo, tmp_path_factory):
+    """10 steps trained under 2 CPU processes (gloo), as `accelerate launch --num_processes 2` runs it."""
+    exp = tmp_path_factory.mktemp("dist") / "exp"
+    out = run(*LAUNCH_2_CPU, "train_asv.py", "--config", "configs/demo.yaml", f"data.dir={demo}", f"exp_dir={exp}",
+              *QUICK, "train.total_steps=10", "train.test_after_train=false").stdout
+    assert "step 10 | loss" in out
+    return exp
+
+
+def test_two_process_evaluation_equals_one(two_process_run):
+    ckpt = two_process_run / "step-10"
+    run(*LAUNCH_2_CPU, "evaluate_asv.py", "--ckpt_dir", ckpt)
+    two = (ckpt / "eval" / "test" / "scores.txt").read_text()
+    run("evaluate_asv.py", "--ckpt_dir", ckpt)
+    one = (ckpt / "eval" / "test" / "scores.txt").read_text()
+    assert two == one  # every trial scored once, with the same embeddings
+
+
+def test_bad_config_and_checkpoint(demo, two_process_run):
     bad = run("train_asv.py", "--config", "configs/demo.yaml", f"data.dir={demo}", "train.totl_steps=3", check=False)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == "error: unknown config key 'train.totl_steps' (did you mean 'train.total_steps'?)"
 
-    exp = tmp_path / "exp"
-    run("train_asv.py", "--config", "configs/demo.yaml", f"data.dir={demo}", f"exp_dir={exp}", *QUICK,
-        "train.total_steps=10", "train.test_after_train=false")
+    exp = two_process_run
     # a checkpoint evaluated under a config with another model size: one clear line, results untouched
     mismatch = run("evaluate_asv.py", "--ckpt_dir", exp / "step-10", "downstream.embed_dim=64", check=False)
     assert mismatch.returncode != 0
