@@ -50,9 +50,9 @@ class FeaturizerConfig:
 
 @dataclass
 class DownstreamConfig:
-    name: str = "xvector"           # xvector (SUPERB x-vector TDNN)
+    name: str = "xvector"           # xvector (SUPERB x-vector TDNN) | ecapa (ECAPA-TDNN; uses channels, embed_dim)
     proj_dim: int = 512             # projector from the upstream's hidden size
-    channels: int = 512             # TDNN channels (SUPERB: 512)
+    channels: int = 512             # TDNN channels (SUPERB: 512; ECAPA: 512 or 1024)
     stats_dim: int = 1500           # last frame-level layer before statistics pooling
     embed_dim: int = 512            # speaker embedding size
 
@@ -62,6 +62,9 @@ class LossConfig:
     name: str = "amsoftmax"         # amsoftmax: cos - m (SUPERB) | aamsoftmax: cos(theta + m) (ArcFace)
     margin: float = 0.4             # SUPERB AM-softmax: 0.4
     scale: float = 30.0             # SUPERB AM-softmax: 30
+    sub_centers: int = 1            # >1: sub-centre AM/AAM-softmax (K centres per speaker, robust to label noise)
+    margin_warmup_start: int = 0    # margin is 0 until this optimizer step...
+    margin_warmup_steps: int = 0    # ...then rises linearly to loss.margin over this many steps (0: full margin at once)
 
 
 @dataclass
@@ -77,6 +80,28 @@ class SchedulerConfig:
     name: str = "constant"          # constant | linear | cosine | exponential (after warm-up; used when train.use_scheduler)
     warmup_steps: int = 0           # linear warm-up from 0 over this many optimizer steps
     final_lr_ratio: float = 0.01    # lr at the last step as a fraction of optim.lr (linear, cosine, exponential)
+
+
+@dataclass
+class AugmentConfig:
+    noise_dir: str = ""             # MUSAN-style folder: noise/, music/, speech/ subfolders of wav/flac (empty: off)
+    noise_prob: float = 0.0         # probability a crop gets additive noise (one of noise, music, babble)
+    noise_snr_min: float = 0.0      # noise/: SNR range in dB (Kaldi/WeSpeaker: 0-15)
+    noise_snr_max: float = 15.0
+    music_snr_min: float = 5.0      # music/: SNR range in dB (5-15)
+    music_snr_max: float = 15.0
+    babble_snr_min: float = 13.0    # babble from speech/: SNR range in dB (13-20)
+    babble_snr_max: float = 20.0
+    babble_speakers_min: int = 3    # babble: speech segments summed (3-7)
+    babble_speakers_max: int = 7
+    rir_dir: str = ""               # folder of room impulse responses (wav/flac, any depth) (empty: off)
+    rir_prob: float = 0.0           # probability a crop is reverberated (before the noise is added)
+    speed_prob: float = 0.0         # probability of speed perturbation 0.9 or 1.1 (each factor a new speaker)
+    specaug_prob: float = 0.0       # probability an utterance's upstream features get SpecAugment masks
+    specaug_time_masks: int = 1     # time masks per utterance
+    specaug_time_width: int = 10    # widest time mask in frames (width drawn from 1..this)
+    specaug_freq_masks: int = 1     # frequency masks per utterance
+    specaug_freq_width: int = 8     # widest frequency mask in bins (width drawn from 1..this)
 
 
 @dataclass
@@ -117,13 +142,14 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 CHOICES = {  # string keys with a closed set of values
     "upstream.name": None,  # checked by models.upstream.build_upstream (it owns the list)
-    "downstream.name": ("xvector",),
+    "downstream.name": ("xvector", "ecapa"),
     "loss.name": ("amsoftmax", "aamsoftmax"),
     "optim.name": ("adamw", "adam", "sgd"),
     "scheduler.name": ("constant", "linear", "cosine", "exponential"),
@@ -221,7 +247,7 @@ def reference() -> str:
     import re
 
     sections = {c.__name__: c for c in (DataConfig, UpstreamConfig, FeaturizerConfig, DownstreamConfig, LossConfig,
-                                        OptimConfig, SchedulerConfig, ScoreConfig, TrainConfig)}
+                                        OptimConfig, SchedulerConfig, AugmentConfig, ScoreConfig, TrainConfig)}
     rows = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(cls, prefix):

@@ -97,6 +97,9 @@ def trial_lists(data_dir: str) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------- training
 
+SPEED_CLASS = {1.0: 0, 0.9: 1, 1.1: 2}  # speed-perturbed copies of a speaker are new classes
+
+
 class CropBatchSampler:
     """Yields batches of (utterance index, crop secs, item seed); see the module docstring.
 
@@ -139,10 +142,16 @@ class CropBatchSampler:
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """(index, crop secs, seed) -> (waveform (T,), speaker label)."""
+    """(index, crop secs, seed) -> (waveform (T,), speaker label).
 
-    def __init__(self, utts: list[Utterance], labels: list[int], sample_rate: int):
-        self.utts, self.labels, self.sample_rate = utts, labels, sample_rate
+    With an `augment.Augmenter`: speed perturbation (0.9 / 1.1 count as new speakers:
+    label + num_speakers or + 2 x num_speakers), then reverberation and additive noise,
+    all drawn from the item's own seed.
+    """
+
+    def __init__(self, utts: list[Utterance], labels: list[int], sample_rate: int, augmenter=None):
+        self.utts, self.labels, self.sample_rate, self.augmenter = utts, labels, sample_rate, augmenter
+        self.num_speakers = max(labels, default=-1) + 1
 
     def __len__(self):
         return len(self.utts)
@@ -151,12 +160,18 @@ class CropDataset(torch.utils.data.Dataset):
         index, secs, seed = item
         utt = self.utts[index]
         rng = np.random.default_rng(seed)
-        start = rng.uniform(0.0, max(utt.duration - secs, 0.0))
-        wav = load_audio(utt.path, self.sample_rate, start, secs)  # only the crop is decoded
+        factor = self.augmenter.speed_factor(rng) if self.augmenter else 1.0
+        start = rng.uniform(0.0, max(utt.duration - secs * factor, 0.0))
+        wav = load_audio(utt.path, self.sample_rate, start, secs * factor)  # only the crop is decoded
+        if factor != 1.0:
+            wav = self.augmenter.speed(wav, factor)
         need = int(round(secs * self.sample_rate))
         if wav.numel() < need:  # shorter than the crop: repeat it (no padding inside training batches)
             wav = wav.repeat(math.ceil(need / wav.numel()))
-        return wav[:need], self.labels[index]
+        wav = wav[:need]
+        if self.augmenter:
+            wav = self.augmenter(wav, rng)
+        return wav, self.labels[index] + SPEED_CLASS[factor] * self.num_speakers
 
 
 def collate_crops(items):

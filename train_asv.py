@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import metrics
+from augment import Augmenter, spec_augment
 from config import ConfigError, load_config, save_config
 from data import AudioError, CropBatchSampler, CropDataset, collate_crops, read_manifest, read_trials, trial_lists
 from evaluate_asv import embed, evaluate_checkpoints, make_eval_loader, model_meta, score_list
@@ -52,6 +53,14 @@ def lr_at(step: int, cfg) -> float:
     if s.name == "exponential":
         return peak * r ** progress
     return peak
+
+
+def margin_at(step: int, cfg) -> float:
+    """Margin for optimizer step `step`: 0, then a linear warm-up to loss.margin (pure function of the step)."""
+    loss = cfg.loss
+    if loss.margin_warmup_steps <= 0:
+        return loss.margin
+    return loss.margin * min(1.0, max(0.0, (step - loss.margin_warmup_start) / loss.margin_warmup_steps))
 
 
 def make_optimizer(cfg, params):
@@ -135,7 +144,13 @@ def train(cfg):
     # ---- model: a frozen upstream stays outside `prepare` (no DDP wrapper, no optimizer, not saved)
     upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
     encoder = build_encoder(cfg, upstream)
-    head = MarginSoftmax(cfg.downstream.embed_dim, len(label_of), cfg.loss.name, cfg.loss.margin, cfg.loss.scale)
+    aug = cfg.augment
+    if aug.specaug_prob > 0:
+        encoder.feature_augment = lambda feats, lengths: spec_augment(feats, lengths, aug)
+    augmenter = Augmenter(aug, cfg.data.sample_rate) if aug.noise_prob or aug.rir_prob or aug.speed_prob else None
+    num_classes = len(label_of) * (3 if aug.speed_prob > 0 else 1)  # speed-perturbed copies are new speakers
+    head = MarginSoftmax(cfg.downstream.embed_dim, num_classes, cfg.loss.name, cfg.loss.margin, cfg.loss.scale,
+                         cfg.loss.sub_centers)
     params = [*encoder.parameters(), *head.parameters()]
     if cfg.upstream.trainable:
         params += list(upstream.parameters())
@@ -143,7 +158,7 @@ def train(cfg):
 
     sampler = CropBatchSampler([u.duration for u in train_utts], cfg.data.batch_size, cfg.data.min_secs,
                                cfg.data.max_secs, t.seed, multiple=t.gradient_accumulate * accelerator.num_processes)
-    train_set = CropDataset(train_utts, [label_of[u.speaker] for u in train_utts], cfg.data.sample_rate)
+    train_set = CropDataset(train_utts, [label_of[u.speaker] for u in train_utts], cfg.data.sample_rate, augmenter)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_crops,
                                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     valid_loader = make_eval_loader(valid_paths, [durations[p] for p in valid_paths], cfg,
@@ -169,9 +184,10 @@ def train(cfg):
                              f"({' '.join(str(e).split())[:200]})") from None
         state = json.loads((resume / "train_state.json").read_text())
         accelerator.print(f"resumed from {resume} at step {state['step']}")
-    def set_lr(step: int):
+    def set_lr(step: int):  # and the margin: both pure functions of the optimizer step
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
+        accelerator.unwrap_model(head).margin = margin_at(step, cfg)
 
     set_lr(state["step"])
 

@@ -1,6 +1,6 @@
 """The model, in pieces (see DESIGN.md):
 
-    waveform -> Upstream -> hidden states -> SpeakerEncoder(WeightedSum -> XVector) -> embedding
+    waveform -> Upstream -> hidden states -> SpeakerEncoder(WeightedSum -> XVector | ECAPA) -> embedding
                                                                   training only: -> MarginSoftmax
 
 The upstream is kept apart from the trained part: a frozen upstream is never wrapped
@@ -17,9 +17,8 @@ from .featurizer import WeightedSum
 from .heads import MarginSoftmax
 from .scoring import asnorm_scores, cohort_stats, cosine_scores
 from .upstream import UPSTREAMS, build_upstream, run_chunked
+from .ecapa import ECAPA
 from .xvector import XVector
-
-DOWNSTREAMS = {"xvector": XVector}
 
 
 class SpeakerEncoder(nn.Module):
@@ -28,16 +27,23 @@ class SpeakerEncoder(nn.Module):
     def __init__(self, featurizer: WeightedSum, downstream: nn.Module):
         super().__init__()
         self.featurizer, self.downstream = featurizer, downstream
+        self.feature_augment = None  # training only: e.g. SpecAugment, (B, T, D), lengths -> (B, T, D)
 
     def forward(self, hidden: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
-        return self.downstream(self.featurizer(hidden), lengths)
+        feats = self.featurizer(hidden)  # (B, T, D)
+        if self.training and self.feature_augment is not None:
+            feats = self.feature_augment(feats, lengths)
+        return self.downstream(feats, lengths)
 
 
 def build_encoder(cfg, upstream: nn.Module) -> SpeakerEncoder:
     """cfg: config.Config. Sizes itself from the upstream's num_layers and hidden_size."""
     d = cfg.downstream
     featurizer = WeightedSum(upstream.num_layers, upstream.hidden_size, cfg.featurizer.layer_norm)
-    downstream = DOWNSTREAMS[d.name](upstream.hidden_size, d.proj_dim, d.channels, d.stats_dim, d.embed_dim)
+    if d.name == "ecapa":
+        downstream = ECAPA(upstream.hidden_size, d.channels, d.embed_dim)
+    else:
+        downstream = XVector(upstream.hidden_size, d.proj_dim, d.channels, d.stats_dim, d.embed_dim)
     return SpeakerEncoder(featurizer, downstream)
 
 

@@ -4,6 +4,13 @@ AM-softmax (CosFace, SUPERB):    logit_y = s * (cos(theta_y) - m)
 AAM-softmax (ArcFace):           logit_y = s * cos(theta_y + m)
 Both return the loss and the margin-free cosine logits, so accuracy is measured without
 the margin (what the model would predict).
+
+Sub-centers (Deng et al., 2020, sub-center ArcFace): each class has K centres and its
+cosine is the largest over them, so a noisy or multi-modal speaker need not pull all its
+utterances onto one centre. K = 1 is the plain head.
+
+`margin` is a plain attribute read at every call, so the training loop may change it
+between steps (a margin schedule) without rebuilding the head.
 """
 from __future__ import annotations
 
@@ -16,24 +23,30 @@ import torch.nn.functional as F
 
 class MarginSoftmax(nn.Module):
     def __init__(self, embed_dim: int, num_classes: int, kind: str = "amsoftmax", margin: float = 0.4,
-                 scale: float = 30.0):
+                 scale: float = 30.0, sub_centers: int = 1):
         super().__init__()
         if kind not in ("amsoftmax", "aamsoftmax"):
             raise ValueError(f"unknown loss '{kind}' (choose amsoftmax or aamsoftmax)")
+        if sub_centers < 1:
+            raise ValueError(f"sub_centers must be >= 1, got {sub_centers}")
         self.kind, self.margin, self.scale = kind, margin, scale
-        self.weight = nn.Parameter(torch.empty(num_classes, embed_dim))
+        self.num_classes, self.sub_centers = num_classes, sub_centers
+        # row c * K + k is sub-center k of class c (K = 1: one row per class, as before)
+        self.weight = nn.Parameter(torch.empty(num_classes * sub_centers, embed_dim))
         nn.init.xavier_normal_(self.weight)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor):
         """emb (B, E), labels (B,) -> (loss, cosine logits (B, num_classes))."""
-        cosine = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))  # (B, N)
+        cosine = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))  # (B, N * K)
+        if self.sub_centers > 1:  # a class is as close as its closest sub-center
+            cosine = cosine.view(-1, self.num_classes, self.sub_centers).amax(-1)  # (B, N)
         target = cosine.gather(1, labels[:, None])  # (B, 1)
+        m = float(self.margin)  # read now: the training loop may have changed it since the last step
         if self.kind == "amsoftmax":
-            target_m = target - self.margin
+            target_m = target - m
         else:
             theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
             # past pi - m, cos(theta + m) would rise again; keep the penalty monotonic there (ArcFace)
-            target_m = torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin),
-                                   target - self.margin * math.sin(self.margin))
+            target_m = torch.where(theta + m < math.pi, torch.cos(theta + m), target - m * math.sin(m))
         logits = cosine.scatter(1, labels[:, None], target_m)
         return F.cross_entropy(self.scale * logits, labels), cosine

@@ -183,7 +183,7 @@ def test_closed_choice_lists_the_choices():
 
 
 @pytest.mark.parametrize("override", ["optim.name=rmsprop", "scheduler.name=step", "train.valid_metric=acc",
-                                      "train.mixed_precision=fp8", "downstream.name=ecapa"])
+                                      "train.mixed_precision=fp8", "downstream.name=resnet"])
 def test_every_closed_choice_is_checked(override):
     with pytest.raises(ConfigError, match="must be one of"):
         load_config(None, [override])

@@ -1,0 +1,122 @@
+"""ECAPA-TDNN (Desplanques et al., Interspeech 2020): frames (B, T, D) + lengths -> embedding (B, E).
+
+    Conv1d k=5 + ReLU + BN                                   D -> C
+    3 x SE-Res2Block (k=3, dilation 2/3/4, Res2Net scale 8)  C -> C, residual
+    multi-layer feature aggregation: concat the 3 blocks, 1x1 conv  3C -> M (M = 3C: 1536 for C=512)
+    attentive statistics pooling with global context         M x T -> 2M
+    BN -> Linear -> BN                                       2M -> E
+
+Padding invariance: every convolution is "same"-padded, so a frame near the end of the
+valid region reads its neighbours beyond it. For a lone utterance those are the conv's own
+zero padding; in a padded batch they are whatever sits there (upstream output, BN bias).
+So the input and every conv block's output are multiplied by the frame mask: beyond the
+valid length everything is zero, exactly like the conv padding of the lone utterance, and
+(in eval mode) the batch and the lone pass give the same embedding. The SE squeeze, the
+global context and the attention only look at valid frames. In training mode BatchNorm's
+batch statistics still see the zeroed padding frames (as the x-vector's BN sees its padding).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .upstream import frame_mask
+
+
+class TDNNBlock(nn.Module):
+    """Conv1d ("same" padding) -> ReLU -> BN, then zero the padded frames (BN's shift made them non-zero)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(in_ch, out_ch, kernel, dilation=dilation, padding=dilation * (kernel - 1) // 2)
+        self.bn = nn.BatchNorm1d(out_ch)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.relu(self.conv(x))) * mask  # (B, out_ch, T); mask (B, 1, T)
+
+
+def masked_mean_std(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6):
+    """x (B, C, T), weights w (B, 1|C, T) summing to 1 over time (0 on padding) -> mean, std (B, C)."""
+    mean = (x * w).sum(-1)
+    var = (x * x * w).sum(-1) - mean * mean
+    return mean, torch.sqrt(var.clamp(min=eps))  # clamp: rounding can make var slightly negative
+
+
+class SERes2Block(nn.Module):
+    """1x1 TDNN -> Res2Net dilated k=3 convs -> 1x1 TDNN -> squeeze-excitation, plus the input (residual)."""
+
+    def __init__(self, channels: int, kernel: int, dilation: int, scale: int, se_dim: int = 128):
+        super().__init__()
+        if channels % scale:
+            raise ValueError(f"ECAPA channels ({channels}) must be divisible by the Res2Net scale ({scale})")
+        self.scale, width = scale, channels // scale
+        self.pre = TDNNBlock(channels, channels)
+        # Res2Net: scale - 1 small convs; the first chunk passes through (hierarchical receptive fields)
+        self.res2 = nn.ModuleList(TDNNBlock(width, width, kernel, dilation) for _ in range(scale - 1))
+        self.post = TDNNBlock(channels, channels)
+        self.se = nn.Sequential(nn.Linear(channels, se_dim), nn.ReLU(), nn.Linear(se_dim, channels), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """x (B, C, T) with zero padding, mask (B, 1, T), n (B, 1) valid frame counts -> (B, C, T)."""
+        chunks = torch.chunk(self.pre(x, mask), self.scale, dim=1)  # scale x (B, C/scale, T)
+        out, y = [chunks[0]], None
+        for conv, chunk in zip(self.res2, chunks[1:]):
+            y = conv(chunk if y is None else chunk + y, mask)  # each chunk also sees the previous one's output
+            out.append(y)
+        h = self.post(torch.cat(out, dim=1), mask)  # (B, C, T), zero on padding
+        s = self.se(h.sum(-1) / n)  # squeeze: mean over valid frames only -> channel gates (B, C)
+        return x + h * s.unsqueeze(-1)  # both terms are zero on padding
+
+
+class AttentiveStatsPool(nn.Module):
+    """Channel- and context-dependent attentive statistics pooling: (B, M, T) -> (B, 2M).
+
+    Each frame is scored from [h_t, global mean, global std] (the global context), per
+    channel; softmax over valid frames; the weighted mean and std are the output."""
+
+    def __init__(self, channels: int, attention_dim: int = 128):
+        super().__init__()
+        self.tdnn = TDNNBlock(3 * channels, attention_dim)
+        self.score = nn.Conv1d(attention_dim, channels, 1)
+
+    def weights(self, x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """x (B, M, T), mask (B, 1, T) bool, n (B, 1) -> attention (B, M, T): sums to 1 over valid frames, 0 on padding."""
+        mean, std = masked_mean_std(x, mask / n.unsqueeze(-1))  # global context over valid frames, (B, M)
+        T = x.shape[-1]
+        ctx = torch.cat([x, mean.unsqueeze(-1).expand(-1, -1, T), std.unsqueeze(-1).expand(-1, -1, T)], dim=1)
+        e = self.score(torch.tanh(self.tdnn(ctx, mask)))  # (B, M, T) frame scores
+        return torch.softmax(e.masked_fill(~mask, float("-inf")), dim=-1)  # padding gets exactly 0
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        mean, std = masked_mean_std(x, self.weights(x, mask, n))
+        return torch.cat([mean, std], dim=1)  # (B, 2M)
+
+
+class ECAPA(nn.Module):
+    def __init__(self, input_dim: int, channels: int = 512, embed_dim: int = 192, scale: int = 8,
+                 attention_dim: int = 128, mfa_channels: int | None = None):
+        super().__init__()
+        mfa_channels = mfa_channels or 3 * channels
+        self.layer1 = TDNNBlock(input_dim, channels, kernel=5)
+        self.blocks = nn.ModuleList(SERes2Block(channels, 3, d, scale) for d in (2, 3, 4))
+        self.mfa = TDNNBlock(3 * channels, mfa_channels)  # aggregate all three blocks' outputs
+        self.pool = AttentiveStatsPool(mfa_channels, attention_dim)
+        self.pool_bn = nn.BatchNorm1d(2 * mfa_channels)
+        self.embedding = nn.Linear(2 * mfa_channels, embed_dim)
+        self.embed_bn = nn.BatchNorm1d(embed_dim)
+        self.context = 0  # "same" convs: no frames lost (models.min_input_samples reads this)
+        self.embed_dim = embed_dim
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """feats (B, T, D), lengths (B,) valid frames -> (B, embed_dim)."""
+        lengths = lengths.clamp(min=1, max=feats.shape[1])  # an empty row would make the attention softmax NaN
+        mask = frame_mask(lengths, feats.shape[1]).unsqueeze(1)  # (B, 1, T) bool
+        n = lengths.view(-1, 1).to(feats.dtype)  # (B, 1)
+        x = self.layer1(feats.transpose(1, 2) * mask, mask)  # (B, C, T); the input's padding zeroed first
+        outs = []
+        for block in self.blocks:
+            x = block(x, mask, n)
+            outs.append(x)
+        h = self.mfa(torch.cat(outs, dim=1), mask)  # (B, M, T)
+        pooled = self.pool_bn(self.pool(h, mask, n))  # (B, 2M)
+        return self.embed_bn(self.embedding(pooled))  # (B, E)
