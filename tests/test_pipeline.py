@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import metrics  # noqa: E402
+
 REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
 # small, quick settings on top of configs/demo.yaml
 QUICK = ["train.log_step=5", "train.eval_step=10", "train.save_step=10", "train.keep_num_ckpts=0",
@@ -111,7 +114,14 @@ def test_real_speech_learns(tmp_path):
     out = run("train_asv.py", "--config", "configs/demo.yaml", f"data.dir={data}", f"exp_dir={exp}",
               "train.total_steps=150", "train.eval_step=50", "train.save_step=50", "train.log_step=50").stdout
     eer = json.loads((exp / "best" / "eval" / "test" / "metrics.json").read_text())["eer"]
-    assert eer < 30.0, out
+    assert eer < 35.0, out
+    # Most target trials pair short 8 kHz digit clips (FSDD), the hard part; the 16 kHz read speech
+    # (LibriSpeech) trials among them must be clearly separated.
+    rows = [line.split() for line in (exp / "best" / "eval" / "test" / "scores.txt").read_text().splitlines()]
+    libri = [(float(s), int(y)) for a, b, s, y in rows if a.endswith(".flac") and b.endswith(".flac")]
+    assert len({y for _, y in libri}) == 2
+    scores, labels = zip(*libri)
+    assert metrics.compute_metrics(scores, labels)["eer"] < 10.0, out
 
 
 LAUNCH_2_CPU = ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
