@@ -124,6 +124,7 @@ class TrainConfig:
     seed: int = 1337                # model init, sample order, crops: the same seed gives the same run
     auto_resume: bool = True        # re-running the same command resumes from the newest complete checkpoint
     resume_ckpt_dir: str = ""       # resume from this step-* folder instead
+    init_from: str = ""             # a model.pt to start from (weights only, new optimizer): large-margin fine-tuning
     valid_metric: str = "eer"       # eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best
     valid_higher_better: bool = False  # false for EER and minDCF (lower is better)
     use_scheduler: bool = False     # SUPERB: constant lr

@@ -30,7 +30,7 @@ from augment import Augmenter, spec_augment
 from config import ConfigError, load_config, save_config
 from data import AudioError, CropBatchSampler, CropDataset, collate_crops, read_manifest, read_trials, trial_lists
 from evaluate_asv import embed, evaluate_checkpoints, make_eval_loader, model_meta, score_list
-from models import MarginSoftmax, build_encoder, build_upstream, min_input_samples, save_model_file
+from models import MarginSoftmax, build_encoder, build_upstream, load_model_file, min_input_samples, save_model_file
 
 
 MAX_BAD_STEPS_IN_ROW = 20  # non-finite updates skipped in a row before the run stops
@@ -151,6 +151,9 @@ def train(cfg):
     num_classes = len(label_of) * (3 if aug.speed_prob > 0 else 1)  # speed-perturbed copies are new speakers
     head = MarginSoftmax(cfg.downstream.embed_dim, num_classes, cfg.loss.name, cfg.loss.margin, cfg.loss.scale,
                          cfg.loss.sub_centers)
+    if t.init_from and not complete_checkpoints(exp):  # fine-tuning starts from another run's weights
+        load_model_file(t.init_from, encoder, upstream, model_meta(cfg), head)
+        accelerator.print(f"initialised from {t.init_from}")
     params = [*encoder.parameters(), *head.parameters()]
     if cfg.upstream.trainable:
         params += list(upstream.parameters())
@@ -206,7 +209,8 @@ def train(cfg):
         accelerator.save_state(str(tmp))
         if main_process:
             save_model_file(str(tmp / "model.pt"), accelerator.unwrap_model(encoder),
-                            accelerator.unwrap_model(upstream), cfg.upstream.trainable, model_meta(cfg))
+                            accelerator.unwrap_model(upstream), cfg.upstream.trainable, model_meta(cfg),
+                            accelerator.unwrap_model(head))
             (tmp / "train_state.json").write_text(json.dumps(state) + "\n")
             # for report.py, which never loads a model: which upstream layers the featurizer relies on
             weights = accelerator.unwrap_model(encoder).featurizer.layer_weights()

@@ -53,9 +53,13 @@ def min_input_samples(upstream: nn.Module, encoder: SpeakerEncoder) -> int:
     return upstream.min_samples + (frames - 1) * upstream.hop
 
 
-def save_model_file(path: str, encoder: nn.Module, upstream: nn.Module, trainable_upstream: bool, meta: dict):
-    """The file evaluation loads: the trained parts only (a frozen upstream is rebuilt from its source)."""
+def save_model_file(path: str, encoder: nn.Module, upstream: nn.Module, trainable_upstream: bool, meta: dict,
+                    head: nn.Module | None = None):
+    """The file evaluation loads: the trained parts only (a frozen upstream is rebuilt from its source).
+    The head rides along for fine-tuning (train.init_from); evaluation ignores it."""
     state = {"encoder": encoder.state_dict(), "meta": meta}
+    if head is not None:
+        state["head"] = head.state_dict()
     if trainable_upstream:
         state["upstream"] = upstream.state_dict()
     tmp = f"{path}.tmp"
@@ -63,7 +67,7 @@ def save_model_file(path: str, encoder: nn.Module, upstream: nn.Module, trainabl
     os.replace(tmp, path)
 
 
-def load_model_file(path: str, encoder: nn.Module, upstream: nn.Module, meta: dict):
+def load_model_file(path: str, encoder: nn.Module, upstream: nn.Module, meta: dict, head: nn.Module | None = None):
     """Load weights saved by save_model_file; a checkpoint from another config fails with one clear line."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,6 +83,10 @@ def load_model_file(path: str, encoder: nn.Module, upstream: nn.Module, meta: di
         encoder.load_state_dict(state["encoder"])
         if "upstream" in state:
             upstream.load_state_dict(state["upstream"])
+        if head is not None:
+            if "head" not in state:
+                raise RuntimeError("it holds no speaker head")
+            head.load_state_dict(state["head"])
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise ValueError(f"{path}: checkpoint does not match the config ({detail})") from None

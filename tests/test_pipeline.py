@@ -159,3 +159,15 @@ def test_bad_config_and_checkpoint(demo, two_process_run):
     assert "step-10/model.pt" in mismatch.stderr and "embed_dim" in mismatch.stderr
     assert len(mismatch.stderr.strip().splitlines()) == 1
     assert (exp / "step-10" / "eval" / "valid" / "metrics.json").is_file()
+
+
+def test_fine_tune_from_checkpoint(demo, two_process_run, tmp_path):
+    """Large-margin fine-tuning: a new run starts from another run's weights (encoder and head)."""
+    source = two_process_run / "step-10" / "model.pt"
+    cmd = ["train_asv.py", "--config", "configs/demo.yaml", f"data.dir={demo}", f"exp_dir={tmp_path / 'lm'}", *QUICK,
+           "train.total_steps=5", "train.test_after_train=false", "loss.margin=0.4", f"train.init_from={source}"]
+    out = run(*cmd).stdout
+    assert f"initialised from {source}" in out
+    bad = run(*cmd[:-1], f"exp_dir={tmp_path / 'lm2'}", f"train.init_from={source}", "downstream.name=ecapa",
+              check=False)
+    assert bad.returncode != 0 and str(source) in bad.stderr and "downstream" in bad.stderr
