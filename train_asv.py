@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 
 import metrics
 from augment import Augmenter, spec_augment
@@ -98,6 +99,15 @@ def better(value: float, best: float | None, cfg) -> bool:
     return value > best if cfg.train.valid_higher_better else value < best
 
 
+def one_line(error: Exception) -> str:
+    """An error's message on one line. An error raised in a DataLoader worker comes back as
+    "Caught AudioError in DataLoader worker process 0. Original Traceback ...": keep its last line."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]  # "data.AudioError: <path>: <problem>"
+    return text
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see config.py for every key and its default)")
@@ -105,8 +115,8 @@ def main():
     args = parser.parse_args()
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, ValueError, FileNotFoundError, AudioError) as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, ValueError, OSError, AudioError) as e:  # OSError: a full disk, a missing file
+        sys.exit(f"error: {one_line(e)}")
 
 
 def train(cfg):
@@ -194,30 +204,48 @@ def train(cfg):
 
     set_lr(state["step"])
 
-    def validate(step: int) -> dict:
+    def validate(step: int) -> dict | None:
         (table,), done = embed(accelerator, upstream, [encoder], valid_loader, len(valid_paths), cfg.eval_batch,
                                int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         scores, keep = score_list(table, done, {p: i for i, p in enumerate(valid_paths)}, valid_trials)
-        result = metrics.compute_metrics(scores, valid_trials[0][keep])
-        accelerator.print(f"step {step} | valid EER {result['eer']:.2f}% | minDCF0.01 {result['min_dcf_0.01']:.4f} "
-                          f"| minDCF0.05 {result['min_dcf_0.05']:.4f}")
+        bad = np.count_nonzero(~np.isfinite(scores))
+        if bad:  # NaN/inf embeddings (a diverged model, a broken validation file): no metric, never the best
+            line = f"warning: step {step} validation skipped: {bad} of {len(scores)} trial scores are NaN or inf"
+            result = None
+        else:
+            result = metrics.compute_metrics(scores, valid_trials[0][keep])
+            line = (f"step {step} | valid EER {result['eer']:.2f}% | minDCF0.01 {result['min_dcf_0.01']:.4f} "
+                    f"| minDCF0.05 {result['min_dcf_0.05']:.4f}")
+        accelerator.print(line)
+        if main_process:
+            with open(log_path, "a") as f:
+                f.write(line + "\n")
         return result
 
     def save(step: int, valid: dict | None):
         """Write step-N.tmp, then rename: a kill mid-save leaves no half checkpoint behind."""
         final, tmp = exp / f"step-{step}", exp / f"step-{step}.tmp"
-        accelerator.save_state(str(tmp))
+        try:
+            accelerator.save_state(str(tmp))
+            if main_process:
+                save_model_file(str(tmp / "model.pt"), accelerator.unwrap_model(encoder),
+                                accelerator.unwrap_model(upstream), cfg.upstream.trainable, model_meta(cfg),
+                                accelerator.unwrap_model(head))
+                (tmp / "train_state.json").write_text(json.dumps(state) + "\n")
+                # for report.py, which never loads a model: which upstream layers the featurizer relies on
+                weights = accelerator.unwrap_model(encoder).featurizer.layer_weights()
+                (tmp / "layer_weights.json").write_text(json.dumps(weights) + "\n")
+                if valid is not None:
+                    (tmp / "eval" / "valid").mkdir(parents=True)
+                    (tmp / "eval" / "valid" / "metrics.json").write_text(json.dumps(valid, indent=2) + "\n")
+        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save and safetensors raise their own
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            last = complete_checkpoints(exp)
+            free = shutil.disk_usage(exp).free / 1e9
+            raise OSError(f"cannot write checkpoint {final}: {reason} ({free:.1f} GB free there; last complete "
+                          f"checkpoint: {last[-1] if last else 'none'})") from None
         if main_process:
-            save_model_file(str(tmp / "model.pt"), accelerator.unwrap_model(encoder),
-                            accelerator.unwrap_model(upstream), cfg.upstream.trainable, model_meta(cfg),
-                            accelerator.unwrap_model(head))
-            (tmp / "train_state.json").write_text(json.dumps(state) + "\n")
-            # for report.py, which never loads a model: which upstream layers the featurizer relies on
-            weights = accelerator.unwrap_model(encoder).featurizer.layer_weights()
-            (tmp / "layer_weights.json").write_text(json.dumps(weights) + "\n")
-            if valid is not None:
-                (tmp / "eval" / "valid").mkdir(parents=True)
-                (tmp / "eval" / "valid" / "metrics.json").write_text(json.dumps(valid, indent=2) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -239,9 +267,15 @@ def train(cfg):
     head.train()
     if cfg.upstream.trainable:
         upstream.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_sum = torch.zeros((), device=accelerator.device)  # over the kept steps since the last log line
     correct = torch.zeros((), device=accelerator.device)
-    seen, micro, bad_in_row, tic = 0, 0, 0, time.time()
+    seen, kept, micro, bad_in_row, tic = 0, 0, 0, 0, time.time()
+    pending = []  # (loss, correct, crops) of the step in progress: logged once it is kept, so a NaN never is
+    # BatchNorm running statistics change in every forward pass, even one whose update is then skipped:
+    # a skipped step puts back the ones of the last good step (else one NaN batch poisons evaluation for good)
+    trained = (encoder, head, upstream) if cfg.upstream.trainable else (encoder, head)
+    buffers = [b for m in trained for b in m.buffers()]
+    good_buffers = [b.clone() for b in buffers]
     batches = accelerator.skip_first_batches(loader, state["micro_batches"]) if state["micro_batches"] else loader
     accelerator.print(f"training {sum(p.numel() for p in params) / 1e6:.2f}M parameters on "
                       f"{len(train_utts)} utterances of {len(label_of)} speakers; {len(sampler)} batches per epoch")
@@ -260,13 +294,11 @@ def train(cfg):
             if accelerator.sync_gradients:  # gradients are complete (and all-reduced) only now
                 norm = accelerator.clip_grad_norm_(params, t.gradient_clipping if t.gradient_clipping > 0 else math.inf)
                 finite = bool(torch.isfinite(norm))  # one sync per optimizer step; identical on every process
-            if finite:
+            if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips it and lowers its scale
                 optimizer.step()
             optimizer.zero_grad()
         state["micro_batches"] += 1
-        micro += 1
-        loss_sum += loss.detach()
-        correct += (cosine.argmax(1) == labels).sum()
+        pending.append((loss.detach(), (cosine.argmax(1) == labels).sum(), labels.numel()))
         seen += labels.numel()
         if not accelerator.sync_gradients:
             continue
@@ -274,6 +306,8 @@ def train(cfg):
         step = state["step"]
         set_lr(step)
         if not finite:  # a loss spike or NaN: skip this update, stop if it keeps happening
+            for b, good in zip(buffers, good_buffers):
+                b.copy_(good)
             state["skipped_steps"] += 1
             bad_in_row += 1
             accelerator.print(f"warning: step {step} skipped: non-finite loss or gradient "
@@ -281,32 +315,41 @@ def train(cfg):
             if bad_in_row >= MAX_BAD_STEPS_IN_ROW:
                 last = complete_checkpoints(exp)
                 raise ValueError(f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient; "
-                                 f"stopped (last good checkpoint: {last[-1] if last else 'none'}); try a lower optim.lr")
+                                 f"stopped (last good checkpoint: {last[-1] if last else 'none'}); "
+                                 "check the training audio or try a lower optim.lr")
         else:
             bad_in_row = 0
+            for b, good in zip(buffers, good_buffers):
+                good.copy_(b)
+            for step_loss, step_correct, crops in pending:
+                loss_sum += step_loss
+                correct += step_correct
+                kept += crops
+                micro += 1
+        pending.clear()
 
         if step % t.log_step == 0 or step == t.total_steps:
-            loss_avg = accelerator.reduce(loss_sum, "mean").item() / micro
-            acc = accelerator.reduce(correct, "sum").item() / max(seen * accelerator.num_processes, 1)
+            # micro and kept are equal on every process (a step is skipped everywhere or nowhere)
+            loss_avg = accelerator.reduce(loss_sum, "mean").item() / micro if micro else math.nan
+            acc = accelerator.reduce(correct, "sum").item() / (kept * accelerator.num_processes) if kept else math.nan
             speed = seen * accelerator.num_processes / (time.time() - tic)
             line = (f"step {step} | loss {loss_avg:.4f} | acc {acc:.3f} | lr {lr_at(step - 1, cfg):.1e} "
                     f"| {speed:.0f} crops/s")
+            if state["skipped_steps"]:
+                line += f" | {state['skipped_steps']} steps skipped"
             accelerator.print(line)
             if main_process:
                 with open(log_path, "a") as f:
                     f.write(line + "\n")
             loss_sum.zero_()
             correct.zero_()
-            seen, micro, bad_in_row, tic = 0, 0, 0, time.time()
+            seen, kept, micro, tic = 0, 0, 0, time.time()  # (not bad_in_row: it counts across log lines)
 
         valid = None
         if step % t.eval_step == 0 or step == t.total_steps:
             valid = validate(step)
-            if better(valid[t.valid_metric], state["best_metric"], cfg):
+            if valid is not None and better(valid[t.valid_metric], state["best_metric"], cfg):
                 state["best_metric"], state["best_step"] = valid[t.valid_metric], step
-            if main_process:
-                with open(log_path, "a") as f:
-                    f.write(f"step {step} | valid EER {valid['eer']:.2f}% | minDCF0.01 {valid['min_dcf_0.01']:.4f}\n")
         if step % t.save_step == 0 or step == t.total_steps or (valid is not None and state["best_step"] == step):
             save(step, valid)
             tic = time.time()
