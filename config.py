@@ -28,7 +28,7 @@ class DataConfig:
     min_secs: float = 2.0           # shortest random training crop (SUPERB: 2)
     max_secs: float = 8.0           # longest random training crop (SUPERB: 8)
     batch_size: int = 10            # crops per batch per process (SUPERB: 10)
-    eval_batch_secs: float = 300.0  # audio seconds per evaluation batch (length-sorted, so padding stays small)
+    eval_batch_secs: float = 60.0   # audio seconds per evaluation batch, length-sorted (CPU: 20-60 is fastest; GPU: more)
     eval_chunk_secs: float = 0.0    # >0: upstream on windows this long at evaluation: memory bounded by it, not the longest file
 
 

@@ -259,8 +259,9 @@ def main():
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides on top of the run's config.yaml, e.g. eval_batch=2 data.eval_batch_secs=60")
     args = parser.parse_args()
-    # `--ckpt_dir a b key=value` reads naturally; argparse would give key=value to --ckpt_dir
-    overrides = args.overrides + [c for c in args.ckpt_dir if "=" in c and not Path(c).exists()]
+    # `--ckpt_dir a b key=value` reads naturally; argparse would give key=value to --ckpt_dir (or --trials)
+    overrides = args.overrides + [c for c in args.ckpt_dir + args.trials if "=" in c and not Path(c).exists()]
+    args.trials = [t for t in args.trials if t not in overrides]
     try:
         ckpts = [Path(c) for c in args.ckpt_dir if c not in overrides]
         for c in ckpts:

@@ -283,11 +283,9 @@ def train(cfg):
         if state["step"] >= t.total_steps:
             break
         with accelerator.accumulate(encoder, head):
-            if cfg.upstream.trainable:
-                hidden, frames = upstream(wavs, lengths)
-            else:
-                with torch.no_grad():  # frozen: no activations kept for backward
-                    hidden, frames = upstream(wavs, lengths)
+            # a frozen upstream is not prepared, so Accelerate's autocast must be asked for explicitly
+            with accelerator.autocast(), torch.set_grad_enabled(cfg.upstream.trainable):
+                hidden, frames = upstream(wavs, lengths)  # frozen: no activations kept for backward
             loss, cosine = head(encoder(hidden, frames), labels)
             accelerator.backward(loss)
             finite = True

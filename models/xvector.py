@@ -18,11 +18,15 @@ DILATIONS = (1, 2, 3, 1, 1)
 
 
 def stats_pool(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, C, T) + valid lengths (B,) -> (B, 2C): mean and std over valid frames, vectorised."""
-    mask = frame_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)  # (B, 1, T)
+    """(B, C, T) + valid lengths (B,) -> (B, 2C): mean and std over valid frames, vectorised.
+
+    Sums over time are batched matrix products with the frame mask, so no masked (B, C, T)
+    copies are made: on CPU those temporaries cost more than the arithmetic.
+    """
+    mask = frame_mask(lengths, x.shape[-1]).to(x.dtype).unsqueeze(-1)  # (B, T, 1)
     n = lengths.clamp(min=1).view(-1, 1).to(x.dtype)
-    mean = (x * mask).sum(-1) / n  # (B, C)
-    var = (((x - mean.unsqueeze(-1)) * mask) ** 2).sum(-1) / n
+    mean = torch.bmm(x, mask).squeeze(-1) / n  # (B, C)
+    var = torch.bmm(x * x, mask).squeeze(-1) / n - mean * mean
     return torch.cat([mean, torch.sqrt(var.clamp(min=1e-6))], dim=1)
 
 

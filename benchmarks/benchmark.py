@@ -1,0 +1,606 @@
+"""Where the time goes: training, evaluation, metrics and the small vectorised pieces, side by side.
+
+    python benchmarks/benchmark.py            # a few minutes on 2 CPU cores
+    python benchmarks/benchmark.py --quick    # tiny settings, well under a minute
+
+Runs on CUDA when present, else on the CPU, and prints Markdown tables:
+
+1. training throughput (crops/s, optimizer steps/s) of (a) the filterbank x-vector (configs/fbank.yaml)
+   and (b) a real-size WavLM Base+ (random weights, frozen; configs/base.yaml), each measured three
+   ways: the data pipeline alone (CropBatchSampler + CropDataset + collate_crops on real-mini files),
+   the model alone (synthetic batches already on the device) and both together; the slower of the
+   first two is named as the bottleneck.
+2. evaluation throughput (audio seconds per second) on VoxCeleb1-test lengths: our length-sorted
+   batches (evaluate_asv.embed) vs the simple way (one utterance at a time at full length), with
+   peak memory.
+3. EER + both minDCFs on 1M trials: metrics.compute_metrics vs the way s3prl computes them (sklearn
+   roc_curve, scipy brentq on an interpolated ROC, a Python loop over thresholds for minDCF).
+4. statistics pooling (per-sample Python loop vs models.xvector.stats_pool) and cosine scoring
+   (Python loop vs models.cosine_scores).
+5. CUDA only: WavLM Base+ step time in fp32 vs bf16 through Accelerate, and GPU utilisation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+from accelerate import Accelerator  # noqa: E402
+
+import metrics  # noqa: E402
+from bench_vox1_eval import synth  # noqa: E402  (same cheap deterministic audio as the VoxCeleb1 workload)
+from config import load_config  # noqa: E402
+from data import (CropBatchSampler, CropDataset, collate_crops, length_batches, load_audio,  # noqa: E402
+                  read_manifest)
+from evaluate_asv import embed, make_eval_loader  # noqa: E402
+from models import MarginSoftmax, build_encoder, build_upstream, cosine_scores, min_input_samples  # noqa: E402
+from models.xvector import stats_pool  # noqa: E402
+from train_asv import make_optimizer  # noqa: E402
+
+REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
+META = ROOT.parent / "shared" / "data" / "voxceleb1-meta"
+WAVLM = ["upstream.name=wavlm_base_plus", "upstream.random_init=true", "upstream.trainable=false"]
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process (Linux /proc; else the lifetime peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak on CUDA; on CPU this process's RSS,
+    sampled every 5 ms in a thread (getrusage only knows the lifetime peak, which cannot be reset)."""
+
+    def __init__(self, device):
+        self.device, self.mb = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak, self.stop = rss_bytes(), threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.mb = max(self.peak, rss_bytes()) / 2**20
+
+
+class GpuUtilisation:
+    """nvidia-smi utilization.gpu sampled every 0.2 s in a thread while the block runs (None without it)."""
+
+    def __enter__(self):
+        self.samples, self.stop = [], threading.Event()
+        self.thread = None
+        if shutil.which("nvidia-smi"):
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.2):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split()
+            if out and out[0].isdigit():
+                self.samples.append(int(out[0]))  # first GPU: the one a single-process run uses
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread:
+            self.thread.join()
+
+    def text(self) -> str:
+        if not self.samples:
+            return "n/a"
+        return f"mean {statistics.mean(self.samples):.0f}% / max {max(self.samples)}% ({len(self.samples)} samples)"
+
+
+def median_time(fn, runs: int) -> tuple[float, object]:
+    """Median wall seconds of `runs` calls, and the last result."""
+    times, out = [], None
+    for _ in range(runs):
+        tic = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times), out
+
+
+def table(title: str, header: list[str], rows: list[list]):
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------------------- 1. training
+
+def train_parts(cfg, num_speakers: int, device):
+    """Upstream (frozen), encoder, head and optimizer as train_asv.py builds them (no augmentation:
+    configs/fbank.yaml and base.yaml have none)."""
+    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate).to(device)
+    encoder = build_encoder(cfg, upstream).to(device).train()
+    head = MarginSoftmax(cfg.downstream.embed_dim, num_speakers, cfg.loss.name, cfg.loss.margin,
+                         cfg.loss.scale, cfg.loss.sub_centers).to(device).train()
+    params = [*encoder.parameters(), *head.parameters()]
+    return upstream, encoder, head, make_optimizer(cfg, params), params
+
+
+def train_step(parts, wavs, lengths, labels, clip: float):
+    """One micro-batch and one optimizer step, as train_asv.py's loop does it (frozen upstream, no Accelerate)."""
+    upstream, encoder, head, optimizer, params = parts
+    with torch.no_grad():  # frozen: no activations kept for backward
+        hidden, frames = upstream(wavs, lengths)
+    loss, _ = head(encoder(hidden, frames), labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def make_train_loader(cfg, train_utts, labels, num_workers: int):
+    sampler = CropBatchSampler([u.duration for u in train_utts], cfg.data.batch_size, cfg.data.min_secs,
+                               cfg.data.max_secs, cfg.train.seed)
+    return torch.utils.data.DataLoader(CropDataset(train_utts, labels, cfg.data.sample_rate), batch_sampler=sampler,
+                                       collate_fn=collate_crops, num_workers=num_workers)
+
+
+def time_loader(cfg, train_utts, labels, num_workers: int, batches: int) -> tuple[float, float]:
+    """(first batch s: worker start-up included, steady batches/s over the next `batches`)."""
+    it = iter(make_train_loader(cfg, train_utts, labels, num_workers))
+    tic = time.perf_counter()
+    next(it)
+    first = time.perf_counter() - tic
+    tic = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches / (time.perf_counter() - tic)
+    del it  # shuts the workers down
+    return first, rate
+
+
+def bench_training(name, cfg, data_dir, device, steps: int, loader_batches: int, gpu_rows: list):
+    utts = [u for u in read_manifest(str(data_dir)) if u.split == "train"]
+    speakers = sorted({u.speaker for u in utts})
+    labels = [speakers.index(u.speaker) for u in utts]
+    b, secs = cfg.data.batch_size, cfg.data.min_secs
+    rows = []
+
+    # data pipeline alone, at the config's num_workers and in the main process
+    data_rate = {}
+    for workers in sorted({cfg.num_workers, 0}, reverse=True):
+        first, rate = time_loader(cfg, utts, labels, workers, loader_batches)
+        data_rate[workers] = rate
+        rows.append([name, f"data only ({workers} workers)", f"{rate * b:.1f}", f"{rate:.2f}",
+                     f"first batch {first:.2f} s (worker start-up)"])
+
+    # model alone: synthetic in-memory batches of the same shape
+    parts = train_parts(cfg, len(speakers), device)
+    gen = torch.Generator().manual_seed(0)
+    wavs = (0.1 * torch.randn(b, int(secs * cfg.data.sample_rate), generator=gen)).to(device)
+    lengths = torch.full((b,), wavs.shape[1], device=device)
+    ys = torch.randint(0, len(speakers), (b,), generator=gen).to(device)
+    train_step(parts, wavs, lengths, ys, cfg.train.gradient_clipping)  # warm-up
+    sync(device)
+    with PeakMemory(device) as mem:
+        tic = time.perf_counter()
+        for _ in range(steps):
+            train_step(parts, wavs, lengths, ys, cfg.train.gradient_clipping)
+        sync(device)
+        model_rate = steps / (time.perf_counter() - tic)
+    rows.append([name, "model only (synthetic batches)", f"{model_rate * b:.1f}", f"{model_rate:.2f}",
+                 f"peak {'allocated' if device.type == 'cuda' else 'RSS'} {mem.mb:.0f} MB"])
+
+    # both: real batches from the loader at the config's num_workers, through the same step
+    it = iter(make_train_loader(cfg, utts, labels, cfg.num_workers))
+
+    def real_step():
+        w, n, y = next(it)
+        train_step(parts, w.to(device), n.to(device), y.to(device), cfg.train.gradient_clipping)
+
+    real_step()  # warm-up: worker start-up
+    sync(device)
+    with GpuUtilisation() as util:
+        tic = time.perf_counter()
+        for _ in range(steps):
+            real_step()
+        sync(device)
+        both_rate = steps / (time.perf_counter() - tic)
+    del it
+    if device.type == "cuda":
+        gpu_rows.append([name, "train (data + model)", util.text()])
+    data_default = data_rate[cfg.num_workers]
+    bottleneck = "data pipeline" if data_default < model_rate else "model"
+    rows.append([name, f"both ({cfg.num_workers} workers)", f"{both_rate * b:.1f}", f"{both_rate:.2f}",
+                 f"bottleneck: **{bottleneck}** (data {data_default:.2f} vs model {model_rate:.2f} batches/s)"])
+    del parts
+    return rows
+
+
+# ---------------------------------------------------------------------------- 2. evaluation
+
+def write_eval_files(folder: Path, count: int, seed: int, max_secs: float = 0.0) -> tuple[list[str], list[float]]:
+    """`count` utterances with lengths drawn from the real VoxCeleb1 test set, as 16 kHz PCM16 files
+    (cut to max_secs when > 0: --quick only)."""
+    import gzip
+    with gzip.open(META / "vox1_test_duration.txt.gz", "rt") as f:
+        rows = [line.split() for line in f]
+    pick = np.random.default_rng(seed).choice(len(rows), count, replace=False)
+    paths, secs = [], []
+    for i in pick:
+        utt, d = rows[i][0], float(rows[i][1])
+        n = round((min(d, max_secs) if max_secs > 0 else d) * 16000)
+        path = folder / f"{utt.replace('/', '_')}.wav"
+        sf.write(str(path), synth(utt, n), 16000, subtype="PCM_16")
+        paths.append(str(path))
+        secs.append(n / 16000)
+    return paths, secs
+
+
+@torch.no_grad()
+def bench_eval(name, cfg, paths, secs, accelerator):
+    device = accelerator.device
+    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate).to(device).eval()
+    encoder = build_encoder(cfg, upstream).to(device).eval()
+    need = min_input_samples(upstream, encoder)
+    encoder(*upstream(torch.zeros(1, need, device=device), torch.tensor([need], device=device)))  # warm-up
+    total = sum(secs)
+
+    def simple():  # one utterance at a time, at full length, batch size 1
+        for p in paths:
+            wav = load_audio(p, cfg.data.sample_rate)
+            if wav.numel() < need:
+                wav = wav.repeat(need // wav.numel() + 1)[:need]
+            encoder(*upstream(wav[None].to(device), torch.tensor([wav.numel()], device=device)))
+        sync(device)
+
+    def ours():
+        loader = accelerator.prepare(make_eval_loader(paths, secs, cfg, need))
+        embed(accelerator, upstream, [encoder], loader, len(paths), -1,
+              int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
+        sync(device)
+
+    def ours_no_workers():  # the same, decoding files in the main process
+        cfg.num_workers, workers = 0, cfg.num_workers
+        try:
+            ours()
+        finally:
+            cfg.num_workers = workers
+
+    runs = [("simple (batch 1, full length)", simple), (f"ours (evaluate_asv.embed, {cfg.num_workers} workers)", ours)]
+    if cfg.num_workers > 0:
+        runs.append(("ours (evaluate_asv.embed, 0 workers)", ours_no_workers))
+    out = {}
+    for label, fn in runs:
+        with PeakMemory(device) as mem:
+            tic = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - tic
+        out[label] = (total / elapsed, mem.mb)
+    s_rate = out["simple (batch 1, full length)"][0]
+    # audio the model actually runs over (padding included) per second of real audio: few utterances
+    # of spread-out lengths pad much more than a whole test set, whose sorted neighbours are close
+    batches = length_batches(secs, cfg.data.eval_batch_secs)
+    padded = sum(len(b) * max(secs[i] for i in b) for b in batches) / total
+    return [[name, label, f"{rate:.1f}", f"{mem:.0f}", f"{rate / s_rate:.2f}x",
+             "1.00" if label.startswith("simple") else f"{padded:.2f} ({len(batches)} batches)"]
+            for label, (rate, mem) in out.items()]
+
+
+# ---------------------------------------------------------------------------- 3. metrics
+
+def s3prl_style_metrics(scores, labels, p_targets=(0.01, 0.05)) -> dict:
+    """EER and minDCF the way s3prl computes them (written from its description, not copied):
+    EER by root finding on the linearly interpolated ROC; minDCF per p_target from a fresh
+    roc_curve and a Python loop over its thresholds."""
+    from sklearn.metrics import roc_curve
+    fpr, tpr, _ = roc_curve(labels, scores, pos_label=1)
+    try:
+        from scipy.interpolate import interp1d
+        from scipy.optimize import brentq
+        eer = brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
+    except ImportError:  # no scipy: where 1 - fpr - tpr (falling along the ROC) crosses zero
+        gap = 1.0 - fpr - tpr
+        eer = float(np.interp(0.0, gap[::-1], fpr[::-1]))
+    out = {"eer": 100.0 * float(eer)}
+    for p in p_targets:
+        fpr, tpr, _ = roc_curve(labels, scores, pos_label=1)
+        fnr = 1.0 - tpr
+        best = float("inf")
+        for i in range(len(fnr)):
+            cost = fnr[i] * p + fpr[i] * (1 - p)
+            if cost < best:
+                best = cost
+        out[f"min_dcf_{p:g}"] = best / min(p, 1 - p)
+    return out
+
+
+def bench_metrics(num_trials: int, runs: int):
+    rng = np.random.default_rng(0)
+    labels = (rng.random(num_trials) < 0.5).astype(np.int8)
+    scores = (rng.standard_normal(num_trials) + 2.0 * labels).astype(np.float32)  # EER ~16%
+    rows, results = [], {}
+    for label, fn in (("ours: metrics.compute_metrics", lambda: metrics.compute_metrics(scores, labels)),
+                      ("s3prl way: roc_curve + brentq + Python minDCF loop",
+                       lambda: s3prl_style_metrics(scores, labels))):
+        secs, res = median_time(fn, runs)
+        tracemalloc.start()  # a separate run: tracing slows Python loops down
+        fn()
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        results[label] = (secs, res)
+        rows.append([label, f"{secs * 1000:.0f}", f"{peak:.0f}", f"{res['eer']:.4f}", f"{res['min_dcf_0.01']:.4f}",
+                     f"{res['min_dcf_0.05']:.4f}"])
+    (ours_s, _), (simple_s, _) = results.values()
+    rows.append(["ratio (s3prl way / ours)", f"{simple_s / ours_s:.1f}x", "", "", "", ""])
+    return rows
+
+
+# ---------------------------------------------------------------------------- 4. small pieces
+
+def loop_stats_pool(x, lengths):
+    """Per utterance, in Python: mean and std over its valid frames (what stats_pool vectorises)."""
+    out = []
+    for b in range(x.shape[0]):
+        v = x[b, :, : int(lengths[b])]
+        mean = v.mean(-1)
+        std = torch.sqrt(((v - mean[:, None]) ** 2).mean(-1).clamp(min=1e-6))
+        out.append(torch.cat([mean, std]))
+    return torch.stack(out)
+
+
+def bench_small(device, quick: bool):
+    rows = []
+    b, c, t = (8, 1500, 100) if quick else (64, 1500, 400)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, c, t, generator=gen).to(device)
+    lengths = torch.randint(t // 2, t + 1, (b,), generator=gen).to(device)
+    assert torch.allclose(loop_stats_pool(x, lengths), stats_pool(x, lengths), atol=1e-4)
+
+    def run(fn):
+        def go():
+            fn(x, lengths)
+            sync(device)
+        return go
+
+    loop_s, _ = median_time(run(loop_stats_pool), 5)
+    vec_s, _ = median_time(run(stats_pool), 5)
+    rows.append([f"stats pooling, ({b}, {c}, {t}) on {device.type}", "per-sample Python loop", f"{loop_s * 1e3:.2f}",
+                 "models.xvector.stats_pool", f"{vec_s * 1e3:.2f}", f"{loop_s / vec_s:.1f}x"])
+
+    n, u, e = (10_000 if quick else 100_000), 4874, 512
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((u, e)).astype(np.float32)
+    a, bb = rng.integers(0, u, n), rng.integers(0, u, n)
+
+    def loop():
+        return np.array([np.dot(emb[i], emb[j]) / (np.linalg.norm(emb[i]) * np.linalg.norm(emb[j]))
+                         for i, j in zip(a, bb)], dtype=np.float32)
+
+    loop_s, ref = median_time(loop, 1 if not quick else 3)
+    vec_s, got = median_time(lambda: cosine_scores(emb, a, bb), 5)
+    assert np.allclose(ref, got, atol=1e-5)
+    rows.append([f"cosine scoring, {n} trials, {u} x {e} table", "Python loop over trials", f"{loop_s * 1e3:.1f}",
+                 "models.cosine_scores", f"{vec_s * 1e3:.2f}", f"{loop_s / vec_s:.0f}x"])
+    return rows
+
+
+# ---------------------------------------------------------------------------- 5. CUDA precision (child process)
+
+def precision_child(args):
+    """Time WavLM Base+ (frozen) training steps under one Accelerate precision; print one JSON line.
+
+    A child process per precision because Accelerate's state is a process-wide singleton: one
+    process cannot hold Accelerators of two mixed-precision settings."""
+    accelerator = Accelerator(mixed_precision=args.precision_child)
+    device = accelerator.device
+    cfg = load_config(str(ROOT / "configs" / "base.yaml"), WAVLM)
+    upstream, encoder, head, optimizer, params = train_parts(cfg, 1000, device)
+    encoder, head, optimizer = accelerator.prepare(encoder, head, optimizer)
+    gen = torch.Generator().manual_seed(0)
+    wavs = (0.1 * torch.randn(args.child_batch, int(args.child_secs * 16000), generator=gen)).to(device)
+    lengths = torch.full((args.child_batch,), wavs.shape[1], device=device)
+    ys = torch.randint(0, 1000, (args.child_batch,), generator=gen).to(device)
+    # train_asv.py runs the frozen upstream outside any autocast (only prepared modules are wrapped);
+    # "upstream autocast" also runs it under accelerator.autocast(), as evaluate_asv.embed does
+    variants = ["train_asv.py (upstream outside autocast)"]
+    if args.precision_child != "no":
+        variants.append("upstream under accelerator.autocast()")
+    out = []
+    for variant in variants:
+        def step():
+            """One micro-batch + optimizer step; returns the dtype the upstream produced."""
+            with torch.no_grad():
+                if variant.startswith("upstream under"):
+                    with accelerator.autocast():
+                        hidden, frames = upstream(wavs, lengths)
+                else:
+                    hidden, frames = upstream(wavs, lengths)
+            loss, _ = head(encoder(hidden, frames), ys)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, cfg.train.gradient_clipping)
+            optimizer.step()
+            optimizer.zero_grad()
+            return str(hidden[-1].dtype).removeprefix("torch.")
+
+        for _ in range(2):
+            dtype = step()
+        sync(device)
+        with PeakMemory(device) as mem:
+            tic = time.perf_counter()
+            for _ in range(args.child_steps):
+                step()
+            sync(device)
+            secs = (time.perf_counter() - tic) / args.child_steps
+        out.append({"precision": args.precision_child, "variant": variant, "ms": 1000 * secs, "mem_mb": mem.mb,
+                    "upstream_dtype": dtype})
+    print("PRECISION_RESULT " + json.dumps(out), flush=True)
+
+
+def bench_precision(batch: int, secs: float, steps: int, gpu_rows: list):
+    rows = []
+    for precision in ("no", "bf16"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--precision-child", precision,
+               "--child-batch", str(batch), "--child-secs", str(secs), "--child-steps", str(steps)]
+        with GpuUtilisation() as util:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"
+            rows.append([precision, "failed", why, "", "", ""])
+            continue
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("PRECISION_RESULT "))
+        for r in json.loads(line.split(" ", 1)[1]):
+            rows.append(["fp32" if precision == "no" else precision, r["variant"], r["upstream_dtype"],
+                         f"{r['ms']:.0f}", f"{1000 / r['ms']:.2f}", f"{r['mem_mb']:.0f}"])
+        gpu_rows.append(["WavLM Base+", f"step timing, {precision} (child process, incl. start-up)", util.text()])
+    return rows
+
+
+# ---------------------------------------------------------------------------- main
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test, not a measurement)")
+    parser.add_argument("--corpus", type=Path, default=REAL_MINI, help="real audio for the data pipeline")
+    parser.add_argument("--eval-utts", type=int, default=200, help="utterances (VoxCeleb1 test lengths) for eval")
+    parser.add_argument("--eval-utts-ssl", type=int, default=None,
+                        help="utterances for the WavLM eval (default: --eval-utts on CUDA, 8 on CPU: ~1.5 audio s/s)")
+    parser.add_argument("--trials", type=int, default=1_000_000, help="trials for the metrics benchmark")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--precision-child", choices=("no", "bf16"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-batch", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--child-secs", type=float, default=5.0, help=argparse.SUPPRESS)
+    parser.add_argument("--child-steps", type=int, default=10, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.precision_child:
+        precision_child(args)
+        return
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(mixed_precision="no")  # the toolkit's default precision
+    device = accelerator.device
+    cuda = device.type == "cuda"
+    quick = args.quick
+    print("# benchmark.py" + (" --quick (tiny settings: a smoke test, not a measurement)" if quick else ""))
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}, "
+          f"cpu {cpu_model()}, python {platform.python_version()}")
+    # other jobs on the same cores distort every figure (intra-op threads wait for each other): say so
+    print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    gpu_rows = []
+
+    with tempfile.TemporaryDirectory(prefix="asv_bench_") as tmp:
+        tmp = Path(tmp)
+        # ---- 1. training
+        data_dir = tmp / "data"
+        subprocess.run([sys.executable, str(ROOT / "prepare_voxceleb.py"), "--corpus", str(args.corpus),
+                        "--out", str(data_dir)], check=True, capture_output=True, cwd=ROOT)
+        if quick:
+            fb = dict(batch=4, secs=1.0, steps=1, loader=4)
+            wl = dict(batch=1, secs=1.0, steps=1, loader=2)
+        else:
+            fb = dict(batch=32, secs=2.0, steps=8 if not cuda else 50, loader=20 if not cuda else 50)
+            wl = dict(batch=4, secs=2.0, steps=3, loader=50) if not cuda else dict(batch=10, secs=5.0, steps=20,
+                                                                                 loader=30)
+        train_rows = []
+        for name, base, s, extra in (("fbank x-vector", "fbank.yaml", fb, []),
+                                     ("WavLM Base+ (frozen)", "base.yaml", wl, WAVLM)):
+            cfg = load_config(str(ROOT / "configs" / base),
+                              [f"data.dir={data_dir}", f"data.batch_size={s['batch']}", f"data.min_secs={s['secs']}",
+                               f"data.max_secs={s['secs']}", *extra])
+            label = f"{name}, {s['batch']} x {s['secs']:g} s"
+            print(f"[bench] training: {label}", file=sys.stderr, flush=True)
+            train_rows += bench_training(label, cfg, data_dir, device, s["steps"], s["loader"], gpu_rows)
+        table("training throughput" + (" (CPU: data workers and the model share the same cores)" if not cuda else ""),
+              ["model", "measured", "crops/s", "batches/s (= optimizer steps/s at gradient_accumulate 1)", "note"],
+              train_rows)
+
+        # ---- 2. evaluation
+        n_fb = 6 if quick else args.eval_utts
+        n_ssl = 1 if quick else (args.eval_utts_ssl or (args.eval_utts if cuda else 8))
+        (tmp / "eval").mkdir()
+        paths, secs = write_eval_files(tmp / "eval", max(n_fb, n_ssl), seed=0, max_secs=2.0 if quick else 0.0)
+        eval_rows = []
+        for name, base, extra, n in (("fbank x-vector", "fbank.yaml", [], n_fb),
+                                     ("WavLM Base+", "base.yaml", WAVLM, n_ssl)):
+            cfg = load_config(str(ROOT / "configs" / base), extra)
+            label = f"{name}, {n} utts ({sum(secs[:n]) / 60:.1f} min)"
+            print(f"[bench] evaluation: {label}", file=sys.stderr, flush=True)
+            eval_rows += bench_eval(label, cfg, paths[:n], secs[:n], accelerator)
+        mem_kind = "torch.cuda.max_memory_allocated" if cuda else "RSS of this process, sampled"
+        table("evaluation throughput (VoxCeleb1 test lengths, audio seconds per second)",
+              ["model", "path", "audio s / s", f"peak MB ({mem_kind})", "vs simple",
+               "padded / real audio"], eval_rows)
+
+    # ---- 3. metrics
+    n_trials = 100_000 if quick else args.trials
+    print(f"[bench] metrics on {n_trials} trials", file=sys.stderr, flush=True)
+    table(f"metrics on {n_trials:,} trials (median of {3 if quick else 5} runs; peak from tracemalloc)",
+          ["implementation", "ms", "peak MB", "EER %", "minDCF 0.01", "minDCF 0.05"],
+          bench_metrics(n_trials, 3 if quick else 5))
+
+    # ---- 4. small pieces
+    table("vectorised pieces (median ms)", ["what", "simple way", "ms", "ours", "ms", "speed-up"],
+          bench_small(device, quick))
+
+    # ---- 5. CUDA only
+    if cuda:
+        table("WavLM Base+ frozen, training step through Accelerate (synthetic batch, 10 x 5 s)",
+              ["precision", "variant", "upstream output dtype", "ms/step", "steps/s", "peak MB"],
+              bench_precision(10, 5.0, 3 if quick else 20, gpu_rows))
+        table("GPU utilisation (nvidia-smi, sampled every 0.2 s)", ["model", "phase", "utilization.gpu"], gpu_rows)
+    print(f"\nprocess peak RSS (getrusage): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

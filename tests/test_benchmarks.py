@@ -1,0 +1,71 @@
+"""The two benchmark scripts run at tiny settings and print their tables (no timing assertions)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"(\d+(?:\.\d+)?)"
+
+
+def run(*args, timeout=300):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def positive(text: str) -> float:
+    value = float(re.match(NUMBER, text.strip()).group(1))
+    assert value > 0, text
+    return value
+
+
+def table_rows(out: str, title: str) -> list[list[str]]:
+    """The body rows of the Markdown table under '## <title>...'."""
+    block = out.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    lines = [l for l in block.splitlines() if l.startswith("|")]
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+
+
+def test_benchmark_quick():
+    out = run("benchmarks/benchmark.py", "--quick")
+    assert out.startswith("# benchmark.py --quick")
+    assert re.search(r"^device: \S+", out, re.M) and re.search(r"^torch \S+, threads \d+", out, re.M)
+
+    train = table_rows(out, "training throughput")
+    assert len(train) == 8  # 2 models x (data with workers, data in process, model, both)
+    for row in train:
+        positive(row[2]), positive(row[3])
+    assert sum("bottleneck" in row[4] for row in train) == 2
+
+    evaluation = table_rows(out, "evaluation throughput")
+    assert {"simple (batch 1, full length)"} <= {row[1] for row in evaluation}
+    for row in evaluation:
+        positive(row[2]), positive(row[3]), positive(row[4])
+
+    rows = table_rows(out, "metrics on")
+    ours, s3prl = rows[0], rows[1]
+    for row in (ours, s3prl):
+        positive(row[1]), positive(row[3])
+    assert abs(float(ours[3]) - float(s3prl[3])) < 0.01  # same EER %, two ways
+    positive(rows[2][1])
+
+    for row in table_rows(out, "vectorised pieces"):
+        positive(row[2]), positive(row[4]), positive(row[5])
+
+
+def test_bench_vox1_eval_tiny(tmp_path):
+    out = run("benchmarks/bench_vox1_eval.py", "--work", tmp_path, "--fraction", "0.02", "--lists", "vox1-O",
+              "--simple-utts", "4", "num_workers=0")
+    report = out.split("## bench_vox1_eval", 1)[1]
+    fields = {k.strip(): v for k, v in (line.split(" : ", 1) for line in report.splitlines() if " : " in line)}
+    for key in ("utterances evaluated", "audio hours", "eval wall time (s)", "utterance-seconds per second",
+                "peak RSS (MB, largest process)", "subset: simple way, batch 1 (utt-s/s)",
+                "subset: ours, evaluate_asv.embed (utt-s/s)", "subset: ours / simple"):
+        positive(fields[key])
+    assert fields["lists"].startswith("vox1-O")
+    assert re.search(r"EER [\d.]+%, \d+ trials", fields["stage: vox1-O done at (s)"])
+    # batched, padded evaluation gives the embeddings one-at-a-time evaluation gives
+    assert float(fields["subset: min cosine(simple, ours) per utt"]) > 0.999
+    assert (tmp_path / "exp" / "step-1" / "eval" / "vox1-O" / "metrics.json").is_file()
