@@ -41,6 +41,8 @@ def load_audio(path: str, sample_rate: int, start_secs: float = 0.0, num_secs: f
         raise AudioError(f"{path}: no audio samples")
     if not np.isfinite(wav).all():
         raise AudioError(f"{path}: audio contains NaN or inf samples")
+    if num_secs is None and not wav.any():  # a whole file of zeros has no speaker (a silent crop is fine)
+        raise AudioError(f"{path}: silent (every sample is zero)")
     wav = torch.from_numpy(wav.mean(axis=1))  # multi-channel files are averaged to mono
     if sr != sample_rate:
         wav = AF.resample(wav, sr, sample_rate)

@@ -374,3 +374,28 @@ def test_collate_padded():
     assert index.tolist() == [7, 2, 4]
     expected = torch.tensor([[1, 1, 1, 0, 0], [2, 2, 2, 2, 2], [3, 0, 0, 0, 0]], dtype=torch.float32)
     assert torch.equal(wavs, expected)
+
+
+def test_truncated_silent_and_44k_files(tmp_path):
+    """Real-world damage: a half-copied file, a silent file, a 44.1 kHz stereo recording."""
+    rng = np.random.default_rng(0)
+    wav = tmp_path / "whole.wav"
+    sf.write(wav, rng.normal(0, 0.1, 16000), 16000, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(wav.read_bytes()[: wav.stat().st_size // 2])
+    assert 0 < load_audio(str(cut), 16000).numel() < 16000  # what survives of a cut WAV is read
+    flac = tmp_path / "whole.flac"
+    sf.write(flac, rng.normal(0, 0.1, 16000), 16000)
+    cut_flac = tmp_path / "cut.flac"
+    cut_flac.write_bytes(flac.read_bytes()[: flac.stat().st_size // 2])
+    with pytest.raises(AudioError, match=f"^{cut_flac}: unreadable"):
+        load_audio(str(cut_flac), 16000)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000), 16000, subtype="PCM_16")
+    with pytest.raises(AudioError, match=f"^{silent}: silent"):
+        load_audio(str(silent), 16000)
+    assert load_audio(str(silent), 16000, 0.0, 0.5).numel() == 8000  # a silent training crop is fine
+    cd = tmp_path / "cd.wav"
+    sf.write(cd, rng.normal(0, 0.1, (44100, 2)), 44100, subtype="PCM_16")
+    out = load_audio(str(cd), 16000)
+    assert out.shape == (16000,) and out.dtype == torch.float32

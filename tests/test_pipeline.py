@@ -92,6 +92,12 @@ def test_train_kill_resume_evaluate_report(demo, tmp_path):
     first = together.splitlines()[0].split()
     assert len(first) == 4 and first[3] in ("0", "1") and Path(first[0]).is_file()
 
+    # quick check for a person: two files, a score and a decision at the validation EER threshold
+    label, a, b = (demo / "trials" / "test.txt").read_text().splitlines()[0].split()
+    pair = run("evaluate_asv.py", "--ckpt_dir", exp / "best", "--pair", a, b).stdout
+    assert re.fullmatch(r"score -?[\d.]+ \| threshold -?[\d.]+ \(EER threshold on validation speakers\) \| "
+                        r"(same speaker|different speakers)\n", pair), pair
+
     # report: never loads a model, names the checkpoint chosen on validation
     run("report.py", exp)
     report = (exp / "report.md").read_text()
