@@ -50,3 +50,10 @@ def test_only_complete_checkpoints_count(tmp_path):
         (tmp_path / name / "model.pt").write_bytes(b"x")
     # step-400 has no model.pt yet (killed mid-save before the rename would not even name it so)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-20", "step-100"]
+
+
+def test_margin_warmup_is_a_function_of_the_step():
+    from train_asv import margin_at
+    cfg = load_config(None, ["loss.margin=0.2", "loss.margin_warmup_start=100", "loss.margin_warmup_steps=200"])
+    assert [margin_at(s, cfg) for s in (0, 100, 200, 300, 1000)] == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.2])
+    assert margin_at(0, load_config(None, ["loss.margin=0.3"])) == 0.3  # no warm-up: full margin at once
