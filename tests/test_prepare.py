@@ -289,7 +289,6 @@ def test_demo_speakers_really_differ(demo_runs):
 
 
 # ---------------------------------------------------------------- real data
-@pytest.mark.skipif(not REAL_MINI.is_dir(), reason="shared/data/real-mini not beside the checkout")
 def test_real_mini(tmp_path):
     out = tmp_path / "out"
     result = run("--corpus", REAL_MINI, "--out", out)
