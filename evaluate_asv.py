@@ -28,7 +28,7 @@ from accelerate import Accelerator
 
 import metrics
 from config import ConfigError, load_config
-from data import (AudioError, UtteranceDataset, collate_padded, length_batches, load_audio, read_manifest, read_trials,
+from data import (AudioError, UtteranceDataset, collate_padded, length_batches, read_manifest, read_trials,
                   trial_lists)
 from models import (asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores, load_model_file,
                     min_input_samples, run_chunked)
@@ -93,11 +93,16 @@ def embed(accelerator, upstream, encoders, loader, num_utts: int, max_batches: i
     return tables, done
 
 
-def score_list(table: np.ndarray, done: np.ndarray, row: dict[str, int], trials) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine-score the trials whose two sides were embedded -> (scores, kept-trial mask)."""
-    labels, enroll, test = trials
+def trial_rows(row: dict[str, int], trials) -> tuple[np.ndarray, np.ndarray]:
+    """A trial list's enroll and test sides as rows of the embedding table: (N,), (N,)."""
+    _, enroll, test = trials
     a = np.fromiter((row[p] for p in enroll), dtype=np.int64, count=len(enroll))
     b = np.fromiter((row[p] for p in test), dtype=np.int64, count=len(test))
+    return a, b
+
+
+def score_list(table: np.ndarray, done: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine-score the trials (rows a, b) whose two sides were embedded -> (scores, kept-trial mask)."""
     keep = done[a] & done[b]
     return cosine_scores(table, a[keep], b[keep]), keep
 
@@ -148,7 +153,7 @@ def resolve_trials(data_dir: str, names_or_files: list[str]) -> dict[str, Path]:
 
 
 def load_trials(lists: dict[str, Path], known_paths: dict[str, float]):
-    """Read trial lists; every named file must exist (checked once per unique path)."""
+    """Read trial lists; every file they name must be in the manifest or on disk."""
     trials = {name: read_trials(str(path)) for name, path in lists.items()}
     unique = sorted({p for _, enroll, test in trials.values() for p in (*enroll, *test)})
     for name, (_, enroll, test) in trials.items():
@@ -195,6 +200,7 @@ def evaluate_checkpoints(accelerator, cfg, ckpt_dirs: list[Path], list_names: li
     if done.sum() < len(paths):
         accelerator.print(f"note: eval_batch={cfg.eval_batch} embedded {done.sum()} of {len(paths)} utterances; "
                           "trials with the others are left out")
+    rows = {name: trial_rows(row, t) for name, t in trials.items()}  # once, shared by every checkpoint
     out = {}
     for ckpt, table in zip(ckpt_dirs, tables):
         out[str(ckpt)] = {}
@@ -202,17 +208,16 @@ def evaluate_checkpoints(accelerator, cfg, ckpt_dirs: list[Path], list_names: li
             members = [row[p] for p in cohort if done[row[p]]]
             mean, std = cohort_stats(table, table[members], cfg.score.top_k)
         for name, t in trials.items():
-            scores, keep = score_list(table, done, row, t)
+            a, b = rows[name]
+            scores, keep = score_list(table, done, a, b)
             if not accelerator.is_main_process:
                 continue
             m = write_results(ckpt / "eval" / name, t, scores, keep)
             line = (f"{ckpt} | {name} | EER {m['eer']:.2f}% | minDCF0.01 {m['min_dcf_0.01']:.4f} "
                     f"| minDCF0.05 {m['min_dcf_0.05']:.4f} | {m['num_trials']} trials")
             if cohort:
-                a = np.array([row[p] for p in t[1]])[keep]
-                b = np.array([row[p] for p in t[2]])[keep]
-                m["asnorm"] = write_results(ckpt / "eval" / name, t, asnorm_scores(scores, a, b, mean, std), keep,
-                                            "_asnorm")
+                normed = asnorm_scores(scores, a[keep], b[keep], mean, std)
+                m["asnorm"] = write_results(ckpt / "eval" / name, t, normed, keep, "_asnorm")
                 line += f" | AS-norm EER {m['asnorm']['eer']:.2f}% minDCF0.01 {m['asnorm']['min_dcf_0.01']:.4f}"
             out[str(ckpt)][name] = m
             accelerator.print(line)
@@ -227,12 +232,9 @@ def score_pair(cfg, ckpt: Path, a: str, b: str):
     encoder = build_encoder(cfg, upstream).eval()
     load_model_file(str(ckpt / "model.pt"), encoder, upstream, model_meta(cfg))
     upstream.eval()
-    need = min_input_samples(upstream, encoder)
+    files = UtteranceDataset([a, b], cfg.data.sample_rate, min_input_samples(upstream, encoder))
     embs = []
-    for path in (a, b):
-        wav = load_audio(path, cfg.data.sample_rate)
-        if wav.numel() < need:
-            wav = wav.repeat(need // wav.numel() + 1)[:need]
+    for wav, _ in (files[0], files[1]):  # one at a time: no padding at all
         hidden, frames = upstream(wav[None], torch.tensor([wav.numel()]))
         embs.append(encoder(hidden, frames).numpy())
     score = float(cosine_scores(np.concatenate(embs), np.array([0]), np.array([1]))[0])

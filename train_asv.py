@@ -30,7 +30,7 @@ import metrics
 from augment import Augmenter, spec_augment
 from config import ConfigError, load_config, save_config
 from data import AudioError, CropBatchSampler, CropDataset, collate_crops, read_manifest, read_trials, trial_lists
-from evaluate_asv import embed, evaluate_checkpoints, make_eval_loader, model_meta, score_list
+from evaluate_asv import embed, evaluate_checkpoints, make_eval_loader, model_meta, score_list, trial_rows
 from models import MarginSoftmax, build_encoder, build_upstream, load_model_file, min_input_samples, save_model_file
 
 
@@ -150,6 +150,7 @@ def train(cfg):
     missing = [p for p in valid_paths if p not in durations]
     if missing:
         raise ValueError(f"{lists['valid']}: names {missing[0]}, which is not in the manifest")
+    valid_a, valid_b = trial_rows({p: i for i, p in enumerate(valid_paths)}, valid_trials)
 
     # ---- model: a frozen upstream stays outside `prepare` (no DDP wrapper, no optimizer, not saved)
     upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
@@ -161,7 +162,8 @@ def train(cfg):
     num_classes = len(label_of) * (3 if aug.speed_prob > 0 else 1)  # speed-perturbed copies are new speakers
     head = MarginSoftmax(cfg.downstream.embed_dim, num_classes, cfg.loss.name, cfg.loss.margin, cfg.loss.scale,
                          cfg.loss.sub_centers)
-    if t.init_from and not complete_checkpoints(exp):  # fine-tuning starts from another run's weights
+    checkpoints = complete_checkpoints(exp)
+    if t.init_from and not checkpoints:  # fine-tuning starts from another run's weights
         load_model_file(t.init_from, encoder, upstream, model_meta(cfg), head)
         accelerator.print(f"initialised from {t.init_from}")
     params = [*encoder.parameters(), *head.parameters()]
@@ -187,8 +189,8 @@ def train(cfg):
     # ---- resume: the newest complete checkpoint (or resume_ckpt_dir)
     state = {"step": 0, "micro_batches": 0, "best_metric": None, "best_step": None, "skipped_steps": 0}
     resume = Path(t.resume_ckpt_dir) if t.resume_ckpt_dir else None
-    if resume is None and t.auto_resume and complete_checkpoints(exp):
-        resume = complete_checkpoints(exp)[-1]
+    if resume is None and t.auto_resume and checkpoints:
+        resume = checkpoints[-1]
     if resume is not None:
         try:
             accelerator.load_state(str(resume))
@@ -197,6 +199,7 @@ def train(cfg):
                              f"({' '.join(str(e).split())[:200]})") from None
         state = json.loads((resume / "train_state.json").read_text())
         accelerator.print(f"resumed from {resume} at step {state['step']}")
+
     def set_lr(step: int):  # and the margin: both pure functions of the optimizer step
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -207,7 +210,7 @@ def train(cfg):
     def validate(step: int) -> dict | None:
         (table,), done = embed(accelerator, upstream, [encoder], valid_loader, len(valid_paths), cfg.eval_batch,
                                int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
-        scores, keep = score_list(table, done, {p: i for i, p in enumerate(valid_paths)}, valid_trials)
+        scores, keep = score_list(table, done, valid_a, valid_b)
         bad = np.count_nonzero(~np.isfinite(scores))
         if bad:  # NaN/inf embeddings (a diverged model, a broken validation file): no metric, never the best
             line = f"warning: step {step} validation skipped: {bad} of {len(scores)} trial scores are NaN or inf"
