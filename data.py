@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,14 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
+
+def progress(iterable=None, total=None, desc=None, unit="it", enabled=True):
+    """A tqdm bar with rate and ETA on an interactive terminal; nothing in logs, CI or non-main processes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 class AudioError(ValueError):
