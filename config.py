@@ -129,6 +129,7 @@ class TrainConfig:
     valid_higher_better: bool = False  # false for EER and minDCF (lower is better)
     use_scheduler: bool = False     # SUPERB: constant lr
     test_after_train: bool = True   # evaluate the best checkpoint on the test trial lists at the end
+    log_with: str = "tensorboard"   # Accelerate trackers, comma-separated: tensorboard | wandb | comet_ml | mlflow | all | none
 
 
 @dataclass
