@@ -243,14 +243,14 @@ def save_config(cfg: Config, path: str):
     os.replace(tmp, path)
 
 
-def reference() -> str:
-    """Markdown table of every key, default and comment, read from this file (`python config.py`)."""
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(dotted key, default, comment) for every key, read from this file's source."""
     import inspect
     import re
 
     sections = {c.__name__: c for c in (DataConfig, UpstreamConfig, FeaturizerConfig, DownstreamConfig, LossConfig,
                                         OptimConfig, SchedulerConfig, AugmentConfig, ScoreConfig, TrainConfig)}
-    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows = []
 
     def walk(cls, prefix):
         for line in inspect.getsource(cls).splitlines():
@@ -258,11 +258,26 @@ def reference() -> str:
             if m and m[2] in sections:
                 walk(sections[m[2]], f"{prefix}{m[1]}.")
             elif m:
-                comment = (m[3] or "").replace("|", "\\|")
-                rows.append(f"| `{prefix}{m[1]}` | `{getattr(cls(), m[1])}` | {comment} |")
+                rows.append((f"{prefix}{m[1]}", str(getattr(cls(), m[1])), m[3] or ""))
 
     walk(Config, "")
+    return rows
+
+
+def reference() -> str:
+    """Markdown table of every key, default and comment (`python config.py`; README embeds it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{key}` | `{default}` | {comment.replace('|', chr(92) + '|')} |"
+             for key, default, comment in reference_rows()]
     return "\n".join(rows)
+
+
+def help_text() -> str:
+    """Every key with its default, for the --help of the scripts that take overrides."""
+    rows = reference_rows()
+    width = max(len(f"{k}={d}") for k, d, _ in rows)
+    return "config keys (key=default), set in the YAML or as key=value overrides:\n" + "\n".join(
+        f"  {f'{k}={d}':<{width}}  {c}" for k, d, c in rows)
 
 
 if __name__ == "__main__":

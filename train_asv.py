@@ -12,6 +12,7 @@ evaluated on the test trial lists.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -23,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import LoggerType, ProjectConfiguration, set_seed
 from safetensors import SafetensorError
 
 import metrics
 from augment import Augmenter, spec_augment
-from config import ConfigError, load_config, save_config
-from data import AudioError, CropBatchSampler, CropDataset, collate_crops, read_manifest, read_trials, trial_lists
+from config import ConfigError, config_to_dict, help_text, load_config, save_config
+from data import (AudioError, CropBatchSampler, CropDataset, collate_crops, progress, read_manifest, read_trials,
+                  trial_lists)
 from evaluate_asv import embed, evaluate_checkpoints, make_eval_loader, model_meta, score_list, trial_rows
 from models import MarginSoftmax, build_encoder, build_upstream, load_model_file, min_input_samples, save_model_file
 
@@ -108,9 +110,37 @@ def one_line(error: Exception) -> str:
     return text
 
 
+def trackers(log_with: str):
+    """train.log_with -> Accelerator(log_with=...): a list of tracker names, "all", or None."""
+    names = [n.strip() for n in log_with.split(",") if n.strip() and n.strip() != "none"]
+    known = [t.value for t in LoggerType]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(known)} or none"
+            raise ConfigError(f"train.log_with: unknown tracker '{name}' ({hint})")
+    return "all" if names == ["all"] else names or None
+
+
+def flat_config(cfg) -> dict:
+    """{'data.dir': ..., ...}: trackers (TensorBoard hparams) take only scalars and strings."""
+    flat = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "arch":
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(config_to_dict(cfg), "")
+    return flat
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see config.py for every key and its default)")
+    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (default: none, every key at its default below)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=200 optim.lr=1e-3")
     args = parser.parse_args()
     try:
@@ -121,9 +151,17 @@ def main():
 
 def train(cfg):
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulate)
-    set_seed(t.seed)
     exp = Path(cfg.exp_dir)
+    wanted = trackers(t.log_with)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulate,
+                              log_with=wanted,  # TensorBoard: exp_dir/logs/<run name>/
+                              project_config=ProjectConfiguration(project_dir=str(exp), logging_dir=str(exp / "logs")))
+    # Accelerate drops a tracker whose package is missing with only a debug message: say it instead
+    missing = [n for n in (wanted if isinstance(wanted, list) else []) if n not in {str(x) for x in accelerator.log_with}]
+    if missing:
+        raise ConfigError(f"train.log_with: {missing[0]} is not installed (pip install {missing[0]}, "
+                          "or leave it out of train.log_with)")
+    set_seed(t.seed)
     main_process = accelerator.is_main_process
     if main_process:
         exp.mkdir(parents=True, exist_ok=True)
@@ -131,6 +169,7 @@ def train(cfg):
             shutil.rmtree(tmp, ignore_errors=True)
         save_config(cfg, str(exp / "config.yaml"))
     accelerator.wait_for_everyone()
+    accelerator.init_trackers(exp.resolve().name, config=flat_config(cfg))
 
     # ---- stage 1: data and label encoder
     utts = read_manifest(cfg.data.dir)
@@ -219,10 +258,8 @@ def train(cfg):
             result = metrics.compute_metrics(scores, valid_trials[0][keep])
             line = (f"step {step} | valid EER {result['eer']:.2f}% | minDCF0.01 {result['min_dcf_0.01']:.4f} "
                     f"| minDCF0.05 {result['min_dcf_0.05']:.4f}")
-        accelerator.print(line)
-        if main_process:
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
+            accelerator.log({f"valid/{k}": v for k, v in result.items()}, step=step)
+        say(line)
         return result
 
     def save(step: int, valid: dict | None):
@@ -266,6 +303,16 @@ def train(cfg):
 
     # ---- stage 2: the training loop
     log_path = exp / "train.log"
+    bar = progress(total=t.total_steps, desc="training", unit="step", enabled=main_process)
+    bar.update(state["step"])
+
+    def say(line: str):
+        """A log line: on the terminal (above the progress bar) and in train.log."""
+        if main_process:
+            bar.write(line)
+            with open(log_path, "a") as f:
+                f.write(line + "\n")
+
     encoder.train()
     head.train()
     if cfg.upstream.trainable:
@@ -306,13 +353,14 @@ def train(cfg):
         state["step"] += 1
         step = state["step"]
         set_lr(step)
+        bar.update()
         if not finite:  # a loss spike or NaN: skip this update, stop if it keeps happening
             for b, good in zip(buffers, good_buffers):
                 b.copy_(good)
             state["skipped_steps"] += 1
             bad_in_row += 1
-            accelerator.print(f"warning: step {step} skipped: non-finite loss or gradient "
-                              f"({bad_in_row} in a row, {state['skipped_steps']} in all)")
+            say(f"warning: step {step} skipped: non-finite loss or gradient "
+                f"({bad_in_row} in a row, {state['skipped_steps']} in all)")
             if bad_in_row >= MAX_BAD_STEPS_IN_ROW:
                 last = complete_checkpoints(exp)
                 raise ValueError(f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient; "
@@ -338,10 +386,11 @@ def train(cfg):
                     f"| {speed:.0f} crops/s")
             if state["skipped_steps"]:
                 line += f" | {state['skipped_steps']} steps skipped"
-            accelerator.print(line)
-            if main_process:
-                with open(log_path, "a") as f:
-                    f.write(line + "\n")
+            say(line)
+            weights = accelerator.unwrap_model(encoder).featurizer.layer_weights()
+            accelerator.log({"train/loss": loss_avg, "train/accuracy": acc, "train/lr": lr_at(step - 1, cfg),
+                             "train/crops_per_second": speed, "train/skipped_steps": state["skipped_steps"],
+                             **{f"layer_weights/{i:02d}": w for i, w in enumerate(weights)}}, step=step)
             loss_sum.zero_()
             correct.zero_()
             seen, kept, micro, tic = 0, 0, 0, time.time()  # (not bad_in_row: it counts across log lines)
@@ -355,6 +404,7 @@ def train(cfg):
             save(step, valid)
             tic = time.time()
 
+    bar.close()
     if state["step"] < t.total_steps:
         raise ValueError(f"the data loader ended at step {state['step']} of {t.total_steps}")
     accelerator.print(f"done: {t.total_steps} steps; best validation {t.valid_metric} "

@@ -303,10 +303,15 @@ def bench_eval(name, cfg, paths, secs, accelerator):
             encoder(*upstream(wav[None].to(device), torch.tensor([wav.numel()], device=device)))
         sync(device)
 
-    def ours():
+    tables = {}
+
+    def ours(bf16=False):
         loader = accelerator.prepare(make_eval_loader(paths, secs, cfg, need))
-        embed(accelerator, upstream, [encoder], loader, len(paths), -1,
-              int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
+        # evaluate_asv.py gets this from train.mixed_precision=bf16 (Accelerate's autocast); the
+        # benchmark's Accelerator is fp32, so the same autocast is opened around it
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            (tables[bf16],), _ = embed(accelerator, upstream, [encoder], loader, len(paths), -1,
+                                       int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         sync(device)
 
     def ours_no_workers():  # the same, decoding files in the main process
@@ -319,6 +324,10 @@ def bench_eval(name, cfg, paths, secs, accelerator):
     runs = [("simple (batch 1, full length)", simple), (f"ours (evaluate_asv.embed, {cfg.num_workers} workers)", ours)]
     if cfg.num_workers > 0:
         runs.append(("ours (evaluate_asv.embed, 0 workers)", ours_no_workers))
+    # bf16 pays only where the hardware has bf16 arithmetic (CUDA; CPUs with AVX512-BF16 or AMX)
+    bf16_ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.cpu._is_avx512_bf16_supported()
+    if bf16_ok:
+        runs.append((f"ours, bf16 (train.mixed_precision=bf16, {cfg.num_workers} workers)", lambda: ours(True)))
     out = {}
     for label, fn in runs:
         with PeakMemory(device) as mem:
@@ -331,6 +340,10 @@ def bench_eval(name, cfg, paths, secs, accelerator):
     # of spread-out lengths pad much more than a whole test set, whose sorted neighbours are close
     batches = length_batches(secs, cfg.data.eval_batch_secs)
     padded = sum(len(b) * max(secs[i] for i in b) for b in batches) / total
+    if True in tables:  # what bf16 costs: agreement of each utterance's embedding with fp32's
+        a, b = torch.from_numpy(tables[False]), torch.from_numpy(tables[True])
+        cos = torch.nn.functional.cosine_similarity(a, b).min().item()
+        print(f"{name}: bf16 vs fp32 embeddings, lowest cosine over {len(paths)} utterances: {cos:.5f}")
     return [[name, label, f"{rate:.1f}", f"{mem:.0f}", f"{rate / s_rate:.2f}x",
              "1.00" if label.startswith("simple") else f"{padded:.2f} ({len(batches)} batches)"]
             for label, (rate, mem) in out.items()]

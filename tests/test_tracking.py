@@ -1,0 +1,104 @@
+"""Trackers through config (TensorBoard out of the box) and progress bars that stay out of logs."""
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["train.log_step=5", "train.eval_step=10", "train.save_step=10", "num_workers=0", "data.batch_size=16",
+         "train.total_steps=10", "train.test_after_train=false"]
+
+
+def train_cmd(data, exp, *overrides):
+    return [sys.executable, "train_asv.py", "--config", "configs/demo.yaml", f"data.dir={data}", f"exp_dir={exp}",
+            *QUICK, *overrides]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "data"
+    subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return out
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = {}
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return found
+
+
+def test_tensorboard_by_default_logs_what_the_log_prints(demo, tmp_path):
+    exp = tmp_path / "exp"
+    out = subprocess.run(train_cmd(demo, exp), cwd=ROOT, capture_output=True, text=True, check=True)
+    logged = scalars(exp / "logs")
+    for tag in ("train/loss", "train/accuracy", "train/lr", "valid/eer", "valid/min_dcf_0.01", "layer_weights/00"):
+        assert tag in logged, (tag, sorted(logged))
+    assert [s for s, _ in logged["train/loss"]] == [5, 10]
+    assert logged["train/lr"][0][1] == pytest.approx(1e-3)
+    # the validation EER in TensorBoard is the one printed in the log
+    printed = [line for line in out.stdout.splitlines() if line.startswith("step 10 | valid EER")][0]
+    assert f"{logged['valid/eer'][0][1]:.2f}%" in printed
+    # progress bars stay out of non-interactive output
+    assert "\r" not in out.stdout + out.stderr and "it/s" not in out.stderr
+
+
+def test_layer_weights_of_a_multi_layer_upstream_are_logged(demo, tmp_path):
+    exp = tmp_path / "exp"
+    subprocess.run(train_cmd(demo, exp, "upstream.name=wavlm_base", "upstream.random_init=true",
+                             "upstream.arch={encoder_num_layers: 2, encoder_embed_dim: 32, encoder_num_heads: 2, "
+                             "encoder_ff_interm_features: 64, encoder_pos_conv_kernel: 8, encoder_pos_conv_groups: 2, extractor_conv_layer_config: [[32, 10, 5], [32, 3, 2], "
+                             "[32, 3, 2], [32, 3, 2], [32, 3, 2], [32, 2, 2], [32, 2, 2]]}",
+                             "downstream.proj_dim=32", "downstream.channels=32", "downstream.stats_dim=64",
+                             "downstream.embed_dim=32", "train.total_steps=5", "train.eval_step=5"),
+                   cwd=ROOT, capture_output=True, text=True, check=True)
+    logged = scalars(exp / "logs")
+    weights = sorted(tag for tag in logged if tag.startswith("layer_weights/"))
+    assert weights == ["layer_weights/00", "layer_weights/01", "layer_weights/02"]  # CNN output + 2 layers
+    assert sum(logged[tag][-1][1] for tag in weights) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_no_tracker_and_tracker_errors(demo, tmp_path):
+    subprocess.run(train_cmd(demo, tmp_path / "none", "train.log_with=none", "train.total_steps=5"),
+                   cwd=ROOT, capture_output=True, check=True)
+    assert not (tmp_path / "none" / "logs").exists()
+    typo = subprocess.run(train_cmd(demo, tmp_path / "typo", "train.log_with=tensorbord"), cwd=ROOT,
+                          capture_output=True, text=True)
+    assert typo.returncode != 0
+    assert typo.stderr.strip().splitlines()[-1] == (
+        "error: train.log_with: unknown tracker 'tensorbord' (did you mean 'tensorboard'?)")
+
+
+def test_progress_bar_on_an_interactive_terminal(demo, tmp_path):
+    """On a terminal, training shows a bar with steps and ETA; the log lines still come through."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen(train_cmd(demo, tmp_path / "tty", "train.log_with=none"), cwd=ROOT, stdin=child,
+                            stdout=child, stderr=child)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=300) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "training:" in text and "/10 [" in text and "<" in text  # "5/10 [00:02<00:02, ...]"
+    assert "step 10 | valid EER" in text
+    assert (tmp_path / "tty" / "train.log").read_text().count("valid EER") == 1
