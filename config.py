@@ -35,7 +35,7 @@ class DataConfig:
 @dataclass
 class UpstreamConfig:
     name: str = "wavlm_base_plus"   # fbank | mfcc | wavlm_base(_plus|_large) | hubert_base|hubert_large | wav2vec2_base|_large|_large_lv60k | xlsr53|xlsr_300m
-    ckpt: str = ""                  # local weights file; empty: torchaudio bundle (downloads once into the torch hub cache)
+    ckpt: str = ""                  # weights on disk: torchaudio .pth, Hugging Face folder, fairseq/WavLM .pt; empty: torchaudio bundle (hub cache)
     random_init: bool = False       # build the architecture with random weights (tests, benchmarks, no hub)
     arch: dict = field(default_factory=dict)  # architecture overrides for random_init, e.g. {encoder_num_layers: 2}
     trainable: bool = False         # fine-tune the upstream (SUPERB: frozen)

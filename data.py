@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 import soundfile as sf
 import torch
@@ -37,15 +38,75 @@ class AudioError(ValueError):
     """A file that cannot be used as audio; the message names the file and the problem."""
 
 
+# Formats libsndfile reads (wav, flac, ogg, ...) go through soundfile; anything else, VoxCeleb2's AAC .m4a
+# first, through PyAV: it is maintained and its wheels bundle FFmpeg, so it installs from PyPI with no
+# system libraries. libsndfile cannot decode AAC; torchaudio 2.11 has no FFmpeg I/O of its own (its load
+# needs torchcodec), and torchcodec needs a system FFmpeg.
+_SOUNDFILE_SUFFIXES = {f".{name.lower()}" for name in sf.available_formats()}
+
+
+def _read_soundfile(path, start_secs, num_secs):
+    """(samples (T, C) float32, rate); only the requested frames are decoded."""
+    info = sf.info(path)
+    start = int(round(start_secs * info.samplerate))
+    frames = -1 if num_secs is None else int(round(num_secs * info.samplerate))
+    return sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)
+
+
+def _read_av(path, start_secs, num_secs):
+    """(samples (T, C) float32, rate) through FFmpeg.
+
+    Decodes from the start and slices rather than seeking: AAC frames overlap, so a sample-exact
+    seek needs pre-roll frames, and VoxCeleb2 files are ~8 s (a full decode takes a few ms).
+    FFmpeg drops the encoder's leading priming samples (the mp4 edit list) but not the padding
+    of the last frame, so mp4 audio is cut at the exact length its header gives (as prepare
+    records it); other containers' durations may be estimates, so they are not cut.
+    """
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise AudioError(f"{path}: no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        start = int(round(start_secs * rate))
+        stop = None if num_secs is None else start + int(round(num_secs * rate))
+        if "mp4" in container.format.name and stream.duration is not None:
+            end = int(round(stream.duration * stream.time_base * rate))
+            stop = end if stop is None else min(stop, end)
+        to_float = av.AudioResampler(format="fltp")  # planar float32 whatever the codec's sample format
+        chunks, decoded = [], 0
+        for frame in container.decode(stream):
+            for converted in to_float.resample(frame):
+                chunks.append(converted.to_ndarray())  # (C, n)
+                decoded += converted.samples
+            if stop is not None and decoded >= stop:  # the rest of the file is not needed
+                break
+    if not chunks:
+        return np.zeros((0, 1), np.float32), rate
+    return np.concatenate(chunks, axis=1)[:, start:stop].T, rate
+
+
+def header_frames(path):
+    """(frames, sample_rate) from the header, nothing decoded: libsndfile for wav/flac, FFmpeg for m4a."""
+    if not path.lower().endswith(".m4a"):
+        info = sf.info(path)
+        return info.frames, info.samplerate
+    with av.open(path, format="mp4") as container:  # naming m4a's demuxer skips format probing: -30% time
+        stream = container.streams.audio[0] if container.streams.audio else None
+        if stream is None or stream.duration is None:
+            raise ValueError("no audio stream with a duration")
+        rate = stream.codec_context.sample_rate
+        return int(round(stream.duration * stream.time_base * rate)), rate  # as data.load_audio cuts it
+
+
 def load_audio(path: str, sample_rate: int, start_secs: float = 0.0, num_secs: float | None = None) -> torch.Tensor:
     """Read [start, start+num) seconds of a file as mono float32 at `sample_rate`: (T,)."""
+    read = _read_soundfile if Path(path).suffix.lower() in _SOUNDFILE_SUFFIXES else _read_av
     try:
-        info = sf.info(path)
-        start = int(round(start_secs * info.samplerate))
-        frames = -1 if num_secs is None else int(round(num_secs * info.samplerate))
-        wav, sr = sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)  # (T, C)
-    except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise AudioError(f"{path}: unreadable audio ({str(e).splitlines()[-1]})") from None
+        wav, sr = read(path, start_secs, num_secs)  # (T, C)
+    except (sf.LibsndfileError, av.FFmpegError, RuntimeError, OSError) as e:
+        # FFmpeg's own message repeats the path: keep only its reason
+        reason = getattr(e, "strerror", None) if isinstance(e, av.FFmpegError) else None
+        raise AudioError(f"{path}: unreadable audio ({reason or str(e).splitlines()[-1]})") from None
     if wav.shape[0] == 0:
         raise AudioError(f"{path}: no audio samples")
     if not np.isfinite(wav).all():

@@ -3,6 +3,8 @@
     python evaluate_asv.py --ckpt_dir exp/demo/best
     python evaluate_asv.py --ckpt_dir exp/demo/step-* --trials test my_list.txt
     accelerate launch evaluate_asv.py --ckpt_dir exp/vox1/step-20000   # several GPUs
+    python evaluate_asv.py --ckpt_dir exp/demo/best --extract wavs.txt --out emb.npz   # or a folder; or emb.ark
+    python evaluate_asv.py --ckpt_dir exp/demo/best --export model.pt2                 # or model.onnx
 
 Each unique utterance of all requested trial lists is embedded once, at full length,
 in length-sorted batches. A frozen upstream runs once per batch and every checkpoint's
@@ -12,24 +14,26 @@ its share and the embeddings are gathered (`gather_for_metrics`).
 
 Writes, per checkpoint and trial list: <ckpt_dir>/eval/<list>/scores.txt
 (`enroll test score label`) and metrics.json (EER %, minDCF at 0.01 and 0.05).
+--extract writes the embeddings that scoring uses (batched the same way) for any list of files;
+--export writes the embedding extractor as one file for use without this repository (models/export.py).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from accelerate import Accelerator
 
 import metrics
-from config import ConfigError, load_config
-from data import (AudioError, UtteranceDataset, collate_padded, length_batches, read_manifest, read_trials,
-                  trial_lists)
+from config import ConfigError, help_text, load_config
+from data import (AudioError, UtteranceDataset, collate_padded, header_frames, length_batches, progress, read_manifest,
+                  read_trials, trial_lists)
 from models import (asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores, load_model_file,
                     min_input_samples, run_chunked)
 
@@ -45,10 +49,10 @@ def utterance_durations(paths: list[str], manifest_durations: dict[str, float]) 
     for p in paths:
         if p not in manifest_durations:
             try:
-                info = sf.info(p)
+                frames, rate = header_frames(p)
             except Exception as e:
-                raise ValueError(f"{p}: unreadable audio ({e})") from None
-            manifest_durations[p] = info.frames / info.samplerate
+                raise ValueError(f"{p}: unreadable audio ({' '.join(str(e).split())})") from None
+            manifest_durations[p] = frames / rate
         out.append(manifest_durations[p])
     return out
 
@@ -75,7 +79,9 @@ def embed(accelerator, upstream, encoders, loader, num_utts: int, max_batches: i
     upstream.eval()
     tables = [np.zeros((num_utts, accelerator.unwrap_model(e).downstream.embed_dim), np.float32) for e in encoders]
     done = np.zeros(num_utts, dtype=bool)
-    for n, (wavs, lengths, index) in enumerate(loader):
+    total = len(loader) if max_batches < 0 else min(len(loader), max_batches)
+    bar = progress(loader, total=total, desc="embedding", unit="batch", enabled=accelerator.is_main_process)
+    for n, (wavs, lengths, index) in enumerate(bar):
         if n == max_batches:
             break
         with accelerator.autocast():
@@ -248,22 +254,159 @@ def score_pair(cfg, ckpt: Path, a: str, b: str):
     return score
 
 
+# ---------------------------------------------------------------------------- --extract: embeddings out
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".m4a")
+
+
+def read_audio_list(source: str) -> tuple[list[str], list[str]]:
+    """--extract's input -> (ids, paths), checked before any model work.
+
+    A folder: every wav/flac/m4a under it, id = the path relative to the folder (spk/session/utt.wav).
+    A text file: one `path` or `utt_id path` per line, relative paths from the current directory;
+    default id = the path relative to the folder all the files share (VoxCeleb style).
+    """
+    src = Path(source)
+    if src.is_dir():
+        paths = sorted(str(p) for p in src.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        if not paths:
+            raise ValueError(f"{source}: no {', '.join(AUDIO_SUFFIXES)} files under this folder")
+        return [os.path.relpath(p, src) for p in paths], paths
+    if not src.is_file():
+        raise ValueError(f"{source}: no such list file or folder")
+    given, paths = [], []
+    with open(src) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) > 2:
+                raise ValueError(f"{source}:{n}: expected 'path' or 'utt_id path', got {line.strip()!r}")
+            given.append(parts[0] if len(parts) == 2 else None)
+            paths.append(parts[-1])
+    if not paths:
+        raise ValueError(f"{source}: empty list")
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ValueError(f"{source}: names a missing audio file {p}")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    ids = [i or os.path.relpath(os.path.abspath(p), root) for i, p in zip(given, paths)]
+    if len(set(ids)) < len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{source}: utterance id {dup} appears more than once")
+    return ids, paths
+
+
+def import_kaldiio():
+    try:
+        import kaldiio
+    except ImportError:
+        raise ValueError("--out .ark needs kaldiio: pip install kaldiio") from None
+    return kaldiio
+
+
+def write_embeddings(out: Path, ids: list[str], emb: np.ndarray):
+    """emb (N, E) float32 -> out.npz (ids, embeddings) or out.ark + out.scp (Kaldi vectors), atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix == ".npz":
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, ids=np.array(ids, dtype=str), embeddings=emb, l2_normalized=np.array(False),
+                     note=np.array("embeddings as evaluate_asv.py scores them, not L2-normalised: "
+                                   "the score is their cosine similarity"))
+        os.replace(tmp, out)
+        return
+    kaldiio = import_kaldiio()
+    scp = io.StringIO()
+    with open(tmp, "wb") as f:
+        kaldiio.save_ark(f, dict(zip(ids, emb)), scp=scp)
+    os.replace(tmp, out)
+    # kaldiio writes the ark's own (temporary) name into the scp: point it at the final one
+    scp_out = out.with_suffix(".scp")
+    scp_tmp = scp_out.with_name(scp_out.name + ".tmp")
+    scp_tmp.write_text(scp.getvalue().replace(f" {tmp}:", f" {out}:"))
+    os.replace(scp_tmp, scp_out)
+
+
+def extract_embeddings(accelerator, cfg, ckpt: Path, source: str, out: Path) -> int:
+    """Embed every file of a list or folder with one checkpoint, batched as evaluation is; main process writes."""
+    if out.suffix not in (".npz", ".ark"):
+        raise ValueError(f"--out {out}: must end in .npz (NumPy) or .ark (Kaldi ark + scp)")
+    ids, paths = read_audio_list(source)
+    if out.suffix == ".ark":
+        import_kaldiio()
+        for i in ids:
+            if len(i.split()) != 1:
+                raise ValueError(f"{source}: id {i!r} holds whitespace, which Kaldi keys cannot; give ids in the list")
+    try:
+        durations = utterance_durations(paths, {})
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    sr = cfg.data.sample_rate
+    upstream = build_upstream(cfg.upstream, sr)
+    encoder = build_encoder(cfg, upstream)
+    load_model_file(str(ckpt / "model.pt"), encoder, upstream, model_meta(cfg))
+    loader = accelerator.prepare(make_eval_loader(paths, durations, cfg, min_input_samples(upstream, encoder)))
+    (table,), done = embed(accelerator, upstream.to(accelerator.device), [encoder.to(accelerator.device)], loader,
+                           len(paths), cfg.eval_batch, int(cfg.data.eval_chunk_secs * sr))
+    if accelerator.is_main_process:
+        if not done.all():
+            accelerator.print(f"note: eval_batch={cfg.eval_batch} embedded {done.sum()} of {len(paths)} files")
+        write_embeddings(out, [i for i, d in zip(ids, done) if d], table[done])
+        accelerator.print(f"{out}: {int(done.sum())} embeddings of dimension {table.shape[1]}")
+    accelerator.wait_for_everyone()
+    return int(done.sum())
+
+
+def export_model(cfg, ckpt: Path, outs: list[str]) -> dict:
+    """--export: the checkpoint's embedding extractor as .pt2 and/or .onnx files (see models/export.py)."""
+    from models.export import check_export_path, export_extractor
+
+    for out in outs:
+        check_export_path(out)
+    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
+    encoder = build_encoder(cfg, upstream).eval()
+    load_model_file(str(ckpt / "model.pt"), encoder, upstream, model_meta(cfg))
+    meta = export_extractor(upstream.eval(), encoder, outs, {**model_meta(cfg), "sample_rate": cfg.data.sample_rate,
+                                                             "checkpoint": str(ckpt)})
+    print(f"{', '.join(outs)}: wav (B, T) at {meta['sample_rate']} Hz, at least {meta['min_samples']} samples, "
+          f"+ lengths (B,) -> embeddings (B, {meta['embed_dim']})")
+    return meta
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(), formatter_class=Formatter)
     parser.add_argument("--ckpt_dir", nargs="+", required=True,
                         help="one or more exp/<run>/step-N (or exp/<run>/best) folders of the same run")
     parser.add_argument("--trials", nargs="*", default=[],
                         help="trial list names in <data.dir>/trials or files of 'label enroll test' lines "
-                             "(default: every test list of the run's data)")
-    parser.add_argument("--pair", nargs=2, metavar=("A", "B"),
-                        help="score two audio files with one checkpoint and print same/different at the "
-                             "validation EER threshold")
+                             "([]: every test list of the run's data)")
+    task = parser.add_mutually_exclusive_group()
+    task.add_argument("--pair", nargs=2, metavar=("A", "B"),
+                      help="score two audio files with one checkpoint and print same/different at the "
+                           "validation EER threshold")
+    task.add_argument("--extract", metavar="LIST",
+                      help="embed the files of LIST (lines 'path' or 'utt_id path') or of a folder (every "
+                           "wav/flac/m4a under it) with one checkpoint; needs --out")
+    task.add_argument("--export", nargs="+", metavar="FILE",
+                      help="write one checkpoint's embedding extractor (wav, lengths -> embeddings) as FILE.pt2 "
+                           "(torch.export) and/or FILE.onnx, loadable without this repository")
+    parser.add_argument("--out", metavar="FILE",
+                        help="--extract output: FILE.npz (ids, embeddings) or FILE.ark (Kaldi ark + FILE.scp)")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides on top of the run's config.yaml, e.g. eval_batch=2 data.eval_batch_secs=60")
     args = parser.parse_args()
-    # `--ckpt_dir a b key=value` reads naturally; argparse would give key=value to --ckpt_dir (or --trials)
-    overrides = args.overrides + [c for c in args.ckpt_dir + args.trials if "=" in c and not Path(c).exists()]
+    if bool(args.extract) != bool(args.out):
+        parser.error("--extract and --out go together")
+    # `--ckpt_dir a b key=value` reads naturally; argparse would give key=value to --ckpt_dir (or --trials, --export)
+    exports = args.export or []
+    overrides = args.overrides + [c for c in args.ckpt_dir + args.trials + exports
+                                  if "=" in c and not Path(c).exists()]
     args.trials = [t for t in args.trials if t not in overrides]
+    args.export = [e for e in exports if e not in overrides]
     try:
         ckpts = [Path(c) for c in args.ckpt_dir if c not in overrides]
         for c in ckpts:
@@ -274,13 +417,20 @@ def main():
             raise ValueError(f"--ckpt_dir folders come from {len(runs)} runs; evaluate one run at a time")
         run = runs.pop()
         cfg = load_config(str(run / "config.yaml"), overrides)
+        single = "--pair" if args.pair else "--extract" if args.extract else "--export" if args.export else ""
+        if single and len(ckpts) != 1:
+            raise ValueError(f"{single} takes exactly one --ckpt_dir")
         if args.pair:
-            if len(ckpts) != 1:
-                raise ValueError("--pair takes exactly one --ckpt_dir")
             score_pair(cfg, ckpts[0], *args.pair)
             return
+        if args.export:
+            export_model(cfg, ckpts[0], args.export)
+            return
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-        evaluate_checkpoints(accelerator, cfg, ckpts, args.trials)
+        if args.extract:
+            extract_embeddings(accelerator, cfg, ckpts[0], args.extract, Path(args.out))
+        else:
+            evaluate_checkpoints(accelerator, cfg, ckpts, args.trials)
     except (ConfigError, ValueError, FileNotFoundError, AudioError) as e:
         sys.exit(f"error: {e}")
 

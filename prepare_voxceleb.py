@@ -1,6 +1,7 @@
 """Stage 0: a corpus on disk -> plain-text manifests and trial lists.
 
     python prepare_voxceleb.py --voxceleb1 ROOT --out data/vox1 [--trials FILE ...]
+    python prepare_voxceleb.py --voxceleb2 ROOT [--voxceleb1 ROOT] --out data/vox2 [--convert-to DIR]
     python prepare_voxceleb.py --corpus ROOT --out data/mine [--trials FILE ...]
     python prepare_voxceleb.py --demo --out data/demo
 
@@ -11,8 +12,10 @@ Writes, under --out:
                         valid.txt is for checkpoint selection, every other list is a test list
     skipped.txt         path<TAB>reason for every file (or trial) left out
 
-A corpus is a `speaker/session/utterance.{wav,flac}` tree. Durations come from file
+A corpus is a `speaker/session/utterance.{wav,flac,m4a}` tree. Durations come from file
 headers, never from decoding, so preparing VoxCeleb2 (1M files) takes minutes.
+VoxCeleb2's AAC .m4a files are read through FFmpeg (PyAV) as they are, or decoded once to
+FLAC with --convert-to DIR (lossless, and about twice as fast to read during training).
 Trial lists use whitespace as separator, so paths must not contain spaces.
 """
 import argparse
@@ -25,13 +28,15 @@ import os
 import posixpath
 import random
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-AUDIO_EXTENSIONS = (".wav", ".flac")
+from data import AudioError, header_frames, load_audio, progress
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a")  # .m4a: VoxCeleb2's AAC, through FFmpeg (PyAV)
 # Official VoxCeleb1 trial lists (file stem -> list name); "2" = cleaned version.
 OFFICIAL_TRIALS = {
     "veri_test": "vox1-O", "veri_test2": "vox1-O-clean",
@@ -159,7 +164,7 @@ def speaker_of(utt):
 
 
 def scan_tree(root):
-    """{id: path} for every speaker/session/utterance.{wav,flac} under root (ids use '/')."""
+    """{id: path} for every speaker/session/utterance.{wav,flac,m4a} under root (ids use '/')."""
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise SystemExit(f"{root}: corpus folder not found")
@@ -181,35 +186,87 @@ def voxceleb_wav_dirs(root):
     return dirs
 
 
+def voxceleb2_dirs(root):
+    """The dev set's folder of an official VoxCeleb2 layout: ROOT/dev/aac, ROOT/aac, or ROOT itself
+    holding the id0xxxx speaker folders (the test set, ROOT/test/aac, is left out)."""
+    for folder in (Path(root) / "dev" / "aac", Path(root) / "aac"):
+        if folder.is_dir():
+            return [folder]
+    if any(p.is_dir() for p in Path(root).glob("id*")):
+        return [Path(root)]
+    raise SystemExit(f"{root}: no dev/aac/, aac/ or id* speaker folders: is this a VoxCeleb2 root?")
+
+
 def read_header(path, min_secs):
     """(duration, sample_rate) from the file header, or (None, reason) when it is unusable."""
     if any(c.isspace() for c in path):
         return None, "name contains whitespace (trial lists are space separated)"
     try:
-        info = sf.info(path)
+        frames, rate = header_frames(path)
     except Exception as error:  # any bad file is skipped, not fatal
-        return None, f"unreadable: {getattr(error, 'error_string', error)}"
-    if info.frames <= 0:
+        reason = getattr(error, "error_string", None) or getattr(error, "strerror", None) or error
+        return None, f"unreadable: {reason}"
+    if frames <= 0:
         return None, "empty: 0 frames"
-    duration = info.frames / info.samplerate
+    duration = frames / rate
     if duration < min_secs:
         return None, f"too short ({duration:.4f} s < {min_secs:g} s)"
-    return duration, info.samplerate
+    return duration, rate
 
 
 def read_headers(files, min_secs, workers):
     """Split {id: path} into usable {id: (duration, sample_rate)} and skipped {id: reason}."""
     ids = sorted(files)
     chunks = [ids[i:i + 1000] for i in range(0, len(ids), 1000)]  # not a million futures at once
-    with ThreadPoolExecutor(workers) as pool:  # header reads wait on the disk, not the CPU
+    with ThreadPoolExecutor(workers) as pool:  # header reads wait on the disk; FFmpeg and libsndfile release the GIL
         results = pool.map(lambda chunk: [read_header(files[i], min_secs) for i in chunk], chunks)
+        results = progress(itertools.chain.from_iterable(results), len(ids), "reading headers", "file")
         usable, skipped = {}, {}
-        for utt, (duration, rate_or_reason) in zip(ids, itertools.chain.from_iterable(results)):
+        for utt, (duration, rate_or_reason) in zip(ids, results):
             if duration is None:
                 skipped[utt] = rate_or_reason
             else:
                 usable[utt] = (duration, rate_or_reason)
     return usable, skipped
+
+
+# ---------------------------------------------------------------- m4a -> flac
+def convert_to_flac(task):
+    """Decode (src, dst, sample_rate, duration) to a FLAC file at dst; None, or why src is unusable."""
+    src, dst, rate, duration = task
+    try:
+        audio = load_audio(src, rate).numpy()  # at the file's own rate: nothing is resampled
+    except AudioError as error:
+        return str(error).removeprefix(f"{src}: ")
+    if len(audio) < round(duration * rate):  # a cut download: the header promises more than there is
+        return f"truncated: {len(audio) / rate:.4f} s of audio, the header says {duration:.4f} s"
+    tmp = f"{dst}.tmp"  # renamed once complete, so a killed run leaves no half file that looks done
+    try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        sf.write(tmp, audio, rate, subtype="PCM_16", format="FLAC")  # libsndfile clips AAC's overshoots
+        os.replace(tmp, dst)
+    except (OSError, sf.LibsndfileError) as error:  # a full disk: stop; finished files are kept
+        raise SystemExit(f"{dst}: cannot write ({error})") from None
+    return None
+
+
+def convert_m4a(files, usable, out_dir, workers):
+    """Decode every usable .m4a to out_dir/speaker/session/utterance.flac in `workers` processes.
+    Returns ({id: flac path}, {id: reason} for those that failed). Resumable: a FLAC file that
+    exists was completed by an earlier run, so it is not decoded again."""
+    flac = {utt: os.path.join(out_dir, os.path.splitext(utt)[0] + ".flac")
+            for utt in sorted(usable) if files[utt].lower().endswith(".m4a")}
+    todo = [utt for utt in flac if not os.path.exists(flac[utt])]
+    tasks = [(files[utt], flac[utt], usable[utt][1], usable[utt][0]) for utt in todo]
+    failed = {}
+    with ProcessPoolExecutor(workers) as pool:  # decoding is CPU work: processes, not threads
+        results = progress(pool.map(convert_to_flac, tasks, chunksize=16), len(tasks), "converting to flac", "file")
+        for utt, reason in zip(todo, results):
+            if reason is not None:
+                failed[utt] = reason
+    print(f"converted {len(todo) - len(failed)} m4a files to FLAC in {out_dir} ({len(flac) - len(todo)} "
+          f"converted by an earlier run, {len(failed)} failed: see skipped.txt)")
+    return {utt: path for utt, path in flac.items() if utt not in failed}, failed
 
 
 # ---------------------------------------------------------------- trial lists
@@ -390,10 +447,19 @@ def auto_or_count(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--voxceleb1", metavar="ROOT", help="VoxCeleb1 root: ROOT/wav or ROOT/{dev,test}/wav")
-    source.add_argument("--corpus", metavar="ROOT", help="any speaker/session/utterance.{wav,flac} tree")
+    source.add_argument("--corpus", metavar="ROOT", help="any speaker/session/utterance.{wav,flac,m4a} tree")
     source.add_argument("--demo", action="store_true", help="generate a small synthetic corpus in OUT/corpus")
+    parser.add_argument("--voxceleb2", metavar="ROOT",
+                        help="VoxCeleb2 dev set for training: ROOT/dev/aac, ROOT/aac or ROOT holding the id* "
+                             "speaker folders (.m4a). With --voxceleb1, VoxCeleb1 dev joins training and VoxCeleb1's "
+                             "trial lists test; alone, test and valid speakers are held out as with --corpus")
+    parser.add_argument("--convert-to", metavar="DIR",
+                        help="decode every .m4a once to DIR/speaker/session/utterance.flac (lossless; training "
+                             "then reads FLAC, about twice as fast as AAC) in --workers processes, with the "
+                             "manifest pointing at the FLAC files. Resumable: re-run the same command after an "
+                             "interruption and only the missing files are decoded")
     parser.add_argument("--out", metavar="DIR", required=True, type=Path, help="output folder")
     parser.add_argument("--trials", nargs="+", metavar="FILE",
                         help="trial lists 'label enroll test' (paths relative to the corpus root); "
@@ -407,8 +473,13 @@ def parse_args(argv=None):
     parser.add_argument("--min-secs", metavar="SECS", type=float, default=0.3, help="skip shorter files")
     parser.add_argument("--max-trials", metavar="N", type=int, default=20000, help="cap on each generated trial list")
     parser.add_argument("--seed", type=int, default=0, help="seed for speaker choice, trials and demo")
-    parser.add_argument("--workers", metavar="N", type=int, default=8, help="threads reading file headers")
+    parser.add_argument("--workers", metavar="N", type=int, default=8,
+                        help="threads reading file headers; processes for --convert-to (at most the CPU count)")
     args = parser.parse_args(argv)
+    if not (args.voxceleb1 or args.voxceleb2 or args.corpus or args.demo):
+        parser.error("one of --voxceleb1, --voxceleb2, --corpus or --demo is required")
+    if args.voxceleb2 and (args.corpus or args.demo):
+        parser.error("--voxceleb2 combines with --voxceleb1 only")
     if (args.trials or args.voxceleb1) and args.test_speakers != "auto":
         parser.error("--test-speakers applies only without trial lists (they name the test speakers)")
     if args.max_trials < 2 or args.workers < 1 or args.min_secs < 0:
@@ -423,8 +494,16 @@ def main(argv=None):
     if args.demo:
         make_demo_corpus(out / "corpus", seed=args.seed)
         roots = [out / "corpus"]
-    else:
-        roots = voxceleb_wav_dirs(args.voxceleb1) if args.voxceleb1 else [Path(args.corpus)]
+    elif args.corpus:
+        roots = [Path(args.corpus)]
+    else:  # VoxCeleb1, VoxCeleb2 or both: their speaker ids (id1xxxx, id0xxxx) never collide
+        roots = voxceleb_wav_dirs(args.voxceleb1) if args.voxceleb1 else []
+        roots += voxceleb2_dirs(args.voxceleb2) if args.voxceleb2 else []
+    convert_dir = args.convert_to and os.path.realpath(args.convert_to)
+    if convert_dir and any(Path(convert_dir).is_relative_to(os.path.realpath(root)) for root in roots):
+        raise SystemExit(f"{convert_dir}: --convert-to must be outside the corpus (a re-run would find both copies)")
+    if convert_dir and any(c.isspace() for c in convert_dir):
+        raise SystemExit(f"{convert_dir}: --convert-to path contains whitespace, which trial lists cannot hold")
     files = {}
     for root in roots:
         for utt, path in scan_tree(root).items():
@@ -432,10 +511,16 @@ def main(argv=None):
                 raise SystemExit(f"{path}: same id {utt} as {files[utt]}")
             files[utt] = path
     if not files:
-        raise SystemExit(f"{roots[0]}: no speaker/session/utterance.wav or .flac files found")
+        raise SystemExit(f"{roots[0]}: no speaker/session/utterance.wav, .flac or .m4a files found")
     trial_files = args.trials or (official_trial_files(args.voxceleb1) if args.voxceleb1 else [])
 
     usable, skipped = read_headers(files, args.min_secs, args.workers)
+    if convert_dir:
+        flac, failed = convert_m4a(files, usable, convert_dir, min(args.workers, os.cpu_count()))
+        files.update(flac)  # ids stay the corpus's (.m4a), so trial lists naming them still resolve
+        for utt, reason in failed.items():
+            del usable[utt]
+            skipped[utt] = reason
     by_speaker = defaultdict(list)
     for utt in sorted(usable):
         by_speaker[speaker_of(utt)].append(utt)

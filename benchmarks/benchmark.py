@@ -340,6 +340,16 @@ def bench_eval(name, cfg, paths, secs, accelerator):
     # of spread-out lengths pad much more than a whole test set, whose sorted neighbours are close
     batches = length_batches(secs, cfg.data.eval_batch_secs)
     padded = sum(len(b) * max(secs[i] for i in b) for b in batches) / total
+    # arithmetic per audio second, so the rates read as GFLOP/s: a simple way already near the
+    # hardware's peak leaves batching nothing to win
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ten = torch.zeros(1, 10 * cfg.data.sample_rate, device=device)
+    with FlopCounterMode(display=False) as counter:
+        encoder(*upstream(ten, torch.tensor([ten.shape[1]], device=device)))
+    gflop = counter.get_total_flops() / 1e9 / 10
+    print(f"{name}: {gflop:.2f} GFLOP per audio second (torch.utils.flop_counter); achieved: "
+          + ", ".join(f"{label}: {gflop * rate:.0f} GFLOP/s" for label, (rate, _) in out.items()))
     if True in tables:  # what bf16 costs: agreement of each utterance's embedding with fp32's
         a, b = torch.from_numpy(tables[False]), torch.from_numpy(tables[True])
         cos = torch.nn.functional.cosine_similarity(a, b).min().item()

@@ -36,8 +36,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work", default="/tmp/recipes", help="data and run folders")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (equal for all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--corpora", nargs="+", default=["demo", "real-mini"], choices=["demo", "real-mini"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed and recipe")
+    parser.add_argument("--corpora", nargs="+", default=["demo", "real-mini"], choices=["demo", "real-mini"],
+                        help="synthetic demo and/or ../shared/data/real-mini")
     args = parser.parse_args()
     work = Path(args.work)
     data = {"demo": work / "demo", "real-mini": work / "real-mini"}

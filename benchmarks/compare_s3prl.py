@@ -155,8 +155,9 @@ def main():
     ap.add_argument("--steps-ours", type=int, default=300, help="our optimizer steps (32 crops each)")
     ap.add_argument("--steps-peer", type=int, default=20, help="peer steps, SUPERB recipe (50 crops each)")
     ap.add_argument("--steps-peer-ours", type=int, default=60, help="peer steps with our recipe (0: skip)")
-    ap.add_argument("--peer-dir", type=Path, default=Path("/work/shared/peers/s3prl-run"))
-    ap.add_argument("--peer-venv", type=Path, default=Path("/tmp/s3prl-peer-venv"))
+    ap.add_argument("--peer-dir", type=Path, default=Path("/work/shared/peers/s3prl-run"), help="the s3prl runner")
+    ap.add_argument("--peer-venv", type=Path, default=Path("/tmp/s3prl-peer-venv"),
+                    help="the runner's VENV: the virtual environment s3prl 0.4.18 runs in")
     args = ap.parse_args()
     args.work = args.work.resolve()
     (args.work / "logs").mkdir(parents=True, exist_ok=True)

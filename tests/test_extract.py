@@ -1,0 +1,154 @@
+"""evaluate_asv.py --extract: embeddings of any list of files (or a folder) out to .npz or Kaldi ark/scp,
+batched as evaluation is, equal to each file embedded on its own."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from config import load_config, save_config  # noqa: E402
+from data import UtteranceDataset  # noqa: E402
+from evaluate_asv import model_meta, read_audio_list  # noqa: E402
+from models import build_encoder, build_upstream, load_model_file, min_input_samples, save_model_file  # noqa: E402
+
+REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
+# 16 kHz read speech (2-12 s) and 8 kHz spoken digits (0.3-0.7 s, some shorter than the model's minimum)
+FILES = [REAL_MINI / "19/198/19-198-0000.flac", REAL_MINI / "19/198/19-198-0001.flac",
+         REAL_MINI / "19/227/19-227-0003.flac", REAL_MINI / "george/digit0/00000.wav",
+         REAL_MINI / "george/digit0/00001.wav", REAL_MINI / "george/digit1/00002.wav"]
+
+
+def make_checkpoint(run: Path, overrides=(), arch=None) -> Path:
+    """A run folder as evaluate_asv.py expects it (config.yaml + step-0/model.pt), with untrained weights."""
+    cfg = load_config(str(ROOT / "configs/demo.yaml"), ["num_workers=0", *overrides])
+    if arch:
+        cfg.upstream.arch = arch
+    run.mkdir(parents=True)
+    save_config(cfg, str(run / "config.yaml"))
+    torch.manual_seed(0)
+    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
+    encoder = build_encoder(cfg, upstream)
+    (run / "step-0").mkdir()
+    save_model_file(str(run / "step-0" / "model.pt"), encoder, upstream, cfg.upstream.trainable, model_meta(cfg))
+    return run / "step-0"
+
+
+def load_checkpoint(ckpt: Path):
+    """(config, upstream, encoder) in eval mode, loaded as evaluate_asv.py loads them."""
+    cfg = load_config(str(ckpt.parent / "config.yaml"))
+    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
+    encoder = build_encoder(cfg, upstream)
+    load_model_file(str(ckpt / "model.pt"), encoder, upstream, model_meta(cfg))
+    return cfg, upstream.eval(), encoder.eval()
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("extract") / "run")
+
+
+@torch.no_grad()
+def embedded_alone(ckpt: Path, paths) -> np.ndarray:
+    """Each file through the model on its own (no batch, no padding): (N, E)."""
+    cfg, upstream, encoder = load_checkpoint(ckpt)
+    files = UtteranceDataset([str(p) for p in paths], cfg.data.sample_rate, min_input_samples(upstream, encoder))
+    out = []
+    for i in range(len(files)):
+        wav, _ = files[i]
+        out.append(encoder(*upstream(wav[None], torch.tensor([wav.numel()])))[0].numpy())
+    return np.stack(out)
+
+
+def test_list_to_npz_equals_each_file_embedded_alone(ckpt, tmp_path):
+    listing = tmp_path / "wavs.txt"
+    listing.write_text(f"my_first_utt {FILES[0]}\n\n" + "".join(f"{p}\n" for p in FILES[1:]))
+    out = tmp_path / "out" / "emb.npz"
+    # 3 s batches: the digits share padded batches, the long files go alone
+    run("evaluate_asv.py", "--ckpt_dir", ckpt, "--extract", listing, "--out", out, "data.eval_batch_secs=3")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["emb.npz"]  # nothing temporary left
+    saved = np.load(out)
+    # ids: the one given, then paths relative to the folder all files share (VoxCeleb's spk/session/utt)
+    assert saved["ids"].tolist() == ["my_first_utt", "19/198/19-198-0001.flac", "19/227/19-227-0003.flac",
+                                     "george/digit0/00000.wav", "george/digit0/00001.wav", "george/digit1/00002.wav"]
+    emb = saved["embeddings"]
+    assert emb.dtype == np.float32 and emb.shape == (len(FILES), 128)
+    np.testing.assert_allclose(emb, embedded_alone(ckpt, FILES), atol=1e-4, rtol=0)
+    # raw embeddings, as scored (the cosine normalises them), and the file says so
+    assert not saved["l2_normalized"] and not np.allclose(np.linalg.norm(emb, axis=1), 1.0)
+
+
+def test_folder_to_kaldi_ark_and_scp(ckpt, tmp_path):
+    kaldiio = pytest.importorskip("kaldiio")
+    folder = REAL_MINI / "george"
+    out = tmp_path / "emb.ark"
+    run("evaluate_asv.py", "--ckpt_dir", ckpt, "--extract", folder, "--out", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.ark", "emb.scp"]
+    expected_ids = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.wav"))
+    by_scp = dict(kaldiio.load_scp(str(tmp_path / "emb.scp")))
+    by_ark = dict(kaldiio.load_ark(str(out)))
+    assert sorted(by_scp) == sorted(by_ark) == expected_ids and expected_ids[0] == "digit0/00000.wav"
+    some = expected_ids[:2]
+    alone = embedded_alone(ckpt, [folder / i for i in some])
+    for i, ref in zip(some, alone):
+        assert by_scp[i].dtype == np.float32 and by_scp[i].shape == (128,)
+        np.testing.assert_allclose(by_scp[i], ref, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(by_scp[i], by_ark[i])
+
+
+def test_two_processes_write_the_same_embeddings(ckpt, tmp_path):
+    listing = tmp_path / "wavs.txt"
+    listing.write_text("".join(f"{p}\n" for p in FILES))
+    launch = ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run(*launch, "evaluate_asv.py", "--ckpt_dir", ckpt, "--extract", listing, "--out", tmp_path / "two.npz",
+        "data.eval_batch_secs=3")
+    two = np.load(tmp_path / "two.npz")
+    assert two["ids"].tolist() == read_audio_list(str(listing))[0]
+    np.testing.assert_allclose(two["embeddings"], embedded_alone(ckpt, FILES), atol=1e-4, rtol=0)
+
+
+def test_bad_list_is_one_line_naming_list_and_file_before_any_model_work(tmp_path):
+    # a checkpoint that cannot load: the list must be refused before the model is touched
+    run_dir = tmp_path / "run"
+    (run_dir / "step-0").mkdir(parents=True)
+    (run_dir / "step-0" / "model.pt").write_bytes(b"not a checkpoint")
+    (run_dir / "config.yaml").write_text("upstream:\n  name: fbank\n")
+    fake = tmp_path / "fake.wav"
+    fake.write_text("this is not audio")
+    for bad, reason in [(tmp_path / "missing.wav", "missing audio file"), (fake, "unreadable audio")]:
+        listing = tmp_path / "wavs.txt"
+        listing.write_text(f"{FILES[0]}\nsome_id {bad}\n")
+        result = run("evaluate_asv.py", "--ckpt_dir", run_dir / "step-0", "--extract", listing,
+                     "--out", tmp_path / "emb.npz", check=False)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(listing) in lines[0] and str(bad) in lines[0] and reason in lines[0], lines
+    assert not (tmp_path / "emb.npz").exists()
+
+
+def test_list_format_errors_name_the_line(tmp_path):
+    listing = tmp_path / "wavs.txt"
+    listing.write_text(f"a {FILES[0]}\na {FILES[1]}\n")
+    with pytest.raises(ValueError, match=f"{listing}: utterance id a appears more than once"):
+        read_audio_list(str(listing))
+    listing.write_text(f"{FILES[0]}\nx y {FILES[1]}\n")
+    with pytest.raises(ValueError, match=f"{listing}:2: expected 'path' or 'utt_id path'"):
+        read_audio_list(str(listing))
+    listing.write_text("\n")
+    with pytest.raises(ValueError, match="empty list"):
+        read_audio_list(str(listing))
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no .wav, .flac, .m4a files under this folder"):
+        read_audio_list(str(empty))

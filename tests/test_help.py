@@ -1,0 +1,57 @@
+"""`--help` on every script lists every option with its default (and every config key where overrides apply)."""
+import argparse
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from config import reference_rows  # noqa: E402
+
+SCRIPTS = ["prepare_voxceleb.py", "train_asv.py", "evaluate_asv.py", "report.py",
+           *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.py"))]
+TAKES_OVERRIDES = {"train_asv.py", "evaluate_asv.py"}
+
+
+class Captured(Exception):
+    pass
+
+
+def parser_of(script: str, monkeypatch) -> argparse.ArgumentParser:
+    """The script's own parser, caught when its main() asks it to parse."""
+    module = importlib.import_module(Path(script).stem)
+    found = {}
+
+    def grab(self, *args, **kwargs):
+        found["parser"] = self
+        raise Captured
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", grab)
+    monkeypatch.setattr(sys, "argv", [script])
+    with pytest.raises(Captured):
+        module.main()
+    return found["parser"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_option_with_its_default(script, monkeypatch):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines, also inside words at hyphens
+    squeezed = "".join(out.stdout.split())
+    for action in parser_of(script, monkeypatch)._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        for option in action.option_strings:
+            assert option in text, (script, option)
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            assert f"default:{action.default}".replace(" ", "") in squeezed, (script, action.option_strings)
+    if script in TAKES_OVERRIDES:
+        for key, default, _ in reference_rows():
+            assert re.search(rf"(^|\s){re.escape(key)}={re.escape(default)}(\s|$)", out.stdout, re.M), (script, key)
