@@ -20,13 +20,14 @@ DILATIONS = (1, 2, 3, 1, 1)
 def stats_pool(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B, C, T) + valid lengths (B,) -> (B, 2C): mean and std over valid frames, vectorised.
 
-    Sums over time are batched matrix products with the frame mask, so no masked (B, C, T)
-    copies are made: on CPU those temporaries cost more than the arithmetic.
+    Padded frames of `x` are zeroed IN PLACE (x is the caller's temporary): a masked copy of
+    (B, C, T), or x * x, is a fresh allocation that costs more than the arithmetic on CPU. Sums of
+    squares come from vector_norm, which makes no temporary (benchmarks/benchmark.py times it).
     """
-    mask = frame_mask(lengths, x.shape[-1]).to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    x.mul_(frame_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype))  # (B, 1, T) mask
     n = lengths.clamp(min=1).view(-1, 1).to(x.dtype)
-    mean = torch.bmm(x, mask).squeeze(-1) / n  # (B, C)
-    var = torch.bmm(x * x, mask).squeeze(-1) / n - mean * mean
+    mean = x.sum(-1) / n  # (B, C)
+    var = torch.linalg.vector_norm(x, dim=-1).square() / n - mean * mean
     return torch.cat([mean, torch.sqrt(var.clamp(min=1e-6))], dim=1)
 
 
