@@ -195,8 +195,11 @@ def train(cfg):
     upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
     encoder = build_encoder(cfg, upstream)
     aug = cfg.augment
+    # SpecAugment draws from its own generator, reseeded every micro-batch from (seed, position) as the
+    # crops are: the global RNG also feeds DataLoader iterators, which a resumed run creates at another point
+    spec_rng = torch.Generator()
     if aug.specaug_prob > 0:
-        encoder.feature_augment = lambda feats, lengths: spec_augment(feats, lengths, aug)
+        encoder.feature_augment = lambda feats, lengths: spec_augment(feats, lengths, aug, spec_rng)
     augmenter = Augmenter(aug, cfg.data.sample_rate) if aug.noise_prob or aug.rir_prob or aug.speed_prob else None
     num_classes = len(label_of) * (3 if aug.speed_prob > 0 else 1)  # speed-perturbed copies are new speakers
     head = MarginSoftmax(cfg.downstream.embed_dim, num_classes, cfg.loss.name, cfg.loss.margin, cfg.loss.scale,
@@ -332,6 +335,8 @@ def train(cfg):
     for wavs, lengths, labels in batches:
         if state["step"] >= t.total_steps:
             break
+        spec_rng.manual_seed(t.seed * 1_000_003 + state["micro_batches"] * accelerator.num_processes
+                             + accelerator.process_index)
         with accelerator.accumulate(encoder, head):
             # a frozen upstream is not prepared, so Accelerate's autocast must be asked for explicitly
             with accelerator.autocast(), torch.set_grad_enabled(cfg.upstream.trainable):

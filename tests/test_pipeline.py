@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,3 +178,24 @@ def test_fine_tune_from_checkpoint(demo, two_process_run, tmp_path):
     bad = run(*cmd[:-1], f"exp_dir={tmp_path / 'lm2'}", f"train.init_from={source}", "downstream.name=ecapa",
               check=False)
     assert bad.returncode != 0 and str(source) in bad.stderr and "downstream" in bad.stderr
+
+
+def test_resume_is_exact_with_augmentation(demo, tmp_path):
+    """SpecAugment and speed perturbation draw from (seed, position) too: a run resumed from step 10
+    logs the same losses as the uninterrupted one (the global RNG, which DataLoader iterators also
+    draw from, once made SpecAugment's masks differ after a resume)."""
+    cmd = ["train_asv.py", "--config", "configs/demo.yaml", f"data.dir={demo}", f"exp_dir={tmp_path / 'exp'}",
+           *QUICK, "train.total_steps=20", "train.test_after_train=false", "train.log_with=none",
+           "augment.specaug_prob=1.0", "augment.speed_prob=0.5"]
+    ref = losses(run(*cmd).stdout)
+    assert sorted(ref) == [5, 10, 15, 20]
+    for later in (tmp_path / "exp").glob("step-*"):  # back to the state a kill after step 10 leaves
+        if later.name != "step-10":
+            shutil.rmtree(later)
+    (tmp_path / "exp" / "best").unlink()
+    resumed = run(*cmd)
+    assert "resumed from" in resumed.stdout
+    after = losses(resumed.stdout)
+    assert sorted(after) == [15, 20]
+    for step, line in after.items():
+        assert line == ref[step], (step, line, ref[step])
