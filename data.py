@@ -34,6 +34,9 @@ def progress(iterable=None, total=None, desc=None, unit="it", enabled=True):
                 disable=not (enabled and sys.stderr.isatty()))
 
 
+AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a")  # what corpora, lists and folders may hold; .m4a: VoxCeleb2's AAC
+
+
 class AudioError(ValueError):
     """A file that cannot be used as audio; the message names the file and the problem."""
 

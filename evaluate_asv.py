@@ -32,8 +32,8 @@ from accelerate import Accelerator
 
 import metrics
 from config import ConfigError, help_text, load_config
-from data import (AudioError, UtteranceDataset, collate_padded, header_frames, length_batches, progress, read_manifest,
-                  read_trials, trial_lists)
+from data import (AUDIO_EXTENSIONS, AudioError, UtteranceDataset, collate_padded, header_frames, length_batches,
+                  progress, read_manifest, read_trials, trial_lists)
 from models import (asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores, load_model_file,
                     min_input_samples, run_chunked)
 
@@ -256,9 +256,6 @@ def score_pair(cfg, ckpt: Path, a: str, b: str):
 
 # ---------------------------------------------------------------------------- --extract: embeddings out
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".m4a")
-
-
 def read_audio_list(source: str) -> tuple[list[str], list[str]]:
     """--extract's input -> (ids, paths), checked before any model work.
 
@@ -268,9 +265,9 @@ def read_audio_list(source: str) -> tuple[list[str], list[str]]:
     """
     src = Path(source)
     if src.is_dir():
-        paths = sorted(str(p) for p in src.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        paths = sorted(str(p) for p in src.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
         if not paths:
-            raise ValueError(f"{source}: no {', '.join(AUDIO_SUFFIXES)} files under this folder")
+            raise ValueError(f"{source}: no {', '.join(AUDIO_EXTENSIONS)} files under this folder")
         return [os.path.relpath(p, src) for p in paths], paths
     if not src.is_file():
         raise ValueError(f"{source}: no such list file or folder")

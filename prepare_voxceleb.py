@@ -34,9 +34,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from data import AudioError, header_frames, load_audio, progress
+from data import AUDIO_EXTENSIONS, AudioError, header_frames, load_audio, progress
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a")  # .m4a: VoxCeleb2's AAC, through FFmpeg (PyAV)
 # Official VoxCeleb1 trial lists (file stem -> list name); "2" = cleaned version.
 OFFICIAL_TRIALS = {
     "veri_test": "vox1-O", "veri_test2": "vox1-O-clean",
