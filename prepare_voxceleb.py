@@ -6,27 +6,28 @@
     python prepare_voxceleb.py --demo --out data/demo
 
 Writes, under --out:
-    utterances.csv      id,path,speaker,duration,sample_rate,split (one row per usable file)
+    utterances.csv      id,path,speaker,duration,sample_rate,split (one row per usable file; paths
+                        relative to --out when the audio is inside it, absolute otherwise)
     speakers.txt        speaker split num_utterances
-    trials/<name>.txt   label enroll test (1 = same speaker; absolute paths);
+    trials/<name>.txt   label enroll test (1 = same speaker; utterance ids, as VoxCeleb's lists);
                         valid.txt is for checkpoint selection, every other list is a test list
-    skipped.txt         path<TAB>reason for every file (or trial) left out
+    skipped.txt         path<TAB>reason for every file, folder or trial left out (a path holding
+                        a tab, a newline or a name that is not UTF-8 is written as a JSON string)
+    prepare.json        the arguments and the counts of this preparation
 
-A corpus is a `speaker/session/utterance.{wav,flac,m4a}` tree. Durations come from file
-headers, never from decoding, so preparing VoxCeleb2 (1M files) takes minutes.
-VoxCeleb2's AAC .m4a files are read through FFmpeg (PyAV) as they are, or decoded once to
-FLAC with --convert-to DIR (lossless, and about twice as fast to read during training).
-Trial lists use whitespace as separator, so paths must not contain spaces.
+A corpus is a `speaker/session/utterance.<audio>` tree. Durations come from file headers, never
+from decoding (only float-encoded files are decoded, to find NaN samples), so preparing
+VoxCeleb2 (1M files) takes minutes. The output folder is built beside --out and swapped in
+whole: a kill leaves the previous preparation untouched. An existing preparation made with
+other arguments is replaced only with --overwrite.
 """
 import argparse
-import contextlib
 import csv
-import glob
-import gzip
 import itertools
+import json
 import os
-import posixpath
 import random
+import shutil
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +35,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from data import AUDIO_EXTENSIONS, AudioError, header_frames, load_audio, progress
+from asv.audio import AUDIO_EXTENSIONS, AudioError, header_frames, header_subtype, load_audio, progress
+from asv.data import read_trials, stored_path
+from asv.demo import make_demo_corpus
+from asv.fileio import atomic_write, recover_dir, replace_dir, write_json
 
 # Official VoxCeleb1 trial lists (file stem -> list name); "2" = cleaned version.
 OFFICIAL_TRIALS = {
@@ -42,118 +46,6 @@ OFFICIAL_TRIALS = {
     "list_test_all": "vox1-E", "list_test_all2": "vox1-E-clean",
     "list_test_hard": "vox1-H", "list_test_hard2": "vox1-H-clean",
 }
-LABELS = {"1": 1, "0": 0, "target": 1, "nontarget": 0}
-
-
-# ---------------------------------------------------------------- demo corpus
-DEMO_SR = 16000
-# F1-F3 (Hz) of five vowels /a i u e o/ for an adult male vocal tract.
-VOWELS = np.array([[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240],
-                   [530, 1840, 2480], [570, 840, 2410]], dtype=float)
-
-
-def spectral_filter(x, gain):
-    """Filter x by a zero-phase gain(frequency_hz) in the FFT domain (no scipy needed)."""
-    size = 1 << (len(x) - 1).bit_length()  # a power of two: odd lengths make FFTs slow
-    freqs = np.fft.rfftfreq(size, 1 / DEMO_SR)
-    return np.fft.irfft(np.fft.rfft(x, size) * gain(freqs), size)[:len(x)]
-
-
-def resonators(formants, bandwidths):
-    """Gain of a cascade of two-pole resonators (unit gain at 0 Hz): a vocal tract."""
-    def gain(f):
-        f = f[:, None]
-        return np.prod(formants ** 2 / np.hypot(formants ** 2 - f ** 2, bandwidths * f), axis=1)
-    return gain
-
-
-def random_eq(rng, db, cutoff):
-    """A smooth random gain curve (+-db at 8 points over log frequency) and a low-pass: a channel."""
-    knots_db = rng.normal(0, db, 8)
-    def gain(f):
-        octaves = np.log2(np.maximum(f, 50) / 50)  # 0..7.3 over 50 Hz..8 kHz
-        curve_db = np.interp(octaves, np.linspace(0, 7.3, 8), knots_db)
-        return 10 ** (curve_db / 20) / np.sqrt(1 + (f / cutoff) ** 8)
-    return gain
-
-
-def demo_speaker(rng):
-    """The traits that make a synthetic voice recognisable."""
-    return {
-        "f0": rng.uniform(90, 250),                      # mean pitch, Hz
-        "vtl": rng.uniform(0.8, 1.2),                    # formant scale (shorter tract: higher)
-        "accent": rng.uniform(0.9, 1.1, VOWELS.shape),   # the speaker's own vowel qualities
-        "f4": rng.uniform(3300, 4200),                   # upper formant, voice "timbre"
-        "bandwidth": rng.uniform(0.7, 1.5),              # formant sharpness
-        "open_quotient": rng.uniform(0.35, 0.75),        # glottal pulse shape -> brightness
-        "tilt": rng.uniform(-6, 3),                      # extra dB/octave above 500 Hz
-        "breath": rng.uniform(0.0, 0.4),                 # aspiration noise in the source
-        "rate": rng.uniform(3.0, 6.0),                   # syllables per second
-    }
-
-
-def demo_utterance(spk, session_gain, rng):
-    """A few seconds of syllables in the speaker's voice, through a random channel."""
-    n = int(rng.uniform(2.0, 4.0) * DEMO_SR)
-    t = np.arange(n) / DEMO_SR
-    # Pitch: smooth random intonation with declination, plus cycle-to-cycle jitter.
-    knots = np.arange(0, t[-1] + 0.25, 0.25)
-    contour = np.interp(t, knots, rng.normal(0, 0.08, len(knots))) - 0.05 * t
-    f0 = spk["f0"] * np.exp(contour) * (1 + 0.02 * rng.standard_normal(n))
-    # Glottal source: one raised-sine flow pulse per period, differentiated (lip radiation).
-    frac = np.cumsum(f0 / DEMO_SR) % 1.0
-    oq = spk["open_quotient"]
-    source = np.diff(np.where(frac < oq, np.sin(np.pi * frac / oq) ** 2, 0.0), prepend=0.0)
-    source += spk["breath"] * source.std() * rng.standard_normal(n)
-    source = spectral_filter(source, lambda f: (np.maximum(f, 500) / 500) ** (spk["tilt"] / 6.02))
-
-    out = np.zeros(n)
-    pos = int(rng.uniform(0.05, 0.2) * DEMO_SR)          # leading silence
-    while pos < n - 0.15 * DEMO_SR:
-        length = min(int(DEMO_SR / spk["rate"] * rng.uniform(0.7, 1.3)), n - pos)
-        burst = int(length * rng.uniform(0.15, 0.35))
-        # Consonant-like noise burst, centred on a speaker-scaled frication frequency.
-        centre = rng.choice([2500.0, 3500.0, 5000.0]) * spk["vtl"]
-        noise = spectral_filter(rng.standard_normal(burst), lambda f: np.exp(-((f - centre) / (0.3 * centre)) ** 2))
-        out[pos:pos + burst] += 0.3 * noise * np.hanning(burst)
-        # Vowel: the source through the speaker's vocal tract for a random vowel.
-        v = rng.integers(len(VOWELS))
-        formants = np.append(VOWELS[v] * spk["accent"][v], spk["f4"]) * spk["vtl"]
-        bandwidths = np.array([60.0, 90.0, 120.0, 160.0]) * spk["bandwidth"]
-        seg = slice(pos + burst, pos + length)
-        vowel = spectral_filter(source[seg], resonators(formants, bandwidths))
-        out[seg] += rng.uniform(0.5, 1.0) * vowel / (vowel.std() + 1e-9) * np.hanning(len(vowel)) ** 0.3
-        pos += length
-        if rng.random() < 0.15:                          # an occasional pause
-            pos += int(rng.uniform(0.1, 0.3) * DEMO_SR)
-
-    # Channel: the session's microphone and room, a little per-utterance variation, noise, level.
-    utt_gain = random_eq(rng, 1.0, rng.uniform(3500, 7800))
-    out = spectral_filter(out, lambda f: session_gain(f) * utt_gain(f))
-    snr_db = rng.uniform(10, 30)
-    out += rng.standard_normal(n) * np.sqrt(np.mean(out ** 2) / 10 ** (snr_db / 10))
-    return out / np.abs(out).max() * 10 ** (rng.uniform(-20, -3) / 20)
-
-
-def make_demo_speaker(root, seed, s):
-    """Write one speaker's 3 sessions x 4 utterances; each speaker has its own seeded RNG."""
-    rng = np.random.default_rng([seed, s])
-    spk = demo_speaker(rng)
-    for session in range(3):
-        session_gain = random_eq(rng, 2.0, 8000.0)
-        folder = Path(root) / f"spk{s:02d}" / f"sess{session}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for u in range(4):
-            audio = demo_utterance(spk, session_gain, rng)
-            tmp = folder / f"utt{u}.wav.tmp"
-            sf.write(tmp, audio, DEMO_SR, subtype="PCM_16", format="WAV")
-            os.replace(tmp, folder / f"utt{u}.wav")
-
-
-def make_demo_corpus(root, seed=0):
-    """Write 40 synthetic speakers x 3 sessions x 4 utterances to root/<spk>/<session>/<utt>.wav."""
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # numpy's FFTs release the GIL
-        list(pool.map(lambda s: make_demo_speaker(root, seed, s), range(40)))
 
 
 # ---------------------------------------------------------------- corpus scanning
@@ -162,18 +54,50 @@ def speaker_of(utt):
     return utt.split("/", 1)[0]
 
 
-def scan_tree(root):
-    """{id: path} for every speaker/session/utterance.{wav,flac,m4a} under root (ids use '/')."""
+def name_problem(name: str) -> str | None:
+    """Why a file or folder name cannot go into the plain-text outputs, if it cannot."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    if any(c.isspace() for c in name):
+        return "name contains whitespace (trial lists are space separated)"
+    return None
+
+
+def scan_tree(root, skipped: dict):
+    """{id: path} for every speaker/session/utterance.<audio> under root (ids use '/'); everything
+    else that is not a hidden file goes into `skipped` (path -> reason)."""
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise SystemExit(f"{root}: corpus folder not found")
-    if any(c.isspace() for c in root):
-        raise SystemExit(f"{root}: corpus path contains whitespace, which trial lists cannot hold")
+    if name_problem(root):
+        raise SystemExit(f"{root}: corpus path: {name_problem(root)}")
     found = {}
-    for rel in glob.glob(os.path.join("*", "*", "*"), root_dir=root):
-        path = os.path.join(root, rel)
-        if rel.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(path):
-            found[rel.replace(os.sep, "/")] = path
+
+    def entries(folder):
+        try:
+            return sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            skipped[folder] = f"unreadable folder ({e.strerror})"
+            return []
+
+    for speaker in entries(root):
+        for session in entries(speaker.path) if speaker.is_dir() else []:
+            for utt in entries(session.path) if session.is_dir() else []:
+                if utt.name.startswith("."):
+                    continue
+                problem = name_problem(os.path.relpath(utt.path, root))
+                if not problem and not utt.is_file():
+                    problem = "broken link or link loop" if utt.is_symlink() else None if utt.is_dir() else "not a file"
+                if not problem and not utt.name.lower().endswith(AUDIO_EXTENSIONS):
+                    problem = f"not an audio file this reads ({', '.join(AUDIO_EXTENSIONS)})"
+                if problem and not (utt.is_dir() and not utt.is_symlink()):
+                    skipped[utt.path] = problem
+                elif not problem:
+                    found[f"{speaker.name}/{session.name}/{utt.name}"] = utt.path
+            if not session.is_dir() and not session.name.startswith("."):
+                skipped[session.path] = "not inside a speaker/session/ folder"
     return found
 
 
@@ -197,11 +121,14 @@ def voxceleb2_dirs(root):
 
 
 def read_header(path, min_secs):
-    """(duration, sample_rate) from the file header, or (None, reason) when it is unusable."""
-    if any(c.isspace() for c in path):
-        return None, "name contains whitespace (trial lists are space separated)"
+    """(duration, sample_rate) from the file header, or (None, reason) when it is unusable. Float-encoded
+    files are decoded too: only they can hold NaN or inf samples, which would stop training later."""
     try:
         frames, rate = header_frames(path)
+        if frames > 0 and header_subtype(path) in ("FLOAT", "DOUBLE"):
+            load_audio(path, rate)
+    except AudioError as error:
+        return None, str(error).removeprefix(f"{path}: ")
     except Exception as error:  # any bad file is skipped, not fatal
         reason = getattr(error, "error_string", None) or getattr(error, "strerror", None) or error
         return None, f"unreadable: {reason}"
@@ -239,11 +166,9 @@ def convert_to_flac(task):
         return str(error).removeprefix(f"{src}: ")
     if len(audio) < round(duration * rate):  # a cut download: the header promises more than there is
         return f"truncated: {len(audio) / rate:.4f} s of audio, the header says {duration:.4f} s"
-    tmp = f"{dst}.tmp"  # renamed once complete, so a killed run leaves no half file that looks done
-    try:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        sf.write(tmp, audio, rate, subtype="PCM_16", format="FLAC")  # libsndfile clips AAC's overshoots
-        os.replace(tmp, dst)
+    try:  # renamed once complete, so a killed run leaves no half file that looks done
+        with atomic_write(dst, "wb") as f:
+            sf.write(f, audio, rate, subtype="PCM_16", format="FLAC")  # libsndfile clips AAC's overshoots
     except (OSError, sf.LibsndfileError) as error:  # a full disk: stop; finished files are kept
         raise SystemExit(f"{dst}: cannot write ({error})") from None
     return None
@@ -288,46 +213,16 @@ def official_trial_files(root):
     return found
 
 
-def trial_id(path, roots):
-    """The corpus id a trial path names (relative to a root, or absolute inside one); None if outside."""
+def corpus_id(path, roots):
+    """The corpus id a trial entry names (relative to a root, or absolute inside one); None if outside."""
     if os.path.isabs(path):
         for root in roots:
             rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
             if rel.split(os.sep)[0] != "..":
                 return rel.replace(os.sep, "/")
         return None
-    rel = posixpath.normpath(path)
+    rel = os.path.normpath(path).replace(os.sep, "/")
     return None if rel.split("/")[0] == ".." else rel
-
-
-def read_trials(trial_file, roots, files):
-    """[(line_no, label, enroll_id, test_id)] from a `label enroll test` file; exits on a bad line."""
-    if not os.path.isfile(trial_file):
-        raise SystemExit(f"{trial_file}: trial list not found")
-    opener = gzip.open if str(trial_file).endswith(".gz") else open
-    trials = []
-    with opener(trial_file, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3:
-                raise SystemExit(f"{trial_file}:{line_no}: expected 'label enroll test', got {len(fields)} fields")
-            if fields[0] not in LABELS:
-                raise SystemExit(f"{trial_file}:{line_no}: bad label {fields[0]!r} (use 1/0 or target/nontarget)")
-            ids = []
-            for path in fields[1:]:
-                utt = trial_id(path, roots)
-                if utt is None:
-                    raise SystemExit(f"{trial_file}:{line_no}: {path} is outside the corpus root")
-                if utt not in files:  # not a speaker/session/utterance.{wav,flac} of the corpus
-                    where = " or ".join(map(str, roots))
-                    raise SystemExit(f"{trial_file}:{line_no}: {path} not found in the corpus under {where}")
-                ids.append(utt)
-            trials.append((line_no, LABELS[fields[0]], ids[0], ids[1]))
-    if not trials:
-        raise SystemExit(f"{trial_file}: trial list is empty")
-    return trials
 
 
 def load_trial_lists(trial_files, roots, files, skipped):
@@ -338,14 +233,25 @@ def load_trial_lists(trial_files, roots, files, skipped):
         name = trial_list_name(trial_file)
         if name in trial_lists or name == "valid":
             raise SystemExit(f"{trial_file}: list name {name!r} is already taken: rename the file")
+        try:
+            trials = read_trials(trial_file)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         trial_lists[name] = []
-        for line_no, label, enroll, test in read_trials(trial_file, roots, files):
-            speakers |= {speaker_of(enroll), speaker_of(test)}
-            bad = [u for u in (enroll, test) if u in skipped]
+        for line, label, *entries in zip(trials.lines, trials.labels, trials.enroll, trials.test):
+            ids = [corpus_id(e, roots) for e in entries]
+            for entry, utt in zip(entries, ids):
+                if utt is None:
+                    raise SystemExit(f"{trial_file}:{line}: {entry} is outside the corpus root")
+                if utt not in files:  # not a speaker/session/utterance of the corpus
+                    where = " or ".join(map(str, roots))
+                    raise SystemExit(f"{trial_file}:{line}: {entry} not found in the corpus under {where}")
+            speakers |= {speaker_of(u) for u in ids}
+            bad = [u for u in ids if u in skipped]
             if bad:
-                dropped.append((str(trial_file), f"line {line_no} dropped: {bad[0]} was skipped"))
+                dropped.append((str(trial_file), f"line {line} dropped: {bad[0]} was skipped"))
             else:
-                trial_lists[name].append((label, enroll, test))
+                trial_lists[name].append((int(label), *ids))
         if not trial_lists[name]:
             raise SystemExit(f"{trial_file}: every trial names a skipped file")
     return trial_lists, speakers, dropped
@@ -392,6 +298,14 @@ def balanced_trials(by_speaker, max_trials, rng):
     return trials
 
 
+def all_pair_trials(by_speaker, max_utts, rng):
+    """Every pair among up to `max_utts` utterances, taken round-robin over the speakers: many trials from
+    few utterances, so validation tells checkpoints apart at a small embedding cost."""
+    queues = [rng.sample(by_speaker[s], len(by_speaker[s])) for s in sorted(by_speaker)]
+    chosen = [u for round_ in itertools.zip_longest(*queues) for u in round_ if u is not None][:max_utts]
+    return [(int(speaker_of(a) == speaker_of(b)), a, b) for a, b in itertools.combinations(sorted(chosen), 2)]
+
+
 # ---------------------------------------------------------------- splits and output
 def choose_speakers(by_speaker, candidates, count, what, rng):
     """A seeded choice of `count` speakers among candidates with >= 2 usable utterances."""
@@ -402,19 +316,14 @@ def choose_speakers(by_speaker, candidates, count, what, rng):
     return set(rng.sample(eligible, count))
 
 
-@contextlib.contextmanager
-def atomic_open(path):
-    """Open path.tmp for writing, renamed to path only once it is complete."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        yield f
-    os.replace(tmp, path)
+def escaped(path: str) -> str:
+    """A path as one field of a tab-separated line: as it is, or as a JSON string when it would break the line."""
+    return path if path.isprintable() else json.dumps(path)  # a surrogate (not UTF-8) is not printable either
 
 
-def write_outputs(out, usable, files, speaker_split, trial_lists, skipped_lines):
-    """utterances.csv, speakers.txt, trials/*.txt and skipped.txt; stale trial lists removed."""
-    (out / "trials").mkdir(parents=True, exist_ok=True)
-    with atomic_open(out / "utterances.csv") as f:
+def write_outputs(out, usable, files, speaker_split, trial_lists, skipped_lines, record):
+    """utterances.csv, speakers.txt, trials/*.txt, skipped.txt, prepare.json into the folder `out`."""
+    with atomic_write(out / "utterances.csv", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["id", "path", "speaker", "duration", "sample_rate", "split"])
         for utt in sorted(usable):
@@ -422,25 +331,25 @@ def write_outputs(out, usable, files, speaker_split, trial_lists, skipped_lines)
             speaker = speaker_of(utt)
             writer.writerow([utt, files[utt], speaker, f"{duration:.4f}", rate, speaker_split[speaker]])
     counts = Counter(speaker_of(utt) for utt in usable)
-    with atomic_open(out / "speakers.txt") as f:
+    with atomic_write(out / "speakers.txt") as f:
         f.writelines(f"{s} {speaker_split[s]} {counts[s]}\n" for s in sorted(counts))
     for name, trials in trial_lists.items():
-        with atomic_open(out / "trials" / f"{name}.txt") as f:
-            f.writelines(f"{label} {files[e]} {files[t]}\n" for label, e, t in trials)
-    for old in (out / "trials").glob("*.txt"):
-        if old.stem not in trial_lists:  # left over from an earlier run
-            old.unlink()
-    with atomic_open(out / "skipped.txt") as f:
-        f.writelines(f"{path}\t{reason}\n" for path, reason in skipped_lines)
+        with atomic_write(out / "trials" / f"{name}.txt") as f:
+            f.writelines(f"{label} {e} {t}\n" for label, e, t in trials)
+    with atomic_write(out / "skipped.txt") as f:
+        f.writelines(f"{escaped(path)}\t{reason}\n" for path, reason in skipped_lines)
+    write_json(out / "prepare.json", record)
 
 
-def auto_or_count(text):
-    """argparse type: 'auto' or a speaker count >= 2 (fewer cannot make non-target trials)."""
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 2:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 2, got {text!r}")
-    return int(text)
+def count_arg(auto_min):
+    """argparse type: 'auto' or a speaker count >= auto_min."""
+    def parse(text):
+        if text == "auto":
+            return text
+        if not text.isdigit() or int(text) < auto_min:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= {auto_min}, got {text!r}")
+        return int(text)
+    return parse
 
 
 def parse_args(argv=None):
@@ -448,7 +357,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--voxceleb1", metavar="ROOT", help="VoxCeleb1 root: ROOT/wav or ROOT/{dev,test}/wav")
-    source.add_argument("--corpus", metavar="ROOT", help="any speaker/session/utterance.{wav,flac,m4a} tree")
+    source.add_argument("--corpus", metavar="ROOT", help="any speaker/session/utterance.<audio> tree")
     source.add_argument("--demo", action="store_true", help="generate a small synthetic corpus in OUT/corpus")
     parser.add_argument("--voxceleb2", metavar="ROOT",
                         help="VoxCeleb2 dev set for training: ROOT/dev/aac, ROOT/aac or ROOT holding the id* "
@@ -460,17 +369,23 @@ def parse_args(argv=None):
                              "manifest pointing at the FLAC files. Resumable: re-run the same command after an "
                              "interruption and only the missing files are decoded")
     parser.add_argument("--out", metavar="DIR", required=True, type=Path, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing preparation in --out that was made with other arguments")
     parser.add_argument("--trials", nargs="+", metavar="FILE",
                         help="trial lists 'label enroll test' (paths relative to the corpus root); "
                              "their speakers are held out as test. VoxCeleb1: official lists in ROOT")
-    parser.add_argument("--test-speakers", metavar="N", type=auto_or_count, default="auto",
+    parser.add_argument("--test-speakers", metavar="N", type=count_arg(2), default="auto",
                         help="without --trials: speakers held out for a generated 'test' list "
                              "(auto = max(2, 10%% of speakers); --demo: 8)")
-    parser.add_argument("--valid-speakers", metavar="N", type=auto_or_count, default="auto",
-                        help="training speakers held out for the 'valid' list "
-                             "(auto = max(2, 3%% of non-test speakers); --demo: 4)")
+    parser.add_argument("--valid-speakers", metavar="N", type=count_arg(0), default="auto",
+                        help="training speakers held out for the 'valid' list that picks checkpoints (auto = "
+                             "max(4, 3%% of non-test speakers), but no more than a third of them; 0: none, every "
+                             "non-test speaker trains, as in SUPERB: then report.py --protocol superb)")
+    parser.add_argument("--max-valid-utts", metavar="N", type=int, default=300,
+                        help="validation utterances (round-robin over the valid speakers); every pair among them "
+                             "is a validation trial")
     parser.add_argument("--min-secs", metavar="SECS", type=float, default=0.3, help="skip shorter files")
-    parser.add_argument("--max-trials", metavar="N", type=int, default=20000, help="cap on each generated trial list")
+    parser.add_argument("--max-trials", metavar="N", type=int, default=20000, help="cap on a generated test list")
     parser.add_argument("--seed", type=int, default=0, help="seed for speaker choice, trials and demo")
     parser.add_argument("--workers", metavar="N", type=int, default=8,
                         help="threads reading file headers; processes for --convert-to (at most the CPU count)")
@@ -481,36 +396,87 @@ def parse_args(argv=None):
         parser.error("--voxceleb2 combines with --voxceleb1 only")
     if (args.trials or args.voxceleb1) and args.test_speakers != "auto":
         parser.error("--test-speakers applies only without trial lists (they name the test speakers)")
-    if args.max_trials < 2 or args.workers < 1 or args.min_secs < 0:
-        parser.error("--max-trials must be >= 2, --workers >= 1 and --min-secs >= 0")
+    if args.max_trials < 2 or args.workers < 1 or args.min_secs < 0 or args.max_valid_utts < 2:
+        parser.error("--max-trials and --max-valid-utts must be >= 2, --workers >= 1 and --min-secs >= 0")
     return args
+
+
+def record_of(args) -> dict:
+    """The arguments that define a preparation (paths absolute), as prepare.json keeps them."""
+    keep = ("voxceleb1", "voxceleb2", "corpus", "demo", "convert_to", "trials", "test_speakers", "valid_speakers",
+            "max_valid_utts", "min_secs", "max_trials", "seed")
+    absolute = {"voxceleb1", "voxceleb2", "corpus", "convert_to"}
+    record = {k: os.path.abspath(getattr(args, k)) if k in absolute and getattr(args, k) else getattr(args, k)
+              for k in keep}
+    record["trials"] = [os.path.abspath(t) for t in args.trials or []]
+    return record
+
+
+def check_existing(out: Path, record: dict, overwrite: bool) -> bool:
+    """True when `out` already holds this very preparation (nothing to do); refuses another one."""
+    recover_dir(out)
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    saved = out / "prepare.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("arguments") == record and not overwrite:
+        return True
+    if not overwrite:
+        what = "another preparation" if saved.is_file() else "files that are not a preparation"
+        raise SystemExit(f"{out} holds {what}: choose another --out, or pass --overwrite to replace it")
+    if not saved.is_file() and not (out / "utterances.csv").is_file():
+        raise SystemExit(f"{out} holds files that are not a preparation: --overwrite replaces preparations only")
+    return False
+
+
+def split_speakers(args, by_speaker, test_speakers, rng):
+    """The valid speakers: taken out of training, so checkpoint selection never sees test trials."""
+    train_pool = [s for s in sorted(by_speaker) if s not in test_speakers]
+    count = args.valid_speakers
+    if count == "auto":
+        count = 4 if args.demo else min(max(4, round(0.03 * len(train_pool))), len(train_pool) // 3)
+    if len(train_pool) - count < 2:
+        hint = " (VoxCeleb1-E/H name every speaker: pass --trials veri_test2.txt)" if args.voxceleb1 else ""
+        raise SystemExit(f"{len(test_speakers)} of {len(by_speaker)} speakers are test speakers: too few left "
+                         f"for {count} valid and >= 2 training speakers{hint}")
+    return choose_speakers(by_speaker, train_pool, count, "valid", rng) if count else set()
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = args.out.resolve()
+    record = record_of(args)
+    if check_existing(out, record, args.overwrite):
+        print(f"{out} already holds this preparation (same arguments): nothing to do (--overwrite redoes it)")
+        return
+    build = out.with_name(f".{out.name}.building")  # swapped in whole at the end
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
     rng = random.Random(args.seed)
+    skipped_paths = {}  # path -> reason, for what never became an utterance id
     if args.demo:
-        make_demo_corpus(out / "corpus", seed=args.seed)
-        roots = [out / "corpus"]
+        make_demo_corpus(build / "corpus", seed=args.seed)
+        roots = [build / "corpus"]
     elif args.corpus:
         roots = [Path(args.corpus)]
     else:  # VoxCeleb1, VoxCeleb2 or both: their speaker ids (id1xxxx, id0xxxx) never collide
         roots = voxceleb_wav_dirs(args.voxceleb1) if args.voxceleb1 else []
         roots += voxceleb2_dirs(args.voxceleb2) if args.voxceleb2 else []
+    for folder in [*roots, *([args.convert_to] if args.convert_to else [])]:
+        if not args.demo and Path(os.path.realpath(folder)).is_relative_to(out):
+            raise SystemExit(f"{folder}: audio must not live inside --out {out}: that folder is replaced as a whole")
     convert_dir = args.convert_to and os.path.realpath(args.convert_to)
     if convert_dir and any(Path(convert_dir).is_relative_to(os.path.realpath(root)) for root in roots):
         raise SystemExit(f"{convert_dir}: --convert-to must be outside the corpus (a re-run would find both copies)")
-    if convert_dir and any(c.isspace() for c in convert_dir):
-        raise SystemExit(f"{convert_dir}: --convert-to path contains whitespace, which trial lists cannot hold")
+    if convert_dir and name_problem(convert_dir):
+        raise SystemExit(f"{convert_dir}: --convert-to path: {name_problem(convert_dir)}")
     files = {}
     for root in roots:
-        for utt, path in scan_tree(root).items():
+        for utt, path in scan_tree(root, skipped_paths).items():
             if utt in files:
                 raise SystemExit(f"{path}: same id {utt} as {files[utt]}")
             files[utt] = path
     if not files:
-        raise SystemExit(f"{roots[0]}: no speaker/session/utterance.wav, .flac or .m4a files found")
+        raise SystemExit(f"{roots[0]}: no speaker/session/utterance files ({', '.join(AUDIO_EXTENSIONS)}) found")
     trial_files = args.trials or (official_trial_files(args.voxceleb1) if args.voxceleb1 else [])
 
     usable, skipped = read_headers(files, args.min_secs, args.workers)
@@ -531,30 +497,26 @@ def main(argv=None):
         if count == "auto":  # the demo keeps more speakers out, so its EER rests on more trials
             count = 8 if args.demo else max(2, round(0.1 * len(by_speaker)))
         test_speakers = choose_speakers(by_speaker, by_speaker, count, "test", rng)
-    # Validation speakers come out of training, so checkpoint selection never sees test trials.
-    train_pool = [s for s in sorted(by_speaker) if s not in test_speakers]
-    count = args.valid_speakers
-    if count == "auto":
-        count = 4 if args.demo else max(2, round(0.03 * len(train_pool)))
-    if len(train_pool) - count < 2:
-        hint = " (VoxCeleb1-E/H name every speaker: pass --trials veri_test2.txt)" if args.voxceleb1 else ""
-        raise SystemExit(f"{len(test_speakers)} of {len(by_speaker)} speakers are test speakers: too few left "
-                         f"for {count} valid and >= 2 training speakers{hint}")
-    valid_speakers = choose_speakers(by_speaker, train_pool, count, "valid", rng)
+    valid_speakers = split_speakers(args, by_speaker, test_speakers, rng)
     if not trial_files:
         trial_lists["test"] = balanced_trials({s: by_speaker[s] for s in test_speakers}, args.max_trials, rng)
-    trial_lists["valid"] = balanced_trials({s: by_speaker[s] for s in valid_speakers}, args.max_trials, rng)
+    if valid_speakers:
+        trial_lists["valid"] = all_pair_trials({s: by_speaker[s] for s in valid_speakers}, args.max_valid_utts, rng)
 
     split = {s: "test" if s in test_speakers else "valid" if s in valid_speakers else "train" for s in by_speaker}
-    skipped_lines = [(files[utt], reason) for utt, reason in sorted(skipped.items())] + dropped
-    write_outputs(out, usable, files, split, trial_lists, skipped_lines)
+    stored = {utt: stored_path(files[utt], build if args.demo else out) for utt in usable}  # the demo's: inside
+    skipped_lines = sorted(skipped_paths.items()) + [(files[u], r) for u, r in sorted(skipped.items())] + dropped
+    per_split = Counter(split[speaker_of(utt)] for utt in usable)
+    record_out = {"arguments": record, "utterances": len(usable), "speakers": len(by_speaker), **per_split,
+                  "skipped": len(skipped_lines), "trials": {n: len(t) for n, t in trial_lists.items()}}
+    write_outputs(build, usable, stored, split, trial_lists, skipped_lines, record_out)
+    replace_dir(build, out)
     for name, trials in trial_lists.items():
         print(f"trials/{name}.txt: {len(trials)} trials ({sum(t[0] for t in trials)} target)")
-    per_split = Counter(split[speaker_of(utt)] for utt in usable)
     dropped_note = f"; dropped {len(dropped)} trials naming skipped files" if dropped else ""
     print(f"prepared {len(usable)} utterances of {len(by_speaker)} speakers (train {per_split['train']} / "
-          f"valid {per_split['valid']} / test {per_split['test']}); skipped {len(skipped)} files"
-          f"{dropped_note} (see {out / 'skipped.txt'})")
+          f"valid {per_split['valid']} / test {per_split['test']}); skipped {len(skipped_lines) - len(dropped)} "
+          f"files{dropped_note} (see {out / 'skipped.txt'})")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ upstream has several layers, layer_weights.png. The layer weights are also print
 """
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from statistics import NormalDist
@@ -24,7 +23,8 @@ from statistics import NormalDist
 import numpy as np
 import yaml
 
-import metrics
+from asv import metrics
+from asv.checkpoints import best_entry, best_step, read_history, step_of
 
 VALID = "valid"
 COLUMNS = [("eer", "EER %"), ("min_dcf_0.01", "minDCF 0.01"), ("min_dcf_0.05", "minDCF 0.05")]
@@ -57,30 +57,24 @@ def load_json(path):
     return data
 
 
-def read_config(run):
-    """(valid_metric, valid_higher_better) from config.yaml; defaults when absent."""
+def valid_metric(run):
+    """train.valid_metric from config.yaml; eer when absent."""
     path = run / "config.yaml"
     if not path.exists():
-        return "eer", False
+        return "eer"
     try:
-        train = (yaml.safe_load(path.read_text()) or {}).get("train") or {}
-        return train.get("valid_metric", "eer"), bool(train.get("valid_higher_better", False))
+        return ((yaml.safe_load(path.read_text()) or {}).get("train") or {}).get("valid_metric", "eer")
     except (OSError, yaml.YAMLError, AttributeError) as e:
         warn(f"cannot read {path}, using valid_metric=eer: {e}")
-        return "eer", False
-
-
-def step_number(name):
-    match = re.fullmatch(r"step-(\d+)", name)
-    return int(match.group(1)) if match else None
+        return "eer"
 
 
 def collect(run):
-    """{step: {list: metrics}}, AS-norm numbers folded in under "asnorm_<key>"."""
+    """{step: {list: metrics}}, AS-norm numbers folded in under "asnorm_<key>"; validation from the run's history."""
     evals = {}
     for eval_dir in sorted(run.glob("step-*/eval/*")):
-        step = step_number(eval_dir.parent.parent.name)
-        if step is None or not eval_dir.is_dir():
+        step = step_of(eval_dir.parent.parent)
+        if step is None or not eval_dir.is_dir() or eval_dir.name.endswith((".tmp", ".old")):
             continue
         metrics = load_json(eval_dir / "metrics.json")
         if metrics is None:
@@ -89,24 +83,23 @@ def collect(run):
             asnorm = load_json(eval_dir / "metrics_asnorm.json") or {}
             metrics.update({"asnorm_" + key: value for key, value in asnorm.items()})
         evals.setdefault(step, {})[eval_dir.name] = metrics
+    for entry in read_history(run):  # pruned checkpoints keep their validation line
+        evals.setdefault(entry["step"], {})[VALID] = entry
     return dict(sorted(evals.items()))
 
 
-def choose_step(run, evals):
+def choose_step(run, evals, protocol="valid"):
     """(step, how it was chosen); step is None when nothing tells us."""
-    best = run / "best"
-    if best.is_symlink() or best.exists():
-        step = step_number(best.resolve().name)
-        if step is not None:
-            return step, "`best` symlink" + ("" if step in evals else "; that step has no metrics.json")
-        warn(f"{best} does not point to a step-<N> directory, ignored")
-    metric, higher_better = read_config(run)
-    scored = {s: lists[VALID][metric] for s, lists in evals.items()
-              if isinstance(lists.get(VALID, {}).get(metric), (int, float))}
-    if not scored:
-        return None, f"no `best` symlink and no {VALID} list with '{metric}'"
-    pick = max if higher_better else min  # ties go to the earliest step
-    return pick(scored, key=scored.get), f"{'highest' if higher_better else 'lowest'} {VALID} {metric}"
+    if protocol == "superb":
+        return None, "SUPERB protocol: every checkpoint is tested, the best on each test list is reported"
+    step = best_step(run)
+    if step is not None:
+        return step, "`best` link, ranked on validation" + ("" if step in evals else "; that step has no metrics.json")
+    metric = valid_metric(run)
+    best = best_entry([{"step": s, **lists[VALID]} for s, lists in evals.items() if VALID in lists], metric)
+    if best is None:
+        return None, f"no `best` link and no {VALID} results with '{metric}'"
+    return best["step"], f"lowest {VALID} {metric}"
 
 
 def table(header, rows):
@@ -344,6 +337,12 @@ def plot_chosen(plt, run, evals, chosen, weights):
     return paths, notes
 
 
+def best_on_test(evals, name):
+    """The step with the lowest EER on test list `name` (SUPERB's stage 4; not a fair selection)."""
+    scored = [s for s in evals if isinstance(evals[s].get(name, {}).get("eer"), (int, float))]
+    return min(scored, key=lambda s: (evals[s][name]["eer"], -s)) if scored else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -351,6 +350,9 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None,
                         help="Markdown file to write; None means exp/<run>/report.md for one run, "
                              "report.md in the current directory for several")
+    parser.add_argument("--protocol", choices=("valid", "superb"), default="valid",
+                        help="valid: the checkpoint chosen on validation speakers (honest); superb: SUPERB's stage 3+4, "
+                             "every checkpoint tested and the best one ON THE TEST LIST reported, labelled so")
     parser.add_argument("--no-plots", action="store_true",
                         help="write no PNG (eer_vs_step, det_<list>, scores_<list>, layer_weights); "
                              "tables and the layer-weight line still come out")
@@ -364,7 +366,7 @@ def main(argv=None):
             print(f"{run}: no evaluated checkpoints (no step-<N>/eval/<list>/metrics.json), skipped",
                   file=sys.stderr)
             continue
-        chosen, how = choose_step(run, evals)
+        chosen, how = choose_step(run, evals, args.protocol)
         weights = read_layer_weights(run, chosen)
         plots, notes = [], []
         if plt is not None:
@@ -373,9 +375,10 @@ def main(argv=None):
                 chosen_plots, notes = plot_chosen(plt, run, evals, chosen, weights)
                 plots += chosen_plots
         sections += run_section(run, evals, chosen, how, plots, weights, notes)
-        picked = evals.get(chosen, {})
-        summary += [(run, name, chosen, picked.get(VALID, {}), picked.get(name, {}))
-                    for name in list_names(evals)]
+        for name in list_names(evals):
+            step = chosen if args.protocol == "valid" else best_on_test(evals, name)
+            picked = evals.get(step, {})
+            summary.append((run, name, step, picked.get(VALID, {}), picked.get(name, {})))
     if not sections:
         print("error: no run had any evaluated checkpoint", file=sys.stderr)
         return 1
@@ -385,7 +388,9 @@ def main(argv=None):
     rows = [[run, name, "none" if chosen is None else chosen, fmt("eer", valid.get("eer"))]
             + [fmt(key, test.get(key)) for key, _ in columns] for run, name, chosen, valid, test in summary]
     header = ["run", "list", "chosen step", f"{VALID} EER %"] + [h for _, h in columns]
-    lines = ["# ASV report", "", "## Summary: checkpoint chosen on validation", ""]
+    title = ("checkpoint chosen on validation" if args.protocol == "valid" else
+             "BEST ON TEST (SUPERB protocol: each list's best checkpoint, chosen on the test trials themselves)")
+    lines = ["# ASV report", "", f"## Summary: {title}", ""]
     lines += (table(header, rows) if rows else ["No test lists evaluated."]) + [""] + sections
     text = "\n".join(lines)
     out = args.out or (args.runs[0] / "report.md" if len(args.runs) == 1 else Path("report.md"))

@@ -1,24 +1,40 @@
-"""The model, in pieces (see DESIGN.md):
+"""The model, in pieces (see README's data flow):
 
-    waveform -> Upstream -> hidden states -> SpeakerEncoder(WeightedSum -> XVector | ECAPA) -> embedding
-                                                                  training only: -> MarginSoftmax
+    waveform -> Upstream -> hidden states -> SpeakerEncoder(WeightedSum -> downstream) -> embedding
+                                                                 training only: -> MarginSoftmax
 
 The upstream is kept apart from the trained part: a frozen upstream is never wrapped
 for distributed training, never given to the optimizer and never saved in checkpoints.
+
+Downstreams: DOWNSTREAMS maps `downstream.name` to a class. Each class declares its own config
+keys as a nested `Options` dataclass and is built as `cls(input_dim, options)`; the config
+refuses keys that are not its own. A new downstream is one file here plus one row below.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import torch
 import torch.nn as nn
 
+from .ecapa import ECAPA
 from .featurizer import WeightedSum
 from .heads import MarginSoftmax
+from .pooling import POOLINGS
 from .scoring import asnorm_scores, cohort_stats, cosine_scores
+from .superb_xvector import SuperbXvector
 from .upstream import UPSTREAMS, build_upstream, run_chunked
-from .ecapa import ECAPA
-from .xvector import XVector
+from .xvector_bn import XVectorBN
+
+DOWNSTREAMS = {
+    "superb_xvector": SuperbXvector,  # SUPERB's x-vector, exactly as s3prl builds it
+    "xvector_bn": XVectorBN,          # the same TDNN with BatchNorm: learns fast from scratch
+    "ecapa": ECAPA,                   # ECAPA-TDNN
+}
+
+__all__ = ["DOWNSTREAMS", "POOLINGS", "UPSTREAMS", "Extractor", "MarginSoftmax", "SpeakerEncoder", "WeightedSum",
+           "asnorm_scores", "build_encoder", "build_upstream", "cohort_stats", "cosine_scores", "load_model_file",
+           "min_input_samples", "model_meta", "run_chunked", "save_model_file"]
 
 
 class SpeakerEncoder(nn.Module):
@@ -36,15 +52,23 @@ class SpeakerEncoder(nn.Module):
         return self.downstream(feats, lengths)
 
 
-def build_encoder(cfg, upstream: nn.Module) -> SpeakerEncoder:
-    """cfg: config.Config. Sizes itself from the upstream's num_layers and hidden_size."""
-    d = cfg.downstream
-    featurizer = WeightedSum(upstream.num_layers, upstream.hidden_size, cfg.featurizer.layer_norm)
-    if d.name == "ecapa":
-        downstream = ECAPA(upstream.hidden_size, d.channels, d.embed_dim)
-    else:
-        downstream = XVector(upstream.hidden_size, d.proj_dim, d.channels, d.stats_dim, d.embed_dim)
+def build_encoder(upstream: nn.Module, downstream_options, normalize: bool = False) -> SpeakerEncoder:
+    """Featurizer + downstream, sized from the upstream's num_layers and hidden_size."""
+    featurizer = WeightedSum(upstream.num_layers, upstream.hidden_size, normalize)
+    downstream = DOWNSTREAMS[downstream_options.name](upstream.hidden_size, downstream_options)
     return SpeakerEncoder(featurizer, downstream)
+
+
+class Extractor(nn.Module):
+    """Upstream + SpeakerEncoder behind one forward: wav (B, T) + lengths (B,) -> embeddings (B, E)."""
+
+    def __init__(self, upstream: nn.Module, encoder: SpeakerEncoder):
+        super().__init__()
+        self.upstream, self.encoder = upstream, encoder
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden, frames = self.upstream(wav, lengths)  # [(B, T', D)] * L, (B,)
+        return self.encoder(hidden, frames)  # (B, E)
 
 
 def min_input_samples(upstream: nn.Module, encoder: SpeakerEncoder) -> int:
@@ -53,41 +77,56 @@ def min_input_samples(upstream: nn.Module, encoder: SpeakerEncoder) -> int:
     return upstream.min_samples + (frames - 1) * upstream.hop
 
 
+def model_meta(upstream_name: str, layers: list[int], downstream_options) -> dict:
+    """What a model file records of its architecture, and what loading it checks against the config."""
+    return {"upstream": upstream_name, "layers": list(layers), "downstream": dataclasses.asdict(downstream_options)}
+
+
 def save_model_file(path: str, encoder: nn.Module, upstream: nn.Module, trainable_upstream: bool, meta: dict,
                     head: nn.Module | None = None):
     """The file evaluation loads: the trained parts only (a frozen upstream is rebuilt from its source).
-    The head rides along for fine-tuning (train.init_from); evaluation ignores it."""
+    The head rides along for fine-tuning (train.init_from); evaluation ignores it. Written by the
+    caller into a folder that is renamed once complete."""
     state = {"encoder": encoder.state_dict(), "meta": meta}
     if head is not None:
         state["head"] = head.state_dict()
     if trainable_upstream:
         state["upstream"] = upstream.state_dict()
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, path)
 
 
 def load_model_file(path: str, encoder: nn.Module, upstream: nn.Module, meta: dict, head: nn.Module | None = None):
-    """Load weights saved by save_model_file; a checkpoint from another config fails with one clear line."""
+    """Load weights saved by save_model_file; a checkpoint from another config fails with one line naming the key."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such model file") from None
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or "encoder" not in state:
         raise ValueError(f"{path}: not a model file written by train_asv.py (no encoder weights)")
     saved = state.get("meta", {})
-    for key in ("upstream", "downstream", "embed_dim"):
-        if saved.get(key) != meta.get(key):
-            raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r} but the config has {meta.get(key)!r}")
+    for key, value in _flat(meta).items():
+        if _flat(saved).get(key) != value:
+            raise ValueError(f"{path}: checkpoint has {key}={_flat(saved).get(key)!r} but the config has {value!r}")
     try:
         encoder.load_state_dict(state["encoder"])
         if "upstream" in state:
             upstream.load_state_dict(state["upstream"])
         if head is not None:
             if "head" not in state:
-                raise RuntimeError("it holds no speaker head")
+                raise ValueError(f"{path}: holds no speaker head to start from")
             head.load_state_dict(state["head"])
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise ValueError(f"{path}: checkpoint does not match the config ({detail})") from None
+    except RuntimeError as e:  # a shape the meta does not describe (e.g. another upstream.ckpt's hidden size)
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"{path}: checkpoint does not match the config: {first}") from None
     return saved
+
+
+def _flat(meta: dict) -> dict:
+    """{'downstream.channels': 512, ...}: meta keys named as the config names them."""
+    out = {k: v for k, v in meta.items() if k != "downstream"}
+    out["upstream.name"] = out.pop("upstream", None)
+    out["featurizer.layer_selections"] = out.pop("layers", None)
+    out.update({f"downstream.{k}": v for k, v in meta.get("downstream", {}).items()})
+    return out

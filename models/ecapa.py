@@ -3,7 +3,7 @@
     Conv1d k=5 + ReLU + BN                                   D -> C
     3 x SE-Res2Block (k=3, dilation 2/3/4, Res2Net scale 8)  C -> C, residual
     multi-layer feature aggregation: concat the 3 blocks, 1x1 conv  3C -> M (M = 3C: 1536 for C=512)
-    attentive statistics pooling with global context         M x T -> 2M
+    attentive statistics pooling with global context         M x T -> 2M (models/pooling.py)
     BN -> Linear -> BN                                       2M -> E
 
 Padding invariance: every convolution is "same"-padded, so a frame near the end of the
@@ -17,10 +17,12 @@ batch statistics still see the zeroed padding frames (as the x-vector's BN sees 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from .upstream import frame_mask
+from .pooling import POOLINGS, frame_mask
 
 
 class TDNNBlock(nn.Module):
@@ -33,13 +35,6 @@ class TDNNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.bn(torch.relu(self.conv(x))) * mask  # (B, out_ch, T); mask (B, 1, T)
-
-
-def masked_mean_std(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6):
-    """x (B, C, T), weights w (B, 1|C, T) summing to 1 over time (0 on padding) -> mean, std (B, C)."""
-    mean = (x * w).sum(-1)
-    var = (x * x * w).sum(-1) - mean * mean
-    return mean, torch.sqrt(var.clamp(min=eps))  # clamp: rounding can make var slightly negative
 
 
 class SERes2Block(nn.Module):
@@ -68,48 +63,35 @@ class SERes2Block(nn.Module):
         return x + h * s.unsqueeze(-1)  # both terms are zero on padding
 
 
-class AttentiveStatsPool(nn.Module):
-    """Channel- and context-dependent attentive statistics pooling: (B, M, T) -> (B, 2M).
-
-    Each frame is scored from [h_t, global mean, global std] (the global context), per
-    channel; softmax over valid frames; the weighted mean and std are the output."""
-
-    def __init__(self, channels: int, attention_dim: int = 128):
-        super().__init__()
-        self.tdnn = TDNNBlock(3 * channels, attention_dim)
-        self.score = nn.Conv1d(attention_dim, channels, 1)
-
-    def weights(self, x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """x (B, M, T), mask (B, 1, T) bool, n (B, 1) -> attention (B, M, T): sums to 1 over valid frames, 0 on padding."""
-        mean, std = masked_mean_std(x, mask / n.unsqueeze(-1))  # global context over valid frames, (B, M)
-        T = x.shape[-1]
-        ctx = torch.cat([x, mean.unsqueeze(-1).expand(-1, -1, T), std.unsqueeze(-1).expand(-1, -1, T)], dim=1)
-        e = self.score(torch.tanh(self.tdnn(ctx, mask)))  # (B, M, T) frame scores
-        return torch.softmax(e.masked_fill(~mask, float("-inf")), dim=-1)  # padding gets exactly 0
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        mean, std = masked_mean_std(x, self.weights(x, mask, n))
-        return torch.cat([mean, std], dim=1)  # (B, 2M)
-
-
 class ECAPA(nn.Module):
-    def __init__(self, input_dim: int, channels: int = 512, embed_dim: int = 192, scale: int = 8,
-                 attention_dim: int = 128, mfa_channels: int | None = None):
+    @dataclass
+    class Options:
+        name: str = "ecapa"
+        channels: int = 512           # C: 512 (small) or 1024 (large)
+        embed_dim: int = 192          # speaker embedding size
+        scale: int = 8                # Res2Net scale: the channels split into this many groups
+        attention_dim: int = 128      # attentive pooling's hidden size
+        pooling: str = "attentive"    # attentive | stats (models.pooling.POOLINGS)
+
+    def __init__(self, input_dim: int, opts: Options):
         super().__init__()
-        mfa_channels = mfa_channels or 3 * channels
-        self.layer1 = TDNNBlock(input_dim, channels, kernel=5)
-        self.blocks = nn.ModuleList(SERes2Block(channels, 3, d, scale) for d in (2, 3, 4))
-        self.mfa = TDNNBlock(3 * channels, mfa_channels)  # aggregate all three blocks' outputs
-        self.pool = AttentiveStatsPool(mfa_channels, attention_dim)
-        self.pool_bn = nn.BatchNorm1d(2 * mfa_channels)
-        self.embedding = nn.Linear(2 * mfa_channels, embed_dim)
-        self.embed_bn = nn.BatchNorm1d(embed_dim)
+        if opts.pooling not in POOLINGS:
+            raise ValueError(f"downstream.pooling must be one of {', '.join(POOLINGS)}, got {opts.pooling!r}")
+        c = opts.channels
+        self.layer1 = TDNNBlock(input_dim, c, kernel=5)
+        self.blocks = nn.ModuleList(SERes2Block(c, 3, d, opts.scale) for d in (2, 3, 4))
+        self.mfa = TDNNBlock(3 * c, 3 * c)  # aggregate all three blocks' outputs
+        pool_args = {"attention_dim": opts.attention_dim} if opts.pooling == "attentive" else {}
+        self.pool = POOLINGS[opts.pooling](3 * c, **pool_args)
+        self.pool_bn = nn.BatchNorm1d(self.pool.out_dim)
+        self.embedding = nn.Linear(self.pool.out_dim, opts.embed_dim)
+        self.embed_bn = nn.BatchNorm1d(opts.embed_dim)
         self.context = 0  # "same" convs: no frames lost (models.min_input_samples reads this)
-        self.embed_dim = embed_dim
+        self.embed_dim = opts.embed_dim
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """feats (B, T, D), lengths (B,) valid frames -> (B, embed_dim)."""
-        lengths = lengths.clamp(min=1, max=feats.shape[1])  # an empty row would make the attention softmax NaN
+        lengths = lengths.clamp(min=1, max=feats.shape[1])
         mask = frame_mask(lengths, feats.shape[1]).unsqueeze(1)  # (B, 1, T) bool
         n = lengths.view(-1, 1).to(feats.dtype)  # (B, 1)
         x = self.layer1(feats.transpose(1, 2) * mask, mask)  # (B, C, T); the input's padding zeroed first
@@ -117,6 +99,5 @@ class ECAPA(nn.Module):
         for block in self.blocks:
             x = block(x, mask, n)
             outs.append(x)
-        h = self.mfa(torch.cat(outs, dim=1), mask)  # (B, M, T)
-        pooled = self.pool_bn(self.pool(h, mask, n))  # (B, 2M)
-        return self.embed_bn(self.embedding(pooled))  # (B, E)
+        h = self.mfa(torch.cat(outs, dim=1), mask)  # (B, 3C, T), zero on padding
+        return self.embed_bn(self.embedding(self.pool_bn(self.pool(h, lengths))))  # (B, E)

@@ -26,24 +26,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-
-class Extractor(nn.Module):
-    """Upstream + SpeakerEncoder (featurizer + downstream) behind one forward, through their own forwards."""
-
-    def __init__(self, upstream: nn.Module, encoder: nn.Module):
-        super().__init__()
-        self.upstream, self.encoder = upstream, encoder
-
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden, frames = self.upstream(wav, lengths)  # [(B, T', D)] * L, (B,)
-        return self.encoder(hidden, frames)  # (B, E)
-
-
-def shortest_input(upstream: nn.Module, encoder: nn.Module) -> int:
-    """Fewest samples the exported file accepts: two pooled frames, one more than eager needs
-    (models.min_input_samples), because torch.export treats a size of 1 as a constant."""
-    frames = encoder.downstream.context + 2
-    return upstream.min_samples + (frames - 1) * upstream.hop
+from . import Extractor, min_input_samples
 
 
 def check_export_path(path: str) -> str:
@@ -60,15 +43,14 @@ def check_export_path(path: str) -> str:
     return suffix
 
 
-def export_extractor(upstream: nn.Module, encoder: nn.Module, paths: list[str], meta: dict) -> dict:
-    """Write each of `paths` (.pt2 and/or .onnx, one export for all) atomically; `meta` (sample rate,
-    names) is stored in the files. Returns the stored metadata. CPU, float32, whatever the training precision.
-    """
-    for path in paths:
-        check_export_path(path)
+def export_program(upstream: nn.Module, encoder: nn.Module, meta: dict):
+    """The extractor as a torch.export ExportedProgram with dynamic batch and length, and the metadata
+    the files carry (`meta`, e.g. the sample rate, plus embed_dim and min_samples). CPU, float32,
+    whatever the training precision."""
     # an inference file: no weight needs a gradient (a trainable upstream's would break torch.onnx's decomposition)
     model = Extractor(upstream, encoder).cpu().float().eval().requires_grad_(False)
-    min_samples = shortest_input(upstream, encoder)
+    # two pooled frames, one more than eager needs: torch.export treats a size of 1 as a constant
+    min_samples = min_input_samples(upstream, encoder) + upstream.hop
     meta = {**meta, "embed_dim": encoder.downstream.embed_dim, "min_samples": min_samples,
             "inputs": "wav (B, T) float32 zero-padded, lengths (B,) int64", "outputs": "embeddings (B, E) float32",
             "l2_normalized": False}
@@ -79,20 +61,21 @@ def export_extractor(upstream: nn.Module, encoder: nn.Module, paths: list[str], 
     program = torch.export.export(model, example, dynamic_shapes=({0: batch, 1: samples}, {0: batch}))
     with torch.no_grad():  # export may raise the minimum silently; the file promises min_samples: check it runs
         program.module()(torch.zeros(1, min_samples), torch.tensor([min_samples]))
-    for path in paths:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp"
-        if path.endswith(".pt2"):
-            with open(tmp, "wb") as f, warnings.catch_warnings():
-                # torch's archive writer warns about weights "not on CPU"; all of ours are
-                warnings.filterwarnings("ignore", message="No complete tensor found")
-                torch.export.save(program, f, extra_files={"asv.json": json.dumps(meta)})
-        else:
-            onnx_program = torch.onnx.export(program, input_names=["wav", "lengths"], output_names=["embeddings"],
-                                             verbose=False)
-            wav = onnx_program.model.graph.inputs[0]
-            onnx_program.rename_axes({wav.shape[0]: "batch", wav.shape[1]: "samples"})
-            onnx_program.model.metadata_props.update({k: str(v) for k, v in meta.items()})
-            onnx_program.save(tmp, external_data=False)  # one file, the weights inside (fine below 2 GB)
-        os.replace(tmp, path)
-    return meta
+    return program, meta
+
+
+def save_program(program, f, suffix: str, meta: dict):
+    """Write the program to the open binary file `f` as .pt2 or .onnx, `meta` inside."""
+    if suffix == ".pt2":
+        with warnings.catch_warnings():  # torch's archive writer warns about weights "not on CPU"; all of ours are
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            torch.export.save(program, f, extra_files={"asv.json": json.dumps(meta)})
+        return
+    import onnx
+
+    onnx_program = torch.onnx.export(program, input_names=["wav", "lengths"], output_names=["embeddings"],
+                                     verbose=False)
+    wav = onnx_program.model.graph.inputs[0]
+    onnx_program.rename_axes({wav.shape[0]: "batch", wav.shape[1]: "samples"})
+    onnx_program.model.metadata_props.update({k: str(v) for k, v in meta.items()})
+    onnx.save_model(onnx_program.model_proto, f)  # one file, the weights inside (fine below 2 GB)

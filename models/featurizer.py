@@ -1,4 +1,10 @@
-"""Weighted sum of upstream layers (SUPERB's featurizer): softmax(w) over L hidden states."""
+"""Weighted sum of upstream layers (SUPERB's featurizer): softmax(w) over L hidden states.
+
+As s3prl's Featurizer: weights start equal (zeros before the softmax), `normalize` applies a
+layer norm without learned scale to every layer first, and a single layer passes through.
+Which layers come in is the upstream's business (featurizer.layer_selections): the upstream
+stops at the deepest selected layer and hands over the selected ones only.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,9 +15,9 @@ import torch.nn.functional as F
 class WeightedSum(nn.Module):
     """[(B, T, D)] * L -> (B, T, D). One layer passes through untouched (no parameters)."""
 
-    def __init__(self, num_layers: int, hidden_size: int, layer_norm: bool = False):
+    def __init__(self, num_layers: int, hidden_size: int, normalize: bool = False):
         super().__init__()
-        self.num_layers, self.hidden_size, self.layer_norm = num_layers, hidden_size, layer_norm
+        self.num_layers, self.hidden_size, self.normalize = num_layers, hidden_size, normalize
         if num_layers > 1:
             self.weights = nn.Parameter(torch.zeros(num_layers))  # equal weights at the start
 
@@ -21,7 +27,7 @@ class WeightedSum(nn.Module):
         if self.num_layers == 1:
             return hidden[0]
         stacked = torch.stack(hidden, dim=0)  # (L, B, T, D)
-        if self.layer_norm:  # per frame, so padding frames cannot affect valid ones
+        if self.normalize:  # per frame, so padding frames cannot affect valid ones
             stacked = F.layer_norm(stacked, (self.hidden_size,))
         w = F.softmax(self.weights, dim=0).to(stacked.dtype)
         return torch.einsum("l,lbtd->btd", w, stacked)

@@ -2,9 +2,9 @@
 
 `upstream.ckpt` is read by what is at the path (load_checkpoint): a torchaudio weights file
 (the bundle's .pth), a Hugging Face `transformers` folder (transformers is optional, imported
-here only), or a fairseq wav2vec 2.0 / HuBERT / microsoft-unilm WavLM checkpoint (fairseq is not
-needed: the architecture comes from the checkpoint's own config, the keys through torchaudio's
-mapping). Every file is read with torch.load(weights_only=True).
+here only), or a fairseq wav2vec 2.0 / HuBERT / microsoft-unilm WavLM checkpoint, also as s3prl's
+converted file (fairseq is not needed: the architecture comes from the checkpoint's own config,
+the keys through torchaudio's mapping). Every file is read with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def build_architecture(name: str, params: dict) -> nn.Module:
 def load_checkpoint(path: str, name: str, arch: dict) -> tuple[nn.Module, bool | None]:
     """upstream.ckpt -> (torchaudio model, normalise the waveform? None: as the bundle), by what is at `path`:
     a folder: a Hugging Face transformers checkpoint; a file whose dict has 'cfg' or 'args' beside 'model':
-    fairseq (or microsoft/unilm WavLM); any other file: a torchaudio state dict (the bundle's file)."""
+    fairseq (or microsoft/unilm WavLM); 'model_cfg' beside 'model_weight': fairseq converted by s3prl;
+    any other file: a torchaudio state dict (the bundle's file)."""
     path = os.path.expanduser(path)
     own_config = f"{path}: carries its own architecture; upstream.arch is only for torchaudio weights files"
     if os.path.isdir(path):
@@ -72,6 +73,11 @@ def load_checkpoint(path: str, name: str, arch: dict) -> tuple[nn.Module, bool |
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file or folder (upstream.ckpt)")
     ckpt = read_torch_file(path)
+    if isinstance(ckpt, dict) and "model_weight" in ckpt and isinstance(ckpt.get("model_cfg"), dict):
+        # s3prl's converted fairseq file (s3prl/upstream/{hubert,wav2vec2}/convert.py): fairseq's own model and
+        # task configs and weights under other names; only HuBERT's carries its label dictionaries
+        model_cfg = {"_name": "hubert" if "dictionaries_symbols" in ckpt else "wav2vec2", **ckpt["model_cfg"]}
+        ckpt = {"cfg": {"model": model_cfg, "task": ckpt.get("task_cfg") or {}}, "model": ckpt["model_weight"]}
     if isinstance(ckpt, dict) and "model" in ckpt and (ckpt.get("cfg") or ckpt.get("args")):
         if arch:
             raise ValueError(own_config)

@@ -1,17 +1,18 @@
 """Upstreams: waveform (B, T) + lengths -> hidden states [(B, T', D)] * L + frame lengths (B,).
 
-`fbank` and `mfcc` are computed in torch, batched. The self-supervised models are
-torchaudio's wav2vec 2.0 / HuBERT / WavLM implementations, loaded from the torchaudio
-bundle (downloaded once into the torch hub cache), from weights already on disk
-(`upstream.ckpt`: the bundle's file, a Hugging Face transformers folder, a fairseq or
-microsoft/unilm WavLM checkpoint; see ssl_weights.py), or built with random weights
-(`upstream.random_init`, for tests and benchmarks on machines without hub access).
-Every upstream exposes `num_layers`,
-`hidden_size`, `hop` (input samples per frame) and `min_samples`, so what follows sizes
-itself from it.
+- `fbank`, `mfcc`: s3prl's baseline features, computed as s3prl computes them, one utterance at
+  a time: Kaldi filterbank (80 bands) or MFCC (13) from torchaudio.compliance.kaldi, first and
+  second deltas, then mean and variance normalisation over the utterance.
+- `logmel`: log mel filterbank in torch, batched, mean-normalised per utterance (cheaper; what
+  the fast recipes use).
+- the self-supervised models: torchaudio's wav2vec 2.0 / HuBERT / WavLM implementations, loaded
+  from the torchaudio bundle (downloaded once into the torch hub cache), from weights already on
+  disk (`upstream.ckpt`, see ssl_weights.py), or built with random weights (`upstream.random_init`).
+Every upstream exposes `num_layers` (the layers it returns), `hidden_size`, `hop` (input samples
+per frame) and `min_samples`, so what follows sizes itself from it.
 
-Padding invariance: filterbank frames are cut without centring, so frame t only sees
-samples [t*hop, t*hop + win) and padded samples never leak into a valid frame.
+Padding invariance: frames are cut without centring, so frame t only sees samples
+[t*hop, t*hop + win), and every normalisation runs over an utterance's valid frames.
 """
 from __future__ import annotations
 
@@ -20,42 +21,59 @@ import math
 import torch
 import torch.nn as nn
 import torchaudio
+import torchaudio.compliance.kaldi as kaldi
 
+from .pooling import frame_mask
 from .ssl_weights import SSL_BUNDLES, build_architecture, load_checkpoint
 
-UPSTREAMS = ("fbank", "mfcc", *SSL_BUNDLES)
+UPSTREAMS = ("fbank", "mfcc", "logmel", *SSL_BUNDLES)
 
 
-def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B,) lengths -> (B, max_len) bool, True on valid frames."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+class KaldiUpstream(nn.Module):
+    """s3prl's `fbank` / `mfcc`: Kaldi features + deltas + CMVN, per utterance (25 ms windows, 10 ms hop)."""
+
+    def __init__(self, kind: str, sample_rate: int, n_mels: int = 80, n_mfcc: int = 13):
+        super().__init__()
+        self.kind, self.sample_rate, self.n_mels, self.n_mfcc = kind, sample_rate, n_mels, n_mfcc
+        self.win, self.hop = int(0.025 * sample_rate), int(0.010 * sample_rate)
+        self.deltas = torchaudio.transforms.ComputeDeltas(win_length=5)
+        self.hidden_size = 3 * (n_mels if kind == "fbank" else n_mfcc)
+        self.num_layers, self.min_samples = 1, self.win
+
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """(T,) -> (frames, 3F): static, delta, delta-delta, normalised over the utterance."""
+        common = dict(sample_frequency=self.sample_rate, frame_length=25.0, frame_shift=10.0)
+        if self.kind == "fbank":
+            x = kaldi.fbank(wav.view(1, -1), num_mel_bins=self.n_mels, use_log_fbank=True, **common)
+        else:
+            x = kaldi.mfcc(wav.view(1, -1), num_ceps=self.n_mfcc, **common)
+        d1 = self.deltas(x.T).T  # ComputeDeltas works along the last axis: time
+        d2 = self.deltas(d1.T).T
+        x = torch.cat([x, d1, d2], dim=-1)
+        return (x - x.mean(0, keepdim=True)) / (1e-10 + x.std(0, keepdim=True))
+
+    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor):
+        with torch.autocast(wavs.device.type, enabled=False):  # features in fp32 even under mixed precision
+            feats = [self.features(w[:n].float()) for w, n in zip(wavs, lengths.tolist())]
+        frames = torch.tensor([len(f) for f in feats], device=wavs.device)
+        return [nn.utils.rnn.pad_sequence(feats, batch_first=True)], frames  # [(B, T', 3F)], (B,)
 
 
-class FilterbankUpstream(nn.Module):
-    """Log mel filterbank (or MFCC), 25 ms windows every 10 ms, mean-normalised per utterance."""
+class LogMelUpstream(nn.Module):
+    """Log mel filterbank, batched, 25 ms windows every 10 ms, mean-normalised per utterance."""
 
-    def __init__(self, kind: str = "fbank", sample_rate: int = 16000, n_mels: int = 80, n_mfcc: int = 40):
+    def __init__(self, sample_rate: int = 16000, n_mels: int = 80):
         super().__init__()
         self.win, self.hop = int(0.025 * sample_rate), int(0.010 * sample_rate)
-        mel = dict(n_fft=self.win, win_length=self.win, hop_length=self.hop, n_mels=n_mels, center=False,
-                   window_fn=torch.hamming_window, f_min=20.0)
-        if kind == "fbank":
-            self.transform = torchaudio.transforms.MelSpectrogram(sample_rate, **mel)
-            self.hidden_size = n_mels
-        else:
-            self.transform = torchaudio.transforms.MFCC(sample_rate, n_mfcc=n_mfcc, log_mels=True, melkwargs=mel)
-            self.hidden_size = n_mfcc
-        self.kind, self.num_layers, self.min_samples = kind, 1, self.win
+        self.transform = torchaudio.transforms.MelSpectrogram(
+            sample_rate, n_fft=self.win, win_length=self.win, hop_length=self.hop, n_mels=n_mels, center=False,
+            window_fn=torch.hamming_window, f_min=20.0)
+        self.hidden_size, self.num_layers, self.min_samples = n_mels, 1, self.win
 
     def forward(self, wavs: torch.Tensor, lengths: torch.Tensor):
         with torch.autocast(wavs.device.type, enabled=False):  # spectra in fp32 even under mixed precision
-            feats = self.transform(wavs.float())  # (B, F, T')
-            if self.kind == "fbank":
-                feats = torch.log(feats + 1e-6)
-            feats = feats.transpose(1, 2)  # (B, T', F)
-            frames = torch.div(lengths - self.win, self.hop, rounding_mode="floor") + 1
-            frames = frames.clamp(min=0)
-            frames = frames.clamp(max=feats.shape[1])
+            feats = torch.log(self.transform(wavs.float()) + 1e-6).transpose(1, 2)  # (B, T', F)
+            frames = (torch.div(lengths - self.win, self.hop, rounding_mode="floor") + 1).clamp(0, feats.shape[1])
             mask = frame_mask(frames, feats.shape[1]).unsqueeze(-1)  # (B, T', 1)
             mean = (feats * mask).sum(1, keepdim=True) / frames.clamp(min=1).view(-1, 1, 1)  # valid frames only
             feats = (feats - mean) * mask
@@ -63,10 +81,12 @@ class FilterbankUpstream(nn.Module):
 
 
 class SSLUpstream(nn.Module):
-    """A torchaudio wav2vec 2.0 / HuBERT / WavLM model returning every layer: the
-    transformer input (layer 0, as s3prl counts it) and each transformer layer's output."""
+    """A torchaudio wav2vec 2.0 / HuBERT / WavLM model returning the transformer input (layer 0,
+    as s3prl counts it) and each transformer layer's output, or only the `layers` asked for: it
+    then stops after the deepest of them, so the layers above cost nothing."""
 
-    def __init__(self, name: str, ckpt: str = "", random_init: bool = False, arch: dict | None = None):
+    def __init__(self, name: str, ckpt: str = "", random_init: bool = False, arch: dict | None = None,
+                 layers: list[int] | None = None):
         super().__init__()
         bundle = SSL_BUNDLES[name]
         normalize = None  # None: the bundle's setting
@@ -78,14 +98,20 @@ class SSLUpstream(nn.Module):
             try:
                 self.model = bundle.get_model()
             except Exception as e:  # no network, no cache: say how to proceed
-                raise RuntimeError(f"cannot download the {name} weights ({type(e).__name__}: {e}); "
-                                   "set upstream.ckpt to a local weights file or upstream.random_init=true") from None
+                reason = " ".join(str(e).split())[:160]
+                raise ValueError(f"cannot download the {name} weights ({type(e).__name__}: {reason}); "
+                                 "set upstream.ckpt to a local weights file or upstream.random_init=true") from None
         self.is_wavlm = name.startswith("wavlm")
         # large LV60K / XLS-R / WavLM Large expect zero-mean unit-variance input; a checkpoint's own setting wins
         self.normalize_waveform = bundle._normalize_waveform if normalize is None else normalize
         # sizes from the model itself: a checkpoint's own config may be larger than the bundle upstream.name names
         convs = [layer.conv for layer in self.model.feature_extractor.conv_layers]
-        self.num_layers = len(self.model.encoder.transformer.layers) + 1
+        total = len(self.model.encoder.transformer.layers) + 1
+        self.layers = sorted(set(layers)) if layers else list(range(total))
+        if self.layers[-1] >= total:
+            raise ValueError(f"featurizer.layer_selections names layer {self.layers[-1]}, but {name} has layers "
+                             f"0-{total - 1}")
+        self.num_layers = len(self.layers)
         self.hidden_size = self.model.encoder.feature_projection.projection.out_features
         self.hop = math.prod(conv.stride[0] for conv in convs)
         receptive = 1
@@ -120,22 +146,28 @@ class SSLUpstream(nn.Module):
         transformer = self.model.encoder.transformer
         x = transformer._preprocess(x)
         hidden, position_bias = [x], None
-        for layer in transformer.layers:
+        for layer in transformer.layers[:self.layers[-1]]:
             x, position_bias = layer(x, position_bias=position_bias, **masks)
             hidden.append(x)
-        return hidden, frames
+        return [hidden[i] for i in self.layers], frames
 
 
-def build_upstream(cfg, sample_rate: int) -> nn.Module:
-    """cfg: config.UpstreamConfig. Frozen upstreams are put in eval mode with no gradients."""
+def build_upstream(cfg, sample_rate: int, layers: list[int] = ()) -> nn.Module:
+    """cfg: the upstream config section; `layers`: featurizer.layer_selections ([]: all).
+    Frozen upstreams are put in eval mode with no gradients."""
     if cfg.name not in UPSTREAMS:
         raise ValueError(f"unknown upstream.name '{cfg.name}' (choose from {', '.join(UPSTREAMS)})")
-    if cfg.name in ("fbank", "mfcc"):
-        upstream = FilterbankUpstream(cfg.name, sample_rate, cfg.n_mels, cfg.n_mfcc)
+    if cfg.name in ("fbank", "mfcc", "logmel"):
+        if any(layers) or len(layers) > 1:
+            raise ValueError(f"featurizer.layer_selections: upstream {cfg.name} has a single layer, 0")
+        if cfg.name == "logmel":
+            upstream = LogMelUpstream(sample_rate, cfg.n_mels)
+        else:
+            upstream = KaldiUpstream(cfg.name, sample_rate, cfg.n_mels, cfg.n_mfcc)
     else:
         if sample_rate != 16000:
             raise ValueError(f"upstream {cfg.name} needs data.sample_rate 16000, got {sample_rate}")
-        upstream = SSLUpstream(cfg.name, cfg.ckpt, cfg.random_init, cfg.arch)
+        upstream = SSLUpstream(cfg.name, cfg.ckpt, cfg.random_init, cfg.arch, list(layers))
     if not cfg.trainable:
         upstream.eval().requires_grad_(False)
     return upstream

@@ -16,22 +16,21 @@ import math
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from config import AugmentConfig  # noqa: F401  (the config section this module reads)
+from .audio import AUDIO_EXTENSIONS, AudioError, header_frames, load_audio
+from .config import AugmentConfig
 
-AUDIO_SUFFIXES = {".wav", ".flac"}
 NOISE_CATEGORIES = ("noise", "music", "speech")  # MUSAN subfolders; 'speech' files make babble
 
 
 def _scan(folder: str, what: str) -> list[Path]:
     """Every wav/flac under `folder`, sorted so that the same seed picks the same file on any machine."""
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
     if not files:
-        raise ValueError(f"{what} folder {folder} has no .wav or .flac files")
+        raise ValueError(f"{what} folder {folder} has no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     return files
 
 
@@ -63,28 +62,18 @@ class Augmenter:
         """(frames, sample rate), cached: each worker reads a file's header once."""
         if path not in self._info:
             try:
-                info = sf.info(str(path))
-            except (sf.LibsndfileError, RuntimeError, OSError) as e:
-                raise ValueError(f"{path}: unreadable augmentation audio ({str(e).splitlines()[-1]})") from None
-            self._info[path] = (info.frames, info.samplerate)
+                self._info[path] = header_frames(str(path))
+            except Exception as e:
+                raise AudioError(f"{path}: unreadable augmentation audio ({str(e).splitlines()[-1]})") from None
         return self._info[path]
-
-    def _read(self, path: Path, start: int = 0, frames: int = -1) -> torch.Tensor:
-        """First channel of [start, start+frames) at the file's own rate: (n,)."""
-        try:
-            data, _ = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: unreadable augmentation audio ({str(e).splitlines()[-1]})") from None
-        return torch.from_numpy(np.ascontiguousarray(data[:, 0]))
 
     def _segment(self, path: Path, num: int, rng: np.random.Generator) -> torch.Tensor:
         """A random `num`-sample stretch of a file at self.sample_rate; short files are tiled: (num,)."""
         frames, sr = self._header(path)
         need = math.ceil(num * sr / self.sample_rate) + 1  # at the file's rate; +1 covers resampling rounding
         start = int(rng.integers(0, frames - need + 1)) if frames > need else 0
-        wav = self._read(path, start, min(need, frames))  # MUSAN is ~11 GB: decode only what is used
-        if sr != self.sample_rate:
-            wav = AF.resample(wav, sr, self.sample_rate)
+        # MUSAN is ~11 GB: decode only what is used
+        wav = load_audio(str(path), self.sample_rate, start / sr, min(need, frames) / sr)
         if wav.numel() < num:
             wav = wav.repeat(math.ceil(num / max(wav.numel(), 1)))
         return wav[:num]
@@ -93,10 +82,8 @@ class Augmenter:
     def reverberate(self, wav: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Convolve with a random RIR, keeping the direct path where the dry sound was: (T,) -> (T,)."""
         path = self.rirs[int(rng.integers(len(self.rirs)))]
-        rir = self._read(path)  # RIRs are short: read whole
-        sr = self._header(path)[1]
-        if sr != self.sample_rate:
-            rir = AF.resample(rir, sr, self.sample_rate)
+        frames, sr = self._header(path)
+        rir = load_audio(str(path), self.sample_rate, 0.0, frames / sr)  # RIRs are short: whole (a silent one is fine)
         energy = rir.pow(2).sum()
         if not torch.isfinite(energy) or energy == 0:
             return wav  # a silent or broken RIR would zero the crop

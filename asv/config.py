@@ -1,0 +1,392 @@
+"""Strict configuration: one dataclass per section, YAML on top, dotted overrides last.
+
+    cfg = load_config("configs/base.yaml", ["train.total_steps=200", "optim.lr=1e-3"])
+
+Every default lives here once, with a comment; the defaults are SUPERB's ASV recipe
+(configs/base.yaml spells it out). Unknown keys, wrong types and values that cannot be
+meant raise ConfigError naming the key, so a typo never trains the wrong model silently.
+The downstream section belongs to the chosen architecture: `downstream.name` picks a row of
+models.DOWNSTREAMS and its other keys are that architecture's own (see its `Options`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .fileio import write_text
+from .models import DOWNSTREAMS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/demo"          # a prepare_voxceleb.py output folder
+    sample_rate: int = 16000        # model rate; files at other rates are resampled on load
+    effects: str = "superb"         # training audio: superb (gain -3 dB + SoX silence trimming, as s3prl) | none
+    crop: str = "superb"            # superb: whole utterances, longer than max_secs cropped to it, batches padded | fixed: one length per batch in [min_secs, max_secs], short files tiled
+    min_secs: float = 2.0           # superb: drop training utterances of at most this (after effects) | fixed: shortest crop
+    max_secs: float = 8.0           # superb: random crop of longer utterances | fixed: longest crop
+    batch_size: int = 10            # utterances per batch per process (SUPERB: 10)
+    eval_batch_secs: float = 60.0   # audio seconds per evaluation batch, length-sorted (CPU: 20-60 is fastest; GPU: more)
+    eval_chunk_secs: float = 0.0    # >0: upstream on windows this long at evaluation: memory bounded by it, not the longest file
+
+
+@dataclass
+class UpstreamConfig:
+    name: str = "wavlm_base_plus"   # fbank | mfcc (s3prl's Kaldi features) | logmel | wavlm_base(_plus|_large) | hubert_base|hubert_large | wav2vec2_base|_large|_large_lv60k | xlsr53|xlsr_300m
+    ckpt: str = ""                  # SSL weights on disk: torchaudio .pth, Hugging Face folder, fairseq/WavLM/s3prl .pt; empty: torchaudio bundle (hub cache)
+    random_init: bool = False       # SSL: build the architecture with random weights (tests, benchmarks, no hub)
+    arch: dict = field(default_factory=dict)  # SSL: architecture overrides for random_init, e.g. {encoder_num_layers: 2}
+    trainable: bool = False         # fine-tune the upstream (SUPERB: frozen)
+    n_mels: int = 80                # fbank, logmel: mel bands (s3prl's fbank: 80)
+    n_mfcc: int = 13                # mfcc: cepstra (s3prl's mfcc: 13)
+
+
+@dataclass
+class FeaturizerConfig:
+    layer_selections: list = field(default_factory=list)  # upstream layers to weigh (0 = CNN/transformer input); []: all. The upstream stops at the deepest
+    normalize: bool = False         # layer-norm each layer before the weighted sum (SUPERB: false)
+
+
+@dataclass
+class LossConfig:
+    name: str = "amsoftmax"         # amsoftmax: cos - m (SUPERB) | aamsoftmax: cos(theta + m) (ArcFace)
+    margin: float = 0.4             # SUPERB AM-softmax: 0.4
+    scale: float = 30.0             # SUPERB AM-softmax: 30
+    sub_centers: int = 1            # >1: sub-centre AM/AAM-softmax (K centres per speaker, robust to label noise)
+    margin_warmup_start: int = 0    # margin is 0 until this optimizer step...
+    margin_warmup_steps: int = 0    # ...then rises linearly to loss.margin over this many steps (0: full margin at once)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"             # adamw | adam | sgd
+    lr: float = 1e-4                # peak learning rate (SUPERB: 1e-4)
+    weight_decay: float = 0.01      # decoupled for adamw, L2 otherwise (SUPERB: torch's AdamW default, 0.01)
+    momentum: float = 0.9           # sgd only
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "constant"          # constant | linear | cosine | exponential (after warm-up); used only when train.use_scheduler
+    warmup_steps: int = 0           # linear warm-up from 0 over this many optimizer steps
+    final_lr_ratio: float = 0.01    # lr at the last step as a fraction of optim.lr (linear, cosine, exponential)
+
+
+@dataclass
+class AugmentConfig:
+    noise_dir: str = ""             # MUSAN-style folder: noise/, music/, speech/ subfolders of wav/flac (empty: off)
+    noise_prob: float = 0.0         # probability a crop gets additive noise (one of noise, music, babble)
+    noise_snr_min: float = 0.0      # noise/: SNR range in dB (Kaldi/WeSpeaker: 0-15)
+    noise_snr_max: float = 15.0
+    music_snr_min: float = 5.0      # music/: SNR range in dB (5-15)
+    music_snr_max: float = 15.0
+    babble_snr_min: float = 13.0    # babble from speech/: SNR range in dB (13-20)
+    babble_snr_max: float = 20.0
+    babble_speakers_min: int = 3    # babble: speech segments summed (3-7)
+    babble_speakers_max: int = 7
+    rir_dir: str = ""               # folder of room impulse responses (wav/flac, any depth) (empty: off)
+    rir_prob: float = 0.0           # probability a crop is reverberated (before the noise is added)
+    speed_prob: float = 0.0         # probability of speed perturbation 0.9 or 1.1 (each factor a new speaker)
+    specaug_prob: float = 0.0       # probability an utterance's upstream features get SpecAugment masks
+    specaug_time_masks: int = 1     # time masks per utterance
+    specaug_time_width: int = 10    # widest time mask in frames (width drawn from 1..this)
+    specaug_freq_masks: int = 1     # frequency masks per utterance
+    specaug_freq_width: int = 8     # widest frequency mask in bins (width drawn from 1..this)
+
+
+@dataclass
+class ScoreConfig:
+    asnorm: bool = False            # also write adaptive s-norm scores (scores_asnorm.txt, metrics_asnorm.json)
+    cohort_size: int = 1000         # training utterances in the AS-norm cohort (spread over speakers)
+    top_k: int = 300                # closest cohort members per side
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 200000       # optimizer steps (SUPERB: 200k)
+    log_step: int = 500             # print/log loss, accuracy, lr and speed every N steps
+    eval_step: int = 10000          # validation on the held-out validation speakers every N steps (SUPERB: none)
+    save_step: int = 10000          # checkpoint every N steps (and whenever validation improves)
+    keep_num_ckpts: int = 0         # keep the newest N step-* folders (0: all, as SUPERB); the best is never deleted
+    gradient_clipping: float = 1000.0  # max global grad norm (SUPERB: 1e3, in effect none; 0: off)
+    gradient_accumulate: int = 5    # micro-batches per optimizer step (SUPERB: 5)
+    mixed_precision: str = "no"     # no | fp16 | bf16 (via Accelerate)
+    seed: int = 0                   # model init, sample order, crops: the same seed gives the same run (SUPERB: 0)
+    auto_resume: bool = True        # re-running the same command resumes from the newest complete checkpoint
+    resume_ckpt_dir: str = ""       # resume from this step-* folder instead
+    init_from: str = ""             # a model.pt to start from (weights only, new optimizer): large-margin fine-tuning
+    valid_metric: str = "eer"       # eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best (ties: see asv/checkpoints.py)
+    valid_higher_better: bool = False  # must stay false: every valid_metric is an error or a cost
+    use_scheduler: bool = False     # false: constant optim.lr (SUPERB); true: the scheduler section
+    test_after_train: bool = True   # evaluate the best checkpoint on the test trial lists at the end
+    log_with: str = "tensorboard"   # Accelerate trackers, comma-separated: tensorboard | wandb | comet_ml | mlflow | all | none
+
+
+def downstream_options(name: str):
+    """The default options of downstream `name` (a dataclass with `name` and the architecture's keys)."""
+    if name not in DOWNSTREAMS:
+        raise ConfigError(f"config key 'downstream.name' must be one of {', '.join(DOWNSTREAMS)}, got {name!r}")
+    return DOWNSTREAMS[name].Options()
+
+
+@dataclass
+class Config:
+    exp_dir: str = "exp/run"        # the run folder: config, labels, step-*/ checkpoints, logs
+    num_workers: int = 2            # data loader worker processes
+    eval_batch: int = -1            # cap validation/evaluation to N batches (-1: all; quick checks only)
+    data: DataConfig = field(default_factory=DataConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    downstream: typing.Any = field(default_factory=lambda: downstream_options("superb_xvector"))  # see models.DOWNSTREAMS
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = (DataConfig, UpstreamConfig, FeaturizerConfig, LossConfig, OptimConfig, SchedulerConfig, AugmentConfig,
+            ScoreConfig, TrainConfig)
+CHOICES = {  # string keys with a closed set of values (upstream.name: models.upstream.build_upstream owns the list)
+    "data.effects": ("superb", "none"),
+    "data.crop": ("superb", "fixed"),
+    "loss.name": ("amsoftmax", "aamsoftmax"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "scheduler.name": ("constant", "linear", "cosine", "exponential"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.valid_metric": ("eer", "min_dcf_0.01", "min_dcf_0.05"),
+}
+AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "train.log_step", "train.eval_step",
+                "train.save_step", "train.gradient_accumulate", "loss.sub_centers", "score.cohort_size", "score.top_k")
+NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts",
+                "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps", "loss.margin_warmup_start",
+                "loss.margin_warmup_steps")
+POSITIVE = ("data.max_secs", "data.eval_batch_secs", "optim.lr", "loss.scale")
+# What a re-run may change in an existing run folder without being refused: nothing here alters
+# what the trained weights are (train.total_steps only while the lr and margin ignore it)
+SAFE_TO_CHANGE = ("exp_dir", "num_workers", "eval_batch", "data.eval_batch_secs", "data.eval_chunk_secs", "score.",
+                  "train.total_steps", "train.log_step", "train.eval_step", "train.save_step", "train.keep_num_ckpts",
+                  "train.auto_resume", "train.resume_ckpt_dir", "train.test_after_train", "train.log_with")
+
+
+def _coerce(value, typ, key):
+    """Check one value against its declared type; ints are accepted where floats are expected."""
+    if key == "train.mixed_precision" and value is False:  # YAML 1.1 reads Accelerate's `no` as false
+        return "no"
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    typ = typing.get_origin(typ) or typ
+    if isinstance(value, bool) and typ is str:
+        raise ConfigError(f"config key '{key}' must be a string, got the YAML boolean {value} "
+                          "(YAML reads yes/no/on/off as booleans: quote it)")
+    if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(obj, updates: dict, prefix: str = "", owner: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = prefix + str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            if owner:
+                hint = f" (keys of {owner}: {', '.join(n for n in names if n != 'name')})"
+                raise ConfigError(f"config key '{full}' does not apply to {owner}{hint}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(prefix + n for n in names)})"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; set its fields, e.g. {full}.<key>=...")
+            if key == "downstream":
+                current = _downstream(current, value)
+                setattr(obj, key, current)
+                continue
+            _merge(current, value, full + ".")
+        else:
+            value = _coerce(value, hints[key], full)
+            allowed = CHOICES.get(full)
+            if allowed and value not in allowed:
+                raise ConfigError(f"config key '{full}' must be one of {', '.join(allowed)}, got {value!r}")
+            setattr(obj, key, value)
+
+
+def _downstream(current, updates: dict):
+    """The downstream section: a new name starts from that architecture's defaults; every other key must be its own."""
+    name = updates.get("name", current.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'downstream.name' must be a string, got {name!r}")
+    options = downstream_options(name) if name != current.name else current
+    if name != current.name:  # keys set for the previous architecture must apply to the new one too
+        carried = {k: v for k, v in dataclasses.asdict(current).items()
+                   if k != "name" and v != getattr(downstream_options(current.name), k)}
+        _merge(options, carried, "downstream.", f"downstream.name={name}")
+    _merge(options, {k: v for k, v in updates.items() if k != "name"}, "downstream.", f"downstream.name={name}")
+    return options
+
+
+def parse_override(text: str) -> dict:
+    """'train.total_steps=200' -> {'train': {'total_steps': 200}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({str(e).splitlines()[0]})") from None
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def _check(cfg: Config):
+    """Values that pass the type check but cannot be meant."""
+    flat = flatten(cfg)
+    for key in AT_LEAST_ONE:
+        if flat[key] < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {flat[key]}")
+    for key in NOT_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]}")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]}")
+    for key, value in flat.items():
+        if key.startswith("augment.") and key.endswith("_prob") and not 0 <= value <= 1:
+            raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
+    if cfg.data.min_secs > cfg.data.max_secs:
+        raise ConfigError(f"data.min_secs ({cfg.data.min_secs}) must not exceed data.max_secs ({cfg.data.max_secs})")
+    if cfg.data.crop == "fixed" and cfg.data.min_secs <= 0:
+        raise ConfigError("data.min_secs must be > 0 with data.crop=fixed (it is the shortest crop)")
+    if cfg.train.valid_higher_better:
+        raise ConfigError(f"train.valid_higher_better=true cannot be meant: train.valid_metric {cfg.train.valid_metric} "
+                          "is an error rate or a cost, lower is better")
+    if cfg.optim.name != "sgd" and cfg.optim.momentum != OptimConfig.momentum:
+        raise ConfigError(f"optim.momentum applies to optim.name=sgd only, not {cfg.optim.name}")
+    if any(type(i) is not int or i < 0 for i in cfg.featurizer.layer_selections):
+        raise ConfigError(f"featurizer.layer_selections must be layer numbers >= 0, got {cfg.featurizer.layer_selections}")
+    u = cfg.upstream
+    ssl = u.name not in ("fbank", "mfcc", "logmel")
+    for key, applies in (("n_mels", u.name in ("fbank", "logmel")), ("n_mfcc", u.name == "mfcc"),
+                         ("ckpt", ssl), ("random_init", ssl), ("arch", ssl)):
+        if not applies and getattr(u, key) != getattr(UpstreamConfig(), key):
+            raise ConfigError(f"upstream.{key} does not apply to upstream.name={u.name}")
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        try:
+            _merge(cfg, loaded)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    _check(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Config) -> dict:
+    """{'data.dir': ..., 'upstream.arch': {...}, ...}: every key, dotted."""
+    flat = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "arch":
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v
+
+    walk(config_to_dict(cfg), "")
+    return flat
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every key that differs."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def unsafe_changes(old: Config, new: Config) -> dict[str, tuple]:
+    """The changes a run folder must refuse: they would make one run's checkpoints come from two recipes."""
+    changes = config_changes(old, new)
+    schedule_uses_total = (new.train.use_scheduler and new.scheduler.name != "constant") or new.loss.margin_warmup_steps
+    return {k: v for k, v in changes.items() if not k.startswith(SAFE_TO_CHANGE)
+            or (k == "train.total_steps" and schedule_uses_total)}
+
+
+def save_config(cfg: Config, path):
+    """Write the resolved config atomically; loading it back gives the same Config."""
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(dotted key, default, comment) for every key, read from the source of the dataclasses."""
+    import inspect
+    import re
+
+    sections = {c.__name__: c for c in SECTIONS}
+    rows = []
+
+    def walk(cls, prefix, note=""):
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): ([\w.]+) = .+?(?:\s+# (.*))?$", line)
+            if not m or (note and m[1] == "name"):
+                continue
+            if m[2] in sections:
+                walk(sections[m[2]], f"{prefix}{m[1]}.")
+            elif m[1] == "downstream":
+                rows.append(("downstream.name", "superb_xvector", " | ".join(DOWNSTREAMS) + " (models.DOWNSTREAMS); "
+                             "the other downstream keys are the chosen architecture's own"))
+                for name, model in DOWNSTREAMS.items():
+                    walk(model.Options, "downstream.", f"[{name}] ")
+            else:
+                rows.append((f"{prefix}{m[1]}", str(getattr(cls(), m[1])), note + (m[3] or "")))
+
+    walk(Config, "")
+    return rows
+
+
+def reference() -> str:
+    """Markdown table of every key, default and comment (README embeds it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    pipe = " \\| "  # a | inside a table cell
+    rows += [f"| `{key}` | `{default}` | {comment.replace(' | ', pipe)} |" for key, default, comment in reference_rows()]
+    return "\n".join(rows)
+
+
+def help_text() -> str:
+    """Every key with its default, for the --help of the scripts that take overrides."""
+    rows = reference_rows()
+    width = max(len(f"{k}={d}") for k, d, _ in rows)
+    return "config keys (key=default), set in the YAML or as key=value overrides:\n" + "\n".join(
+        f"  {f'{k}={d}':<{width}}  {c}" for k, d, c in rows)

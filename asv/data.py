@@ -1,0 +1,319 @@
+"""What prepare_voxceleb.py wrote, read back, and audio fed to the models.
+
+A data folder holds utterances.csv (id, path, speaker, duration, sample_rate, split) and
+trials/<list>.txt (`label enroll test`, enroll and test being utterance ids of the manifest).
+Paths in the manifest are relative to the data folder when the audio lives inside it, absolute
+otherwise, and are resolved here: the folder can be moved and read from any directory.
+
+Training batches follow `data.crop`:
+- superb (s3prl's SUPERB recipe): whole utterances, those longer than max_secs randomly cropped
+  to max_secs, utterances of at most min_secs dropped; batches are padded.
+- fixed: one crop length per batch drawn from [min_secs, max_secs], every utterance cut to it
+  and short ones tiled, so batches carry no padding.
+With `data.effects=superb` every training file first goes through SUPERB's SoX chain (gain
+-3 dB, silence removal: asv/effects.py) and the lengths that matter are those after it.
+Every random choice (order, crop length, offset) is a pure function of (seed, epoch,
+position), so a resumed run sees exactly the batches an uninterrupted run would.
+
+Evaluation batches are whole utterances sorted by length and packed up to a budget of audio
+seconds, so padding stays small and memory is bounded by the budget.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, progress
+from .effects import superb_effects
+from .fileio import write_text
+
+
+# ---------------------------------------------------------------------------- manifests
+
+@dataclass
+class Utterance:
+    id: str
+    path: str  # absolute
+    speaker: str
+    duration: float
+    sample_rate: int
+    split: str
+
+
+def stored_path(path: str, data_dir) -> str:
+    """How a manifest stores `path`: relative to the data folder when inside it, else absolute."""
+    path, base = os.path.abspath(path), os.path.abspath(data_dir)
+    return os.path.relpath(path, base) if Path(path).is_relative_to(base) else path
+
+
+def read_manifest(data_dir) -> list[Utterance]:
+    path = Path(data_dir) / "utterances.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run prepare_voxceleb.py --out {data_dir} first")
+    base = Path(data_dir).resolve()
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return [Utterance(r["id"], str(base / r["path"]), r["speaker"], float(r["duration"]), int(r["sample_rate"]),
+                          r["split"]) for r in rows]
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: malformed manifest ({e})") from None
+
+
+# ---------------------------------------------------------------------------- trial lists
+
+LABELS = {"1": 1, "0": 0, "target": 1, "nontarget": 0}
+
+
+@dataclass
+class Trials:
+    labels: np.ndarray  # (N,) int8, 1 = same speaker
+    enroll: list[str]
+    test: list[str]
+    lines: list[int]  # line number of each trial in its file
+
+
+def read_trials(path) -> Trials:
+    """A `label enroll test` file (plain or .gz; label 1/0 or target/nontarget; a UTF-8 BOM is fine)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    labels, enroll, test, lines = [], [], [], []
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 3 or parts[0] not in LABELS:
+                    raise ValueError(f"{path}:{n}: expected 'label enroll test' with label 1/0 or "
+                                     f"target/nontarget, got {line.strip()[:120]!r}")
+                labels.append(LABELS[parts[0]])
+                enroll.append(parts[1])
+                test.append(parts[2])
+                lines.append(n)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: trial list not found") from None
+    except (UnicodeDecodeError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable trial list ({e})") from None
+    if not labels:
+        raise ValueError(f"{path}: empty trial list")
+    return Trials(np.asarray(labels, dtype=np.int8), enroll, test, lines)
+
+
+def trial_lists(data_dir) -> dict[str, Path]:
+    """name -> file for every list in data_dir/trials; 'valid' is the validation list."""
+    return {p.stem: p for p in sorted((Path(data_dir) / "trials").glob("*.txt"))}
+
+
+# ---------------------------------------------------------------------------- lists of audio files
+
+def read_audio_list(source: str) -> tuple[list[str], list[str]]:
+    """--extract's input -> (ids, paths), checked before any model work.
+
+    A folder: every audio file under it (AUDIO_EXTENSIONS), id = the path relative to the folder (spk/session/utt.wav).
+    A text file: one `path` or `utt_id path` per line, relative paths from the current directory;
+    default id = the path relative to the folder all the files share (VoxCeleb style).
+    """
+    src = Path(source)
+    if src.is_dir():
+        paths = sorted(str(p) for p in src.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+        if not paths:
+            raise ValueError(f"{source}: no {', '.join(AUDIO_EXTENSIONS)} files under this folder")
+        return [os.path.relpath(p, src) for p in paths], paths
+    if not src.is_file():
+        raise ValueError(f"{source}: no such list file or folder")
+    given, paths = [], []
+    with open(src, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) > 2:
+                raise ValueError(f"{source}:{n}: expected 'path' or 'utt_id path', got {line.strip()!r}")
+            given.append(parts[0] if len(parts) == 2 else None)
+            paths.append(parts[-1])
+    if not paths:
+        raise ValueError(f"{source}: empty list")
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ValueError(f"{source}: names a missing audio file {p}")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    ids = [i or os.path.relpath(os.path.abspath(p), root) for i, p in zip(given, paths)]
+    if len(set(ids)) < len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{source}: utterance id {dup} appears more than once")
+    return ids, paths
+
+
+# ---------------------------------------------------------------------------- training
+
+SPEED_CLASS = {1.0: 0, 0.9: 1, 1.1: 2}  # speed-perturbed copies of a speaker are new classes
+
+
+class TrainBatchSampler:
+    """Yields batches of (utterance index, crop secs, item seed); see the module docstring.
+
+    Endless; each epoch is a seeded permutation. `fixed` crops group neighbouring utterances by
+    length (buckets of 100 batches) so short files are rarely tiled much; `superb` batches are
+    plain random draws, as s3prl's. The number of batches is a multiple of `multiple` (gradient
+    accumulation x processes), so every epoch ends on an optimizer step and a resume never splits one.
+    """
+
+    def __init__(self, durations, batch_size, crop, min_secs, max_secs, seed, multiple=1):
+        self.durations = np.asarray(durations, dtype=np.float64)
+        self.batch_size, self.crop, self.min_secs, self.max_secs = batch_size, crop, min_secs, max_secs
+        self.seed, self.multiple = seed, multiple
+        if len(self) == 0:
+            raise ValueError(f"{len(self.durations)} training utterances cannot fill {multiple} batch(es) of {batch_size}")
+
+    def __len__(self):
+        """Batches per epoch."""
+        n = len(self.durations) // self.batch_size
+        return n - n % self.multiple
+
+    def __iter__(self):
+        """Endless: epoch after epoch, so the loader (and its workers) lives for the whole run."""
+        for epoch in itertools.count():
+            yield from self.epoch_batches(epoch)
+
+    def epoch_batches(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.durations))[: len(self) * self.batch_size]  # a random remainder sits out
+        if self.crop == "fixed":
+            bucket = self.batch_size * 100
+            for i in range(0, len(order), bucket):  # sort inside buckets so a batch holds similar lengths
+                chunk = order[i:i + bucket]
+                order[i:i + bucket] = chunk[np.argsort(self.durations[chunk], kind="stable")]
+        batches = order.reshape(len(self), self.batch_size)
+        if self.crop == "fixed":
+            batches = batches[rng.permutation(len(batches))]
+            crop_secs = rng.uniform(self.min_secs, self.max_secs, size=len(batches))
+        else:
+            crop_secs = np.full(len(batches), self.max_secs)
+        item_seeds = rng.integers(0, 2**31, size=batches.shape)
+        for b, secs, seeds in zip(batches, crop_secs, item_seeds):
+            yield [(int(i), float(secs), int(s)) for i, s in zip(b, seeds)]
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """(index, crop secs, seed) -> (waveform (T,), speaker label).
+
+    With an `augment.Augmenter`: speed perturbation (0.9 / 1.1 count as new speakers:
+    label + num_speakers or + 2 x num_speakers), then reverberation and additive noise,
+    all drawn from the item's own seed.
+    """
+
+    def __init__(self, utts: list[Utterance], labels: list[int], sample_rate: int, crop: str, effects: str,
+                 augmenter=None):
+        self.utts, self.labels, self.sample_rate, self.augmenter = utts, labels, sample_rate, augmenter
+        self.crop, self.effects = crop, effects
+        self.num_speakers = max(labels, default=-1) + 1
+
+    def __len__(self):
+        return len(self.utts)
+
+    def __getitem__(self, item):
+        index, secs, seed = item
+        utt = self.utts[index]
+        rng = np.random.default_rng(seed)
+        factor = self.augmenter.speed_factor(rng) if self.augmenter else 1.0
+        if self.effects == "none" and self.crop == "fixed":  # only the crop is decoded
+            start = rng.uniform(0.0, max(utt.duration - secs * factor, 0.0))
+            wav = load_audio(utt.path, self.sample_rate, start, secs * factor)
+        else:  # the effects see the whole file, as SoX does in s3prl
+            wav = load_audio(utt.path, self.sample_rate)
+            if self.effects == "superb":
+                wav = superb_effects(wav, self.sample_rate)
+                if wav.numel() == 0:
+                    raise AudioError(f"{utt.path}: nothing left after SUPERB's silence trimming")
+            need = int(round(secs * factor * self.sample_rate))
+            if wav.numel() > need:
+                start = int(rng.integers(0, wav.numel() - need + 1))
+                wav = wav[start:start + need]
+        if factor != 1.0:
+            wav = self.augmenter.speed(wav, factor)
+        if self.crop == "fixed":  # shorter than the crop: repeat it (no padding inside the batch)
+            need = int(round(secs * self.sample_rate))
+            wav = wav.repeat(math.ceil(need / wav.numel()))[:need]
+        if self.augmenter:
+            wav = self.augmenter(wav, rng)
+        return wav, self.labels[index] + SPEED_CLASS[factor] * self.num_speakers
+
+
+class _EffectLengths(torch.utils.data.Dataset):
+    def __init__(self, paths, sample_rate):
+        self.paths, self.sample_rate = paths, sample_rate
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        wav = superb_effects(load_audio(self.paths[i], self.sample_rate), self.sample_rate)
+        return wav.numel() / self.sample_rate
+
+
+def durations_after_effects(utts: list[Utterance], sample_rate: int, cache: Path, num_workers: int,
+                            show_progress: bool = True) -> list[float]:
+    """Each training file's length after SUPERB's effects (s3prl's stage-2 `get_info` pass).
+
+    Read once per run and kept in `cache` (`id duration` lines), so a resumed run skips it.
+    """
+    if cache.is_file():
+        known = dict(line.rsplit(" ", 1) for line in cache.read_text(encoding="utf-8").splitlines() if line)
+        if all(u.id in known for u in utts):
+            return [float(known[u.id]) for u in utts]
+    loader = torch.utils.data.DataLoader(_EffectLengths([u.path for u in utts], sample_rate), batch_size=None,
+                                         num_workers=num_workers)
+    durations = [float(d) for d in progress(loader, len(utts), "trimming silence", "file", show_progress)]
+    write_text(cache, "".join(f"{u.id} {d:.4f}\n" for u, d in zip(utts, durations)))
+    return durations
+
+
+def collate_padded(items):
+    """[(wav (T_i,), tag)] -> wavs (B, T) zero-padded, lengths (B,), tags (B,) (labels or indices)."""
+    lengths = torch.tensor([w.numel() for w, _ in items], dtype=torch.long)
+    wavs = torch.zeros(len(items), int(lengths.max()))
+    for row, (w, _) in enumerate(items):
+        wavs[row, : w.numel()] = w
+    tags = torch.tensor([t for _, t in items], dtype=torch.long)
+    return wavs, lengths, tags
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def length_batches(durations, max_batch_secs: float) -> list[list[int]]:
+    """Indices sorted by length (longest first) and packed so that batch size x longest <= budget."""
+    order = np.argsort(-np.asarray(durations, dtype=np.float64), kind="stable")
+    batches, current = [], []
+    for i in order:
+        longest = durations[current[0]] if current else durations[i]
+        if current and longest * (len(current) + 1) > max_batch_secs:
+            batches.append(current)
+            current = []
+        current.append(int(i))
+    if current:
+        batches.append(current)
+    return batches
+
+
+class UtteranceDataset(torch.utils.data.Dataset):
+    """Whole utterances: index -> (waveform (T,), index). Too-short files are repeated to `min_samples`."""
+
+    def __init__(self, paths: list[str], sample_rate: int, min_samples: int = 0):
+        self.paths, self.sample_rate, self.min_samples = paths, sample_rate, min_samples
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        wav = load_audio(self.paths[index], self.sample_rate)
+        if wav.numel() < self.min_samples:
+            wav = wav.repeat(math.ceil(self.min_samples / wav.numel()))[: self.min_samples]
+        return wav, index

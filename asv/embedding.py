@@ -1,0 +1,268 @@
+"""Checkpoints -> embeddings -> scores: what evaluation, validation, --pair, --extract and the API share.
+
+`load_extractors` is the one way to build models from checkpoint folders. `embed` runs a
+(prepared) loader of whole utterances through them: a frozen upstream runs once per batch and
+every checkpoint's featurizer and downstream are applied to the same hidden states, so
+evaluating ten checkpoints costs little more than one. Under several processes every process
+embeds its share and the embeddings are gathered (`gather_for_metrics`).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics
+from .audio import header_frames, progress
+from .config import Config
+from .data import Trials, UtteranceDataset, collate_padded, length_batches
+from .fileio import atomic_write, recover_dir, replace_dir, write_text
+from .models import (Extractor, asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores,
+                     load_model_file, min_input_samples, model_meta, run_chunked)
+from .runfolder import run_config
+
+
+@dataclass
+class Extractors:
+    """Models of one run's checkpoints. With a frozen upstream every entry shares one upstream object."""
+    cfg: Config
+    ckpts: list[Path]
+    upstreams: list[torch.nn.Module]
+    encoders: list[torch.nn.Module]
+
+    def extractor(self, i: int = 0) -> Extractor:
+        return Extractor(self.upstreams[i], self.encoders[i]).eval()
+
+    @property
+    def min_samples(self) -> int:
+        return min_input_samples(self.upstreams[0], self.encoders[0])
+
+
+def meta_of(cfg: Config, upstream) -> dict:
+    return model_meta(cfg.upstream.name, getattr(upstream, "layers", [0]), cfg.downstream)
+
+
+def build_models(cfg: Config, upstream=None):
+    """A fresh (upstream, encoder) for `cfg`; pass an upstream to share a frozen one."""
+    upstream = upstream or build_upstream(cfg.upstream, cfg.data.sample_rate, cfg.featurizer.layer_selections)
+    return upstream, build_encoder(upstream, cfg.downstream, cfg.featurizer.normalize)
+
+
+def load_extractors(ckpt_dirs: list, overrides: list[str] = ()) -> Extractors:
+    """Checkpoint folders of ONE run (step-N or best) -> their models, in eval mode, on the CPU."""
+    ckpts = [Path(c) for c in ckpt_dirs]
+    for c in ckpts:
+        if not (c / "model.pt").is_file():
+            raise ValueError(f"{c}: not a checkpoint folder (no model.pt)")
+    runs = {c.absolute().parent for c in ckpts}
+    if len(runs) != 1:
+        raise ValueError(f"checkpoint folders come from {len(runs)} runs; evaluate one run at a time")
+    cfg = run_config(ckpts[0], overrides)
+    shared, _ = build_models(cfg) if not cfg.upstream.trainable else (None, None)
+    upstreams, encoders = [], []
+    for ckpt in ckpts:
+        upstream, encoder = build_models(cfg, shared)
+        load_model_file(str(ckpt / "model.pt"), encoder, upstream, meta_of(cfg, upstream))
+        upstreams.append(upstream.eval())
+        encoders.append(encoder.eval())
+    return Extractors(cfg, ckpts, upstreams, encoders)
+
+
+def audio_durations(paths: list[str], known: dict[str, float]) -> list[float]:
+    """Durations from the manifest, or from the file header for files outside it."""
+    out = []
+    for p in paths:
+        if p not in known:
+            if not os.path.isfile(p):
+                raise ValueError(f"{p}: no such file")
+            try:
+                frames, rate = header_frames(p)
+            except Exception as e:
+                raise ValueError(f"{p}: unreadable audio ({' '.join(str(e).split())})") from None
+            known[p] = frames / rate
+        out.append(known[p])
+    return out
+
+
+def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_samples: int):
+    batches = length_batches(durations, cfg.data.eval_batch_secs)
+    return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples),
+                                       batch_sampler=batches, collate_fn=collate_padded,
+                                       num_workers=cfg.num_workers)
+
+
+@torch.no_grad()
+def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: int = -1, chunk_samples: int = 0):
+    """Embed every utterance of a (prepared) loader with each (upstream, encoder) pair.
+
+    Returns (list of (U, E) float32 arrays, one per encoder; (U,) bool, True where embedded).
+    Pairs that share an upstream object share its pass. Utterances are placed by their index, so
+    the padding duplicates that even batches add under several processes are harmless.
+    """
+    modules = [*upstreams, *encoders]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    groups: dict[int, list[int]] = {}  # id(upstream) -> indices of the encoders that read it
+    for i, u in enumerate(upstreams):
+        groups.setdefault(id(u), []).append(i)
+    tables = [np.zeros((num_utts, accelerator.unwrap_model(e).downstream.embed_dim), np.float32) for e in encoders]
+    done = np.zeros(num_utts, dtype=bool)
+    total = len(loader) if max_batches < 0 else min(len(loader), max_batches)
+    bar = progress(loader, total=total, desc="embedding", unit="batch", enabled=accelerator.is_main_process)
+    for n, (wavs, lengths, index) in enumerate(bar):
+        if n == max_batches:
+            break
+        embs = [None] * len(encoders)
+        with accelerator.autocast():
+            for members in groups.values():
+                hidden, frames = run_chunked(upstreams[members[0]], wavs, lengths, chunk_samples)
+                for i in members:
+                    embs[i] = encoders[i](hidden, frames).float()
+        # batches differ in size between processes: pad to a common size, gather, drop the pads
+        index = accelerator.gather_for_metrics(accelerator.pad_across_processes(index, pad_index=-1)).cpu().numpy()
+        real = index >= 0
+        for table, emb in zip(tables, embs):
+            table[index[real]] = accelerator.gather_for_metrics(accelerator.pad_across_processes(emb)).cpu().numpy()[real]
+        done[index[real]] = True
+    for m, mode in zip(modules, was_training):
+        m.train(mode)
+    return tables, done
+
+
+def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[float] | None = None):
+    """Every file embedded by every checkpoint of `ex`: ((N, E) per checkpoint, (N,) done)."""
+    cfg = ex.cfg
+    durations = durations if durations is not None else audio_durations(paths, {})
+    loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples))
+    upstreams = [u.to(accelerator.device) for u in ex.upstreams]
+    encoders = [e.to(accelerator.device) for e in ex.encoders]
+    return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch,
+                 int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
+
+
+# ---------------------------------------------------------------------------- trials and scores
+
+def trial_audio(trials: Trials, source, by_id: dict, root: str | None = None) -> dict[str, str]:
+    """Each enroll/test entry of a list -> its audio file: an utterance id of the manifest, else a
+    path under `root`, else a file path (absolute or from the current directory)."""
+    out = {}
+    for entry in {*trials.enroll, *trials.test}:
+        if entry in by_id:
+            out[entry] = by_id[entry].path
+        elif root and os.path.isfile(os.path.join(root, entry)):
+            out[entry] = os.path.abspath(os.path.join(root, entry))
+        elif os.path.isfile(entry):
+            out[entry] = os.path.abspath(entry)
+        else:
+            where = f", nor a file under {root}" if root else ""
+            raise ValueError(f"{source}: names {entry}, which is neither an utterance id of the manifest{where} "
+                             "nor an audio file")
+    return out
+
+
+def trial_rows(row: dict[str, int], trials: Trials, audio: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """A trial list's enroll and test sides as rows of the embedding table: (N,), (N,)."""
+    a = np.fromiter((row[audio[e]] for e in trials.enroll), dtype=np.int64, count=len(trials.enroll))
+    b = np.fromiter((row[audio[t]] for t in trials.test), dtype=np.int64, count=len(trials.test))
+    return a, b
+
+
+def score_trials(table: np.ndarray, done: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine-score the trials (rows a, b) whose two sides were embedded -> (scores, kept-trial mask)."""
+    keep = done[a] & done[b]
+    return cosine_scores(table, a[keep], b[keep]), keep
+
+
+def validation_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
+    """metrics.compute_metrics plus the mean target minus mean non-target score (a continuous tie-break)."""
+    result = metrics.compute_metrics(scores, labels)
+    target = labels == 1
+    result["score_margin"] = float(scores[target].mean() - scores[~target].mean())
+    return result
+
+
+def eval_folder(ckpt: Path, name: str, source: Path | None = None) -> Path:
+    """Where one list's results go: eval/<name> for the data folder's lists; a list given as a file gets
+    its name plus a hash of its path, so it can never overwrite the run's own valid/test results."""
+    if source is None:
+        return ckpt / "eval" / name
+    digest = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:8]
+    return ckpt / "eval" / f"{name}-{digest}"
+
+
+def write_eval_set(folder: Path, files: dict[str, str]):
+    """One list's results (scores.txt, metrics.json, ...) replace the previous set as a whole."""
+    recover_dir(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    replace_dir(tmp, folder)
+
+
+def scores_text(trials: Trials, keep: np.ndarray, scores: np.ndarray) -> str:
+    """`enroll test score label` lines of the kept trials."""
+    kept = np.flatnonzero(keep)
+    return "".join(f"{trials.enroll[i]} {trials.test[i]} {s:.6f} {trials.labels[i]}\n" for i, s in zip(kept, scores))
+
+
+def asnorm(table: np.ndarray, done: np.ndarray, cohort_rows: list[int], top_k: int, a, b, scores):
+    """AS-norm scores and the cohort settings actually used (top_k cannot exceed the cohort)."""
+    members = [r for r in cohort_rows if done[r]]
+    used_k = min(top_k, len(members))
+    mean, std = cohort_stats(table, table[members], used_k)
+    return asnorm_scores(scores, a, b, mean, std), {"cohort_size": len(members), "top_k": used_k}
+
+
+def cohort_paths(utts, size: int) -> list[str]:
+    """Up to `size` training utterances for AS-norm, taken round-robin over speakers (every speaker counts)."""
+    by_speaker: dict[str, list[str]] = {}
+    for u in sorted(utts, key=lambda u: u.id):
+        if u.split == "train":
+            by_speaker.setdefault(u.speaker, []).append(u.path)
+    rounds = [[paths[i] for paths in by_speaker.values() if i < len(paths)]
+              for i in range(max(map(len, by_speaker.values()), default=0))]
+    return [p for r in rounds for p in r][:size]
+
+
+def metrics_line(ckpt, name: str, m: dict) -> str:
+    return (f"{ckpt} | {name} | EER {m['eer']:.2f}% | minDCF0.01 {m['min_dcf_0.01']:.4f} "
+            f"| minDCF0.05 {m['min_dcf_0.05']:.4f} | {m['num_trials']} trials")
+
+
+def metrics_json(m: dict) -> str:
+    return json.dumps(m, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------- embeddings out
+
+def import_kaldiio():
+    try:
+        import kaldiio
+    except ImportError:
+        raise ValueError("--out .ark needs kaldiio: pip install kaldiio") from None
+    return kaldiio
+
+
+def write_embeddings(out: Path, ids: list[str], emb: np.ndarray):
+    """emb (N, E) float32 -> out.npz (ids, embeddings) or out.ark + out.scp (Kaldi vectors), atomically."""
+    if out.suffix == ".npz":
+        with atomic_write(out, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, ids=np.array(ids, dtype=str), embeddings=emb, l2_normalized=np.array(False),
+                     note=np.array("embeddings as evaluate_asv.py scores them, not L2-normalised: "
+                                   "the score is their cosine similarity"))
+        return
+    kaldiio = import_kaldiio()
+    scp = io.StringIO()
+    with atomic_write(out, "wb") as f:
+        kaldiio.save_ark(f, dict(zip(ids, emb)), scp=scp)
+        ark_tmp = f.name
+    # kaldiio writes the ark's own (temporary) name into the scp: point it at the final one
+    write_text(out.with_suffix(".scp"), scp.getvalue().replace(f" {ark_tmp}:", f" {out}:"))
