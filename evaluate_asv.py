@@ -34,7 +34,7 @@ from asv.evaluation import evaluate_checkpoints, resolve_lists
 from asv.fileio import atomic_write
 from asv.models import cosine_scores
 from asv.models.export import check_export_path, export_program, save_program
-from asv.training import one_line
+from asv.training import check_launch, one_line
 
 
 def score_pair(accelerator, ex, a: str, b: str) -> float:
@@ -154,6 +154,7 @@ def main():
             export(ex, args.export)
             return
         accelerator = Accelerator(mixed_precision=ex.cfg.train.mixed_precision)
+        check_launch(accelerator)
         if args.pair:
             score_pair(accelerator, ex, *args.pair)
         elif args.extract:

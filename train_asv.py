@@ -37,14 +37,16 @@ from asv.evaluation import evaluate_checkpoints, resolve_lists
 from asv.fileio import write_json
 from asv.models import MarginSoftmax, load_model_file, min_input_samples, save_model_file
 from asv.runfolder import RunLock, open_run
-from asv.training import (NonFiniteGuard, StepMeter, TrainState, label_encoder, lr_at, make_optimizer, margin_at,
-                          one_line, trackers)
+from asv.training import (NonFiniteGuard, StepMeter, TrainState, check_launch, label_encoder, lr_at, make_optimizer,
+                          margin_at, one_line, trackers)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: none, every key at its default below)")
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(), formatter_class=Formatter)
+    parser.add_argument("--config", help="YAML config (none: every key at its default below)")
     parser.add_argument("--amend", action="store_true",
                         help="accept a config that differs from the run folder's (recorded in config_history.jsonl)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=200 optim.lr=1e-3")
@@ -86,11 +88,7 @@ def make_accelerator(cfg) -> Accelerator:
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulate,
                               log_with=wanted,  # TensorBoard: exp_dir/logs/<run name>/
                               project_config=ProjectConfiguration(project_dir=str(exp), logging_dir=str(exp / "logs")))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise ValueError(f"{launched} processes were started but Accelerate runs them as {accelerator.num_processes} "
-                         "independent ones (no GPUs and no CPU backend asked for); on a CPU-only machine launch with "
-                         "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N train_asv.py ...")
+    check_launch(accelerator)
     # Accelerate drops a tracker whose package is missing with only a debug message: say it instead
     missing = [n for n in (wanted if isinstance(wanted, list) else []) if n not in {str(x) for x in accelerator.log_with}]
     if missing:

@@ -140,6 +140,8 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
     """Every file embedded by every checkpoint of `ex`: ((N, E) per checkpoint, (N,) done)."""
     cfg = ex.cfg
     durations = durations if durations is not None else audio_durations(paths, {})
+    accelerator.print(f"embedding {len(paths)} files with {len(ex.ckpts)} checkpoint(s) on "
+                      f"{accelerator.num_processes} process(es)")
     loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples))
     upstreams = [u.to(accelerator.device) for u in ex.upstreams]
     encoders = [e.to(accelerator.device) for e in ex.encoders]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,6 +151,16 @@ def label_encoder(exp: Path, speakers: list[str]) -> dict[str, int]:
     else:
         write_text(path, "".join(f"{s}\n" for s in speakers))
     return {s: i for i, s in enumerate(speakers)}
+
+
+def check_launch(accelerator):
+    """Several processes that Accelerate does not see as one run would each train alone, all as the main
+    process: `accelerate launch --multi_gpu` on a machine without GPUs does that."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ValueError(f"{launched} processes were started but Accelerate runs them as {accelerator.num_processes} "
+                         "independent ones (no GPUs and no CPU backend asked for); on a CPU-only machine launch with "
+                         "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N <script> ...")
 
 
 def one_line(error: Exception) -> str:

@@ -1,21 +1,26 @@
-"""Side by side: this toolkit vs the real s3prl 0.4.18 SuperbASV (fbank upstream), same data, same trials.
+"""Side by side with the real s3prl 0.4.18 SuperbASV: the SUPERB recipe (configs/base.yaml, fbank upstream)
+against s3prl's own, on the same files, trials, steps and seeds, in one run.
 
-    python benchmarks/compare_s3prl.py --work /tmp/cmp --steps-ours 300 --steps-peer 20 --steps-peer-ours 60
+    python benchmarks/compare_s3prl.py --work /tmp/cmp --corpora real-mini demo --steps 30 --seeds 0 1 2
 
-1. data: our prepare_voxceleb.py output (--data), or real-mini prepared into WORK/data.
-2. peer corpus view WORK/peer_corpus: wav/<spk>/<session>/<utt>.wav for our train + test speakers only
-   (FLAC -> WAV; the peer reads .wav only) and trials.txt = our trials/test.txt with mapped paths.
-   The peer trains on every speaker not in the trials, i.e. exactly our training speakers.
-3. runs, each timed by /usr/bin/time -v (max RSS of the largest process) plus a 0.5 s sampler of the
-   summed PSS of the whole process tree: the peer with its SUPERB recipe, the peer with our demo
-   recipe's hyper-parameters (where its CLI allows), and our train_asv.py with configs/demo.yaml.
-4. prints a Markdown table and the exact commands.
+Per corpus: our prepare_voxceleb.py output with --valid-speakers 0 (SUPERB trains on every non-test
+speaker), and a view of it for the peer runner (../shared/peers/s3prl-run: wav/<spk>/<session>/<utt>.wav,
+FLAC re-wrapped losslessly as WAV, and our test list with ids mapped to those files). Then, seed by
+seed, s3prl and ours alternately (so machine load falls on both alike): train `--steps` optimizer
+steps (10 x 5 utterances each), then test the final checkpoint. `--lr` runs both at another learning
+rate as well (SUPERB's 1e-4 barely moves the loss in a few dozen steps). Each stage runs under
+/usr/bin/time -v plus a 0.5 s sampler of the summed PSS of its process tree.
+
+Prints, per corpus and recipe: training loss at each log step (mean +- sd over seeds), test EER and
+minDCF, seconds per training step, each stage's wall time and peak memory, and the commands.
 """
 import argparse
 import csv
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -24,16 +29,9 @@ from pathlib import Path
 import soundfile as sf
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-# our configs/demo.yaml expressed in s3prl overrides; not expressible: 40 mels (s3prl fbank: 80 + deltas + CMVN),
-# AAM-softmax (s3prl: AM only), TDNN channels 128 (s3prl: fixed 512), BatchNorm in the TDNN, crops repeated
-# to exactly 2 s (s3prl: crops of at most 2 s, shorter utterances zero-padded).
-PEER_OURS_ENV = {"BATCH_SIZE": "32", "GRAD_ACCUM": "1"}
-PEER_OURS_ARGS = ["--build_optimizer.name", "Adam", "--build_optimizer.conf.lr", "1e-3",
-                  "--build_task.loss_conf.margin", "0.2", "--build_task.loss_conf.scale", "30",
-                  "--build_dataset.train.max_secs", "2.0", "--build_dataset.train.min_secs", "0.0",
-                  "--train.gradient_clipping", "5.0", "--build_downstream.hidden_size", "128",
-                  "--build_downstream.aggregation_size", "384", "--build_downstream.output_size", "128"]
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PEER = SHARED / "peers" / "s3prl-run"
 
 
 def tree_pss_kib(root_pid):
@@ -51,147 +49,175 @@ def tree_pss_kib(root_pid):
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            for line in open(f"/proc/{pid}/smaps_rollup"):
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    break
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
         except OSError:
             pass
     return total
 
 
-def run_measured(name, cmd, log_dir, env=None, cwd=None):
-    """Run cmd (a list) under /usr/bin/time -v; returns wall s, max RSS MB (one process), peak PSS MB (tree)."""
-    log, tv = log_dir / f"{name}.log", log_dir / f"{name}.time"
-    print(f"[compare] {name}: {' '.join(cmd)}", flush=True)
+def run_measured(name, cmd, logs: Path, env=None):
+    """Run cmd (a list); returns wall s and peak PSS MB of the whole tree. Exits on failure with the log's tail."""
+    log = logs / f"{name}.log"
+    print(f"[compare] {name}: {' '.join(map(str, cmd))}", flush=True)
     t0, peak = time.perf_counter(), 0
     with open(log, "w") as f:
-        proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(tv), *cmd], stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, cwd=cwd)
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, **(env or {})})
         while proc.poll() is None:
             peak = max(peak, tree_pss_kib(proc.pid))
             time.sleep(0.5)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"[compare] {name} failed (rc {proc.returncode}); see {log}:\n" + "".join(open(log).readlines()[-30:]))
-    rss = next(int(l.split(":")[1]) for l in open(tv) if "Maximum resident set size" in l)
-    print(f"[compare] {name}: {wall:.0f} s, max RSS {rss / 1024:.0f} MB, peak PSS {peak / 1024:.0f} MB", flush=True)
-    return {"wall": wall, "rss": rss / 1024, "pss": peak / 1024, "cmd": cmd, "env": env or {}, "cwd": cwd}
+        sys.exit(f"[compare] {name} failed (rc {proc.returncode}); {log}:\n" + "".join(open(log).readlines()[-30:]))
+    print(f"[compare] {name}: {wall:.0f} s, peak PSS {peak / 1024:.0f} MB", flush=True)
+    return {"wall": wall, "pss": peak / 1024, "cmd": " ".join(map(str, cmd)), "env": env or {}}
 
 
-def build_peer_corpus(data, view):
-    """WORK/peer_corpus/{wav/<spk>/<session>/<utt>.wav, trials.txt} from our data dir (train + test splits)."""
+def prepare(corpus: str, work: Path) -> Path:
+    """Our data folder for `corpus` (real-mini or demo), every non-test speaker training."""
+    data = work / corpus / "data"
+    source = ["--demo"] if corpus == "demo" else ["--corpus", str(SHARED / "data" / "real-mini"), "--test-speakers", "5"]
+    if corpus != "demo" and not (SHARED / "data" / "real-mini").is_dir():
+        sys.exit(f"{SHARED / 'data' / 'real-mini'} not found: the shared data sits in ../shared/data")
+    subprocess.run([sys.executable, ROOT / "prepare_voxceleb.py", *source, "--out", data, "--valid-speakers", "0"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return data
+
+
+def peer_view(data: Path, view: Path) -> Path:
+    """wav/<spk>/<session>/<utt>.wav for every train and test utterance, and trials.txt with mapped paths."""
+    shutil.rmtree(view, ignore_errors=True)
     with open(data / "utterances.csv", newline="") as f:
-        utts = [u for u in csv.DictReader(f) if u["split"] in ("train", "test")]
-    trials = [line.split() for line in open(data / "trials" / "test.txt") if line.strip()]
-    trial_spk = {u["speaker"] for u in utts if u["split"] == "test" and u["path"] in {p for t in trials for p in t[1:]}}
-    if view.exists():
-        shutil.rmtree(view)
-    mapped, converted = {}, 0
+        utts = list(csv.DictReader(f))
+    mapped = {}
     for u in utts:
-        if u["split"] == "test" and u["speaker"] not in trial_spk:
-            continue  # the peer would take a test speaker absent from the trials for a training speaker
-        src = Path(u["path"])
-        dst = view / "wav" / u["speaker"] / src.parent.name / (src.stem + ".wav")
-        if dst in mapped.values():
-            sys.exit(f"[compare] two utterances map to {dst}")
+        src = data / u["path"]  # relative to the data folder, or absolute
+        rel = str(Path(u["id"]).with_suffix(".wav"))
+        dst = view / "wav" / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.suffix.lower() == ".wav":
-            dst.symlink_to(src)
-        else:  # lossless re-wrap: same samples, same rate, same sample format where WAV has it
+            dst.symlink_to(src.resolve())
+        else:  # lossless re-wrap: the peer reads .wav only
             info = sf.info(str(src))
-            wav, sr = sf.read(str(src), dtype="float64")
-            sf.write(str(dst), wav, sr, subtype=info.subtype if sf.check_format("WAV", info.subtype) else "FLOAT")
-            converted += 1
-        mapped[u["path"]] = dst
-    with open(view / "trials.txt", "w") as f:
-        for label, a, b in trials:
-            f.write(f"{label} {mapped[a]} {mapped[b]}\n")
-    n_train = sum(u["split"] == "train" for u in utts)
-    print(f"[compare] peer corpus {view}: {len(mapped)} files ({converted} FLAC->WAV), {n_train} train utts, "
-          f"{len(trial_spk)} test speakers, {len(trials)} trials", flush=True)
+            sf.write(str(dst), sf.read(str(src), dtype="float64")[0], info.samplerate, subtype=info.subtype)
+        mapped[u["id"]] = rel
+    lines = [line.split() for line in open(data / "trials" / "test.txt") if line.strip()]
+    (view / "trials.txt").write_text("".join(f"{label} {mapped[a]} {mapped[b]}\n" for label, a, b in lines))
     return view / "trials.txt"
 
 
-def run_peer(args, name, steps, corpus, trials, env=None, extra=()):
-    out = args.work / name
-    r = run_measured(name, ["bash", str(args.peer_dir / "run_s3prl_asv.sh"), str(corpus), str(out), str(steps),
-                            *extra], args.work / "logs",
-                     env={"FORCE": "1", "VENV": str(args.peer_venv), "TRIALS": str(trials), **(env or {})})
-    res = yaml.safe_load(open(out / "exp" / "evaluate" / "test_trial" / f"step_{steps}" / "result.yaml"))
-    removed = {l.split("Remove utt ")[1].split(" since")[0]
-               for l in open(out / "logs" / "s3prl_stage2_train.log") if "Remove utt " in l}
-    with open(out / "exp" / "train.csv", newline="") as f:
-        train = [(row["id"], row["spk"]) for row in csv.DictReader(f)]
-    kept_spk = {spk for uid, spk in train if uid not in removed}
-    r.update(eer=100 * res["EER"], dcf=res["minDCF"], steps=steps,
-             crops=steps * int((env or {}).get("BATCH_SIZE", 10)) * int((env or {}).get("GRAD_ACCUM", 5)),
-             note=f"trained on {len(train) - len(removed)}/{len(train)} utts, {len(kept_spk)}/"
-                  f"{len({s for _, s in train})} speakers (s3prl drops utts <= min_secs after SoX silence trim)")
-    return r
+def peer_losses(log: Path) -> dict[int, float]:
+    """{step: loss} from s3prl's stage-2 log ("train at step N" then "loss: X")."""
+    losses, step = {}, None
+    for line in open(log, errors="replace"):
+        if m := re.search(r"train at step (\d+)", line):
+            step = int(m[1])
+        elif (m := re.search(r"\bloss: ([-\d.e+naninf]+)", line)) and step is not None:
+            losses[step], step = float(m[1]), None
+    return losses
 
 
-def run_ours(args, steps):
-    exp = args.work / "ours"
+def run_peer(work, corpus, view, trials, steps, seed, log_step, lr):
+    name = f"{corpus}_s3prl_lr{lr:g}_seed{seed}"
+    out = work / corpus / name
+    extra = [] if lr == 1e-4 else ["--build_optimizer.conf.lr", str(lr)]
+    env = {"FORCE": "1", "TRIALS": str(trials), "SEED": str(seed), "LOG_STEP": str(log_step), "NUM_WORKERS": "0"}
+    r = run_measured(name, ["bash", PEER / "run_s3prl_asv.sh", view, out, steps, *extra], work / "logs", env)
+    result = yaml.safe_load(open(out / "exp" / "evaluate" / "test_trial" / f"step_{steps}" / "result.yaml"))
+    stages = {}
+    for line in open(out / "summary.txt"):
+        if m := re.match(r"(prep|s3prl_\S+)\s+(\S+)\s+(\d+)MiB\s+(\d+)MiB", line):
+            h, mi, s = (["0", "0"] + m[2].split(":"))[-3:]
+            stages[m[1]] = (3600 * float(h) + 60 * float(mi) + float(s), int(m[4]))
+    rate = re.findall(r"train: 100%.*?([\d.]+)(s/it|it/s)", (out / "logs" / "s3prl_stage2_train.log").read_text())
+    per_step = float(rate[-1][0]) if rate and rate[-1][1] == "s/it" else 1 / float(rate[-1][0]) if rate else None
+    train = stages.get("s3prl_stage2_train", (None, None))
+    return {**r, "losses": peer_losses(out / "logs" / "s3prl_stage2_train.log"), "eer": 100 * result["EER"],
+            "dcf": result["minDCF"], "per_step": per_step, "train_wall": train[0], "train_pss": train[1],
+            "test_wall": stages.get("s3prl_stage3-4_test", (None,))[0],
+            "test_pss": stages.get("s3prl_stage3-4_test", (None, None))[1]}
+
+
+def run_ours(work, corpus, data, steps, seed, log_step, lr):
+    name = f"{corpus}_ours_lr{lr:g}_seed{seed}"
+    exp = work / corpus / name
     shutil.rmtree(exp, ignore_errors=True)  # a fresh run: train_asv.py would otherwise resume
-    r = run_measured("ours", [sys.executable, "train_asv.py", "--config", "configs/demo.yaml",
-                              f"data.dir={args.data}", f"exp_dir={exp}", f"train.total_steps={steps}"],
-                     args.work / "logs", cwd=ROOT)
-    m = json.loads((exp / "best" / "eval" / "test" / "metrics.json").read_text())
-    cfg = yaml.safe_load(open(exp / "config.yaml"))
-    r.update(eer=m["eer"], dcf=m["min_dcf_0.01"], steps=steps,
-             crops=steps * cfg["data"]["batch_size"] * cfg["train"]["gradient_accumulate"],
-             note=f"{m['num_trials']} trials scored; best ckpt {(exp / 'best').resolve().name} (by valid EER)")
-    return r
+    train = run_measured(f"{name}_train", [sys.executable, "train_asv.py", "--config", "configs/base.yaml",
+                                           "upstream.name=fbank", f"data.dir={data}", f"exp_dir={exp}",
+                                           f"train.total_steps={steps}", f"train.save_step={steps}",
+                                           f"train.log_step={log_step}", f"train.seed={seed}", f"optim.lr={lr}",
+                                           "train.test_after_train=false", "train.log_with=none", "num_workers=2"],
+                         work / "logs")
+    test = run_measured(f"{name}_test", [sys.executable, "evaluate_asv.py", "--ckpt_dir", exp / f"step-{steps}"],
+                        work / "logs")
+    log = (exp / "train.log").read_text()
+    losses = {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+) \| loss (\S+)", log, re.M)}
+    speeds = [float(s) for s in re.findall(r"\| (\d+) crops/s", log)][1:]  # the first interval holds start-up
+    m = json.loads((exp / f"step-{steps}" / "eval" / "test" / "metrics.json").read_text())
+    return {**train, "losses": losses, "eer": m["eer"], "dcf": m["min_dcf_0.01"],
+            "per_step": 50 / statistics.mean(speeds) if speeds else None, "train_wall": train["wall"],
+            "train_pss": train["pss"], "test_wall": test["wall"], "test_pss": test["pss"]}
+
+
+def spread(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def table(corpus, lr, runs):
+    """Markdown rows for one corpus and lr: losses per log step, EER, speed, walls, memory."""
+    peer, ours = runs["s3prl"], runs["ours"]
+    steps = sorted(set(peer[0]["losses"]) & set(ours[0]["losses"]))
+    lines = [f"\n### {corpus}, lr {lr:g} ({len(peer)} seeds)\n", "| | s3prl 0.4.18 | ours (configs/base.yaml) |",
+             "|---|---|---|"]
+    for step in steps:
+        lines.append(f"| training loss, step {step} | {spread(r['losses'].get(step) for r in peer)} | "
+                     f"{spread(r['losses'].get(step) for r in ours)} |")
+    for key, label in [("eer", "test EER %"), ("dcf", "test minDCF 0.01"), ("per_step", "seconds per training step"),
+                       ("train_wall", "training stage wall s"), ("test_wall", "test stage wall s"),
+                       ("train_pss", "training peak PSS MB"), ("test_pss", "test peak PSS MB")]:
+        lines.append(f"| {label} | {spread(r[key] for r in peer)} | {spread(r[key] for r in ours)} |")
+    p, o = [r["per_step"] for r in peer if r["per_step"]], [r["per_step"] for r in ours if r["per_step"]]
+    if p and o:
+        lines.append(f"| speed-up per training step | | {statistics.mean(p) / statistics.mean(o):.1f}x |")
+    return lines
 
 
 def main():
-    class Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/cmp"), help="working folder (wiped run dirs inside)")
-    ap.add_argument("--data", type=Path, help="prepared data dir (default: --corpus prepared into WORK/data)")
-    ap.add_argument("--corpus", type=Path, default=Path("/work/shared/data/real-mini"), help="used without --data")
-    ap.add_argument("--steps-ours", type=int, default=300, help="our optimizer steps (32 crops each)")
-    ap.add_argument("--steps-peer", type=int, default=20, help="peer steps, SUPERB recipe (50 crops each)")
-    ap.add_argument("--steps-peer-ours", type=int, default=60, help="peer steps with our recipe (0: skip)")
-    ap.add_argument("--peer-dir", type=Path, default=Path("/work/shared/peers/s3prl-run"), help="the s3prl runner")
-    ap.add_argument("--peer-venv", type=Path, default=Path("/tmp/s3prl-peer-venv"),
-                    help="the runner's VENV: the virtual environment s3prl 0.4.18 runs in")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/cmp"), help="working folder (default: %(default)s)")
+    ap.add_argument("--corpora", nargs="+", default=["real-mini", "demo"], choices=["real-mini", "demo"],
+                    help="default: %(default)s")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default: %(default)s)")
+    ap.add_argument("--log-step", type=int, default=5, help="loss logged every N steps (default: %(default)s)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
+    ap.add_argument("--lr", type=float, nargs="+", default=[1e-4], help="learning rates, 1e-4 = SUPERB's "
+                    "(default: %(default)s)")
     args = ap.parse_args()
-    args.work = args.work.resolve()
-    (args.work / "logs").mkdir(parents=True, exist_ok=True)
-    if not Path("/usr/bin/time").is_file():
-        sys.exit("GNU time missing: apt-get install time")
-    if args.data is None:
-        args.data = args.work / "data"
-        if not (args.data / "utterances.csv").is_file():
-            subprocess.run([sys.executable, str(ROOT / "prepare_voxceleb.py"), "--corpus", str(args.corpus), "--out",
-                            str(args.data), "--test-speakers", "5", "--valid-speakers", "2"], check=True)
-    args.data = args.data.resolve()
-    trials = build_peer_corpus(args.data, args.work / "peer_corpus")
-
-    rows = [("s3prl 0.4.18 SuperbASV", "SUPERB (AdamW 1e-4, AM m0.4, 10x5 crops <=8 s, 512-d)",
-             run_peer(args, "peer_superb", args.steps_peer, args.work / "peer_corpus", trials))]
-    if args.steps_peer_ours > 0:
-        rows.append(("s3prl 0.4.18 SuperbASV", "ours (Adam 1e-3, AM m0.2, 32 crops <=2 s, 128-d)",
-                     run_peer(args, "peer_ours_recipe", args.steps_peer_ours, args.work / "peer_corpus", trials,
-                              PEER_OURS_ENV, PEER_OURS_ARGS)))
-    rows.append(("this toolkit", "configs/demo.yaml (Adam 1e-3, AAM m0.2, 32 crops of 2 s, 40 mels)",
-                 run_ours(args, args.steps_ours)))
-
-    print(f"\nData: {args.data} ({Path(args.data, 'trials', 'test.txt')}); peer corpus view: {args.work / 'peer_corpus'}\n")
-    print("| system | recipe | steps | crops seen | EER % | minDCF 0.01 | wall s | peak RSS MB (1 proc) "
-          "| peak PSS MB (tree) | notes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for system, recipe, r in rows:
-        print(f"| {system} | {recipe} | {r['steps']} | {r['crops']} | {r['eer']:.2f} | {r['dcf']:.4f} | "
-              f"{r['wall']:.0f} | {r['rss']:.0f} | {r['pss']:.0f} | {r['note']} |")
-    print("\nCommands (run under /usr/bin/time -v):")
-    for _, _, r in rows:
-        env = " ".join(f"{k}={v}" for k, v in r["env"].items())
-        cd = f"cd {r['cwd']} && " if r.get("cwd") else ""
-        print(f"    {cd}{env + ' ' if env else ''}{' '.join(r['cmd'])}")
+    work = args.work.resolve()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    if not PEER.is_dir() or not Path("/usr/bin/time").is_file():
+        sys.exit(f"needs the s3prl runner in {PEER} and GNU time (apt-get install time)")
+    report = [f"s3prl 0.4.18 vs this toolkit, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs; "
+              f"{' '.join(sys.argv)}"]
+    for corpus in args.corpora:
+        data = prepare(corpus, work)
+        trials = peer_view(data, work / corpus / "peer_corpus")
+        for lr in args.lr:
+            runs = {"s3prl": [], "ours": []}
+            for seed in args.seeds:
+                runs["s3prl"].append(run_peer(work, corpus, work / corpus / "peer_corpus", trials, args.steps, seed,
+                                              args.log_step, lr))
+                runs["ours"].append(run_ours(work, corpus, data, args.steps, seed, args.log_step, lr))
+            report += table(corpus, lr, runs)
+            (work / f"runs_{corpus}_lr{lr:g}.json").write_text(json.dumps(runs, indent=1, default=str))
+    text = "\n".join(report)
+    (work / "table.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

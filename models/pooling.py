@@ -19,9 +19,10 @@ class StatsPool(nn.Module):
 
     `unbiased=True` divides the variance by n - 1, as torch.std does in s3prl's
     TemporalStatisticsPooling (a single frame then gives std 0 here where s3prl gives NaN).
-    Padded frames of `x` are zeroed IN PLACE (x is the caller's temporary): a masked copy of
-    (B, C, T), or x * x, is a fresh allocation that costs more than the arithmetic on CPU. Sums
-    of squares come from vector_norm, which makes no temporary (benchmarks/benchmark.py times it).
+    Without autograd, padded frames of `x` are zeroed IN PLACE (x is the caller's temporary): a
+    masked copy of (B, C, T), or x * x, is a fresh allocation that costs more than the arithmetic on
+    CPU. Sums of squares come from vector_norm, which makes no temporary (benchmarks/benchmark.py
+    times it). In training the copy is made: the layer before may need its output for backward.
     """
 
     def __init__(self, channels: int, unbiased: bool = False):
@@ -29,7 +30,8 @@ class StatsPool(nn.Module):
         self.unbiased, self.out_dim = unbiased, 2 * channels
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x.mul_(frame_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype))  # (B, 1, T) mask
+        mask = frame_mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)  # (B, 1, T)
+        x = x * mask if x.requires_grad else x.mul_(mask)
         n = lengths.clamp(min=1).view(-1, 1).to(x.dtype)
         mean = x.sum(-1) / n  # (B, C)
         square_sum = torch.linalg.vector_norm(x, dim=-1).square()  # (B, C)
