@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,9 @@ from asv.config import ConfigError, flatten, help_text, load_config
 from asv.data import TrainBatchSampler, TrainDataset, collate_padded, durations_after_effects, read_manifest, \
     read_trials, trial_lists
 from asv.embedding import (build_models, embed, eval_loader, load_extractors, meta_of, score_trials, trial_audio,
-                           trial_rows, validation_metrics)
+                           scores_text, trial_rows, validation_metrics)
 from asv.evaluation import evaluate_checkpoints, resolve_lists
-from asv.fileio import write_json
+from asv.fileio import write_json, write_text
 from asv.models import MarginSoftmax, load_model_file, min_input_samples, save_model_file
 from asv.runfolder import RunLock, open_run
 from asv.training import (NonFiniteGuard, StepMeter, TrainState, check_launch, label_encoder, lr_at, make_optimizer,
@@ -135,7 +136,7 @@ class Validation:
     """Validation EER / minDCF of the encoder on the data folder's valid list (validation speakers only)."""
 
     def __init__(self, accelerator, cfg, min_samples: int):
-        self.accelerator, self.cfg = accelerator, cfg
+        self.accelerator, self.cfg, self.scores = accelerator, cfg, ""
         lists = trial_lists(cfg.data.dir)
         self.enabled = "valid" in lists
         if not self.enabled:
@@ -150,6 +151,10 @@ class Validation:
         durations = {u.path: u.duration for u in utts}
         self.loader = eval_loader(self.paths, [durations[p] for p in self.paths], cfg, min_samples)
 
+    def due(self, step: int) -> bool:
+        t = self.cfg.train
+        return self.enabled and (step % t.eval_step == 0 or step == t.total_steps)
+
     def __call__(self, upstream, encoder, step: int, log: Log) -> dict | None:
         cfg = self.cfg
         (table,), done = embed(self.accelerator, [upstream], [encoder], self.loader, len(self.paths), cfg.eval_batch,
@@ -160,13 +165,14 @@ class Validation:
             log.say(f"warning: step {step} validation skipped: {bad} of {len(scores)} trial scores are NaN or inf")
             return None
         result = validation_metrics(scores, self.trials.labels[keep])
+        self.scores = scores_text(self.trials, keep, scores)  # saved with the checkpoint: calibration is fit on it
         log.say(f"step {step} | valid EER {result['eer']:.2f}% | minDCF0.01 {result['min_dcf_0.01']:.4f} "
                 f"| minDCF0.05 {result['min_dcf_0.05']:.4f}")
         self.accelerator.log({f"valid/{k}": v for k, v in result.items()}, step=step)
         return result
 
 
-def save_checkpoint(accelerator, cfg, step: int, upstream, encoder, head, valid: dict | None):
+def save_checkpoint(accelerator, cfg, step: int, upstream, encoder, head, valid: dict | None, valid_scores: str):
     """Every process saves its part into step-N.tmp; once all are in, the main process renames it to
     step-N, records the validation and settles `best` and pruning (asv/checkpoints.py)."""
     exp = Path(cfg.exp_dir)
@@ -182,6 +188,7 @@ def save_checkpoint(accelerator, cfg, step: int, upstream, encoder, head, valid:
             write_json(tmp / "layer_weights.json", enc.featurizer.layer_weights())
             if valid is not None:
                 write_json(tmp / "eval" / "valid" / "metrics.json", valid)
+                write_text(tmp / "eval" / "valid" / "scores.txt", valid_scores)
     except (OSError, RuntimeError) as e:  # a full disk: torch.save and safetensors raise their own
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
@@ -230,25 +237,42 @@ def set_schedules(accelerator, cfg, optimizer, head, step: int):
     accelerator.unwrap_model(head).margin = margin_at(step, cfg.loss)
 
 
-def train(cfg, amend: bool = False):
-    cfg, t = absolute_paths(cfg), cfg.train
-    exp = Path(cfg.exp_dir)
-    accelerator = make_accelerator(cfg)
-    lock = RunLock(exp) if accelerator.is_main_process else None  # before anything in exp is touched
-    checkpoints = open_run(exp, cfg, amend) if accelerator.is_main_process else None
-    if accelerator.is_main_process:
-        clear_partial_saves(exp)
-        settle(exp, t.valid_metric, t.keep_num_ckpts)  # repairs what a kill may have left half done
-    accelerator.wait_for_everyone()
-    checkpoints = complete_checkpoints(exp) if t.auto_resume or t.resume_ckpt_dir else []
-    set_seed(t.seed)
-    accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                for k, v in flatten(cfg).items()})
+@dataclass
+class Run:
+    """What the loop works on: the models (the trained ones prepared by Accelerate), optimizer, data, state."""
+    upstream: torch.nn.Module
+    encoder: torch.nn.Module
+    head: torch.nn.Module
+    trained: list  # the prepared modules that learn: encoder, head (and a trainable upstream)
+    params: list
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    validation: Validation
+    state: TrainState
+    spec_rng: torch.Generator  # SpecAugment's own: the global RNG also feeds DataLoader iterators
+    about: str
 
-    # ---- data, model, optimizer: a frozen upstream stays outside `prepare` (no DDP, no optimizer, not saved)
-    loader, num_classes, about = build_data(accelerator, cfg, exp)
+
+def open_run_folder(accelerator, cfg, amend: bool):
+    """Lock the run folder, check the config against it and repair what a kill left half done
+    (main process); every process then sees the same complete checkpoints."""
+    t, exp = cfg.train, Path(cfg.exp_dir)
+    lock = RunLock(exp) if accelerator.is_main_process else None  # before anything in exp is touched
+    if accelerator.is_main_process:
+        open_run(exp, cfg, amend)
+        clear_partial_saves(exp)
+        settle(exp, t.valid_metric, t.keep_num_ckpts)
+    accelerator.wait_for_everyone()
+    return lock, complete_checkpoints(exp) if t.auto_resume or t.resume_ckpt_dir else []
+
+
+def build_run(accelerator, cfg, checkpoints: list[Path]) -> Run:
+    """Data, model, optimizer, `prepare` (a frozen upstream stays outside it: no DDP, no optimizer, not
+    saved), then the resume."""
+    t = cfg.train
+    loader, num_classes, about = build_data(accelerator, cfg, Path(cfg.exp_dir))
     upstream, encoder = build_models(cfg)
-    spec_rng = torch.Generator()  # SpecAugment's own: the global RNG also feeds DataLoader iterators
+    spec_rng = torch.Generator()
     if cfg.augment.specaug_prob > 0:
         encoder.feature_augment = lambda feats, lengths: spec_augment(feats, lengths, cfg.augment, spec_rng)
     head = MarginSoftmax(cfg.downstream.embed_dim, num_classes, cfg.loss.name, cfg.loss.margin, cfg.loss.scale,
@@ -260,32 +284,52 @@ def train(cfg, amend: bool = False):
     params = [p for m in trained for p in m.parameters()]
     optimizer = make_optimizer(cfg.optim, params)
     validation = Validation(accelerator, cfg, min_input_samples(upstream, encoder))
-    prepared = accelerator.prepare(*trained, optimizer, loader)
-    trained_prepared = prepared[:len(trained)]
-    encoder, head = prepared[:2]
-    upstream = prepared[2] if cfg.upstream.trainable else upstream.to(accelerator.device)
-    optimizer, loader = prepared[-2:]
+    *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
+    upstream = trained[2] if cfg.upstream.trainable else upstream.to(accelerator.device)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     resume(accelerator, cfg, checkpoints, state)
+    return Run(upstream, trained[0], trained[1], trained, params, optimizer, loader, validation, state, spec_rng,
+               about)
 
-    # ---- stage 2: the training loop
+
+def log_progress(accelerator, cfg, run: Run, meter: StepMeter, log: Log, step: int, crops_per_second: float):
+    loss, acc = meter.read(accelerator)
+    lr = lr_of(cfg, step - 1)
+    skipped = f" | {run.state.skipped_steps} steps skipped" if run.state.skipped_steps else ""
+    log.say(f"step {step} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.1e} | {crops_per_second:.0f} crops/s{skipped}")
+    weights = accelerator.unwrap_model(run.encoder).featurizer.layer_weights()
+    accelerator.log({"train/loss": loss, "train/accuracy": acc, "train/lr": lr,
+                     "train/crops_per_second": crops_per_second, "train/skipped_steps": run.state.skipped_steps,
+                     **{f"layer_weights/{i:02d}": w for i, w in enumerate(weights)}}, step=step)
+
+
+def train(cfg, amend: bool = False):
+    cfg, t = absolute_paths(cfg), cfg.train
+    exp = Path(cfg.exp_dir)
+    accelerator = make_accelerator(cfg)
+    lock, checkpoints = open_run_folder(accelerator, cfg, amend)
+    set_seed(t.seed)
+    accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                for k, v in flatten(cfg).items()})
+    run = build_run(accelerator, cfg, checkpoints)
+    upstream, encoder, head, optimizer, state = run.upstream, run.encoder, run.head, run.optimizer, run.state
     set_schedules(accelerator, cfg, optimizer, head, state.step)
     log = Log(accelerator, exp, t.total_steps, state.step)
-    guard, meter = NonFiniteGuard(trained), StepMeter(accelerator.device)
-    for m in trained:
+    guard, meter = NonFiniteGuard(run.trained), StepMeter(accelerator.device)
+    for m in run.trained:
         m.train()
-    batches = accelerator.skip_first_batches(loader, state.micro_batches) if state.micro_batches else loader
-    accelerator.print(f"training {sum(p.numel() for p in params) / 1e6:.2f}M parameters on {about}; "
+    batches = accelerator.skip_first_batches(run.loader, state.micro_batches) if state.micro_batches else run.loader
+    accelerator.print(f"training {sum(p.numel() for p in run.params) / 1e6:.2f}M parameters on {run.about}; "
                       f"{accelerator.num_processes} process(es), {torch.get_num_threads()} threads each")
     seen, tic = 0, time.time()
-    for wavs, lengths, labels in batches:
+    for wavs, lengths, labels in batches:  # ---- stage 2: the training loop
         if state.step >= t.total_steps:
             break
         # -- forward, backward, step (SpecAugment draws from (seed, position), like the crops)
-        spec_rng.manual_seed(t.seed * 1_000_003 + state.micro_batches * accelerator.num_processes
-                             + accelerator.process_index)
-        with accelerator.accumulate(*trained_prepared):
+        run.spec_rng.manual_seed(t.seed * 1_000_003 + state.micro_batches * accelerator.num_processes
+                                 + accelerator.process_index)
+        with accelerator.accumulate(*run.trained):
             # a frozen upstream is not prepared, so Accelerate's autocast must be asked for explicitly
             with accelerator.autocast(), torch.set_grad_enabled(cfg.upstream.trainable):
                 hidden, frames = upstream(wavs, lengths)  # frozen: no activations kept for backward
@@ -293,7 +337,7 @@ def train(cfg, amend: bool = False):
             accelerator.backward(loss)
             finite = True
             if accelerator.sync_gradients:  # gradients are complete (and all-reduced) only now
-                norm = accelerator.clip_grad_norm_(params, t.gradient_clipping or math.inf)
+                norm = accelerator.clip_grad_norm_(run.params, t.gradient_clipping or math.inf)
                 finite = bool(torch.isfinite(norm))  # one sync per optimizer step; identical on every process
             if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips it and lowers its scale
                 optimizer.step()
@@ -307,8 +351,7 @@ def train(cfg, amend: bool = False):
         step = state.step
         set_schedules(accelerator, cfg, optimizer, head, step)
         log.bar.update()
-
-        # -- skip a non-finite step
+        # -- skip a non-finite step: no update was made; put back the BatchNorm statistics of the last good one
         if finite:
             guard.commit()
             meter.commit()
@@ -317,33 +360,19 @@ def train(cfg, amend: bool = False):
             state.skipped_steps += 1
             log.say(f"warning: step {step} skipped: non-finite loss or gradient "
                     f"({guard.in_row + 1} in a row, {state.skipped_steps} in all)")
-            last = complete_checkpoints(exp)
-            guard.rollback(step, str(last[-1]) if last else "none")
-
+            guard.rollback(step, str((complete_checkpoints(exp) or ["none"])[-1]))
         # -- log
         if step % t.log_step == 0 or step == t.total_steps:
-            loss_avg, acc = meter.read(accelerator)
-            speed = seen * accelerator.num_processes / (time.time() - tic)
-            lr = lr_of(cfg, step - 1)
-            skipped = f" | {state.skipped_steps} steps skipped" if state.skipped_steps else ""
-            log.say(f"step {step} | loss {loss_avg:.4f} | acc {acc:.3f} | lr {lr:.1e} | {speed:.0f} crops/s{skipped}")
-            weights = accelerator.unwrap_model(encoder).featurizer.layer_weights()
-            accelerator.log({"train/loss": loss_avg, "train/accuracy": acc, "train/lr": lr,
-                             "train/crops_per_second": speed, "train/skipped_steps": state.skipped_steps,
-                             **{f"layer_weights/{i:02d}": w for i, w in enumerate(weights)}}, step=step)
+            log_progress(accelerator, cfg, run, meter, log, step, seen * accelerator.num_processes / (time.time() - tic))
             seen, tic = 0, time.time()
-
-        # -- validate, save
-        valid = None
-        if validation.enabled and (step % t.eval_step == 0 or step == t.total_steps):
-            valid = validation(upstream, encoder, step, log)
+        # -- validate, save (a checkpoint every save_step, and whenever validation improves)
+        valid = run.validation(upstream, encoder, step, log) if run.validation.due(step) else None
         best = best_entry(read_history(exp), t.valid_metric) if valid else None
         improved = valid is not None and (best is None or rank_key({"step": step, **valid}, t.valid_metric)
                                           < rank_key(best, t.valid_metric))
         if step % t.save_step == 0 or step == t.total_steps or improved:
-            save_checkpoint(accelerator, cfg, step, upstream, encoder, head, valid)
+            save_checkpoint(accelerator, cfg, step, upstream, encoder, head, valid, run.validation.scores)
             tic = time.time()
-
     log.bar.close()
     if state.step < t.total_steps:
         raise ValueError(f"the data loader ended at step {state.step} of {t.total_steps}")
