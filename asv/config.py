@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .fileio import write_text
-from .models import DOWNSTREAMS
+from .models import DOWNSTREAMS, POOLINGS
 
 
 class ConfigError(ValueError):
@@ -167,12 +167,12 @@ CHOICES = {  # string keys with a closed set of values (upstream.name: models.up
 }
 AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "train.log_step", "train.eval_step",
                 "train.save_step", "train.gradient_accumulate", "loss.sub_centers", "score.cohort_size", "score.top_k")
-NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts",
-                "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps", "loss.margin_warmup_start",
-                "loss.margin_warmup_steps")
+NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts", "train.seed",
+                "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps", "scheduler.final_lr_ratio",
+                "loss.margin_warmup_start", "loss.margin_warmup_steps")
 POSITIVE = ("data.max_secs", "data.eval_batch_secs", "optim.lr", "loss.scale")
 # What a re-run may change in an existing run folder without being refused: nothing here alters
-# what the trained weights are (train.total_steps only while the lr and margin ignore it)
+# what the trained weights are (train.total_steps only while the lr schedule ignores it)
 SAFE_TO_CHANGE = ("exp_dir", "num_workers", "eval_batch", "data.eval_batch_secs", "data.eval_chunk_secs", "score.",
                   "train.total_steps", "train.log_step", "train.eval_step", "train.save_step", "train.keep_num_ckpts",
                   "train.auto_resume", "train.resume_ckpt_dir", "train.test_after_train", "train.log_with")
@@ -241,18 +241,38 @@ def _downstream(current, updates: dict):
     return options
 
 
-def parse_override(text: str) -> dict:
-    """'train.total_steps=200' -> {'train': {'total_steps': 200}} (value parsed as YAML)."""
+def parse_override(text: str, is_text=None) -> dict:
+    """'train.total_steps=200' -> {'train': {'total_steps': 200}} (value parsed as YAML).
+
+    `is_text(dotted)` says whether the key holds a string: then the value is the text as typed (YAML only
+    takes off quotes), so exp_dir=off or data.dir=2024-01-01 stay strings, as a command line means them."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     dotted, raw = text.split("=", 1)
+    dotted = dotted.strip()
+    text_key = is_text is not None and is_text(dotted)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({str(e).splitlines()[0]})") from None
-    for part in reversed(dotted.strip().split(".")):
+        if not text_key:
+            raise ConfigError(f"override '{text}': value is not valid YAML ({str(e).splitlines()[0]})") from None
+        value = raw.strip()
+    if text_key and not isinstance(value, str):
+        value = raw.strip()
+    for part in reversed(dotted.split(".")):
         value = {part: value}
     return value
+
+
+def _is_text_key(cfg: Config, dotted: str) -> bool:
+    """Whether `dotted` names a string key of `cfg` as it stands (downstream keys are its architecture's)."""
+    *sections, key = dotted.split(".")
+    obj = cfg
+    for name in sections:
+        obj = getattr(obj, name, None)
+    if not dataclasses.is_dataclass(obj) or key not in {f.name for f in dataclasses.fields(obj)}:
+        return False
+    return typing.get_type_hints(type(obj))[key] is str
 
 
 def _check(cfg: Config):
@@ -267,6 +287,8 @@ def _check(cfg: Config):
     for key in POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]}")
+    if cfg.eval_batch == 0 or cfg.eval_batch < -1:
+        raise ConfigError(f"config key 'eval_batch' must be -1 (all) or >= 1, got {cfg.eval_batch}")
     for key, value in flat.items():
         if key.startswith("augment.") and key.endswith("_prob") and not 0 <= value <= 1:
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
@@ -277,16 +299,23 @@ def _check(cfg: Config):
     if cfg.train.valid_higher_better:
         raise ConfigError(f"train.valid_higher_better=true cannot be meant: train.valid_metric {cfg.train.valid_metric} "
                           "is an error rate or a cost, lower is better")
+    pooling = getattr(cfg.downstream, "pooling", None)
+    if pooling is not None and pooling not in POOLINGS:
+        raise ConfigError(f"config key 'downstream.pooling' must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if cfg.optim.name != "sgd" and cfg.optim.momentum != OptimConfig.momentum:
         raise ConfigError(f"optim.momentum applies to optim.name=sgd only, not {cfg.optim.name}")
-    if any(type(i) is not int or i < 0 for i in cfg.featurizer.layer_selections):
-        raise ConfigError(f"featurizer.layer_selections must be layer numbers >= 0, got {cfg.featurizer.layer_selections}")
+    layers = cfg.featurizer.layer_selections
+    if any(type(i) is not int or i < 0 for i in layers):
+        raise ConfigError(f"featurizer.layer_selections must be layer numbers >= 0, got {layers}")
+    cfg.featurizer.layer_selections = sorted(set(layers))  # as s3prl's Featurizer: order and repeats mean nothing
     u = cfg.upstream
     ssl = u.name not in ("fbank", "mfcc", "logmel")
     for key, applies in (("n_mels", u.name in ("fbank", "logmel")), ("n_mfcc", u.name == "mfcc"),
                          ("ckpt", ssl), ("random_init", ssl), ("arch", ssl)):
         if not applies and getattr(u, key) != getattr(UpstreamConfig(), key):
             raise ConfigError(f"upstream.{key} does not apply to upstream.name={u.name}")
+    if not ssl and any(cfg.featurizer.layer_selections):
+        raise ConfigError(f"featurizer.layer_selections: upstream {u.name} has a single layer, 0")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
@@ -306,7 +335,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
-        _merge(cfg, parse_override(text))
+        _merge(cfg, parse_override(text, lambda dotted: _is_text_key(cfg, dotted)))
     _check(cfg)
     return cfg
 
@@ -339,7 +368,7 @@ def config_changes(old: Config, new: Config) -> dict[str, tuple]:
 def unsafe_changes(old: Config, new: Config) -> dict[str, tuple]:
     """The changes a run folder must refuse: they would make one run's checkpoints come from two recipes."""
     changes = config_changes(old, new)
-    schedule_uses_total = (new.train.use_scheduler and new.scheduler.name != "constant") or new.loss.margin_warmup_steps
+    schedule_uses_total = new.train.use_scheduler and new.scheduler.name != "constant"  # the margin's never does
     return {k: v for k, v in changes.items() if not k.startswith(SAFE_TO_CHANGE)
             or (k == "train.total_steps" and schedule_uses_total)}
 

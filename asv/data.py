@@ -82,7 +82,8 @@ class Trials:
 
 
 def read_trials(path) -> Trials:
-    """A `label enroll test` file (plain or .gz; label 1/0 or target/nontarget; a UTF-8 BOM is fine)."""
+    """A `label enroll test` file (plain or .gz; label 1/0 or target/nontarget; a UTF-8 BOM is fine).
+    Kaldi's `enroll test target|nontarget` lines are read too: a line says which order it uses."""
     opener = gzip.open if str(path).endswith(".gz") else open
     labels, enroll, test, lines = [], [], [], []
     try:
@@ -91,6 +92,8 @@ def read_trials(path) -> Trials:
                 parts = line.split()
                 if not parts:
                     continue
+                if len(parts) == 3 and parts[0] not in LABELS and parts[2] in ("target", "nontarget"):
+                    parts = [parts[2], parts[0], parts[1]]  # Kaldi's order
                 if len(parts) != 3 or parts[0] not in LABELS:
                     raise ValueError(f"{path}:{n}: expected 'label enroll test' with label 1/0 or "
                                      f"target/nontarget, got {line.strip()[:120]!r}")
@@ -118,10 +121,13 @@ def read_audio_list(source: str) -> tuple[list[str], list[str]]:
     """--extract's input -> (ids, paths), checked before any model work.
 
     A folder: every audio file under it (AUDIO_EXTENSIONS), id = the path relative to the folder (spk/session/utt.wav).
+    A Kaldi data folder (one holding wav.scp) or a .scp file: its utterance ids and files (read_wav_scp).
     A text file: one `path` or `utt_id path` per line, relative paths from the current directory;
     default id = the path relative to the folder all the files share (VoxCeleb style).
     """
     src = Path(source)
+    if src.suffix == ".scp" or (src / "wav.scp").is_file():
+        return read_kaldi_folder(src) if src.is_dir() else read_wav_scp(src)
     if src.is_dir():
         paths = sorted(str(p) for p in src.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
         if not paths:
@@ -150,6 +156,72 @@ def read_audio_list(source: str) -> tuple[list[str], list[str]]:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"{source}: utterance id {dup} appears more than once")
     return ids, paths
+
+
+# ---------------------------------------------------------------------------- Kaldi data folders
+
+def _kaldi_lines(path):
+    """(line number, fields) of each non-blank line of a Kaldi text file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+    return [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.split()]
+
+
+def read_wav_scp(path) -> tuple[list[str], list[str]]:
+    """A Kaldi wav.scp -> (utterance ids, audio files): `utt_id path` lines, relative paths from the current
+    directory (Kaldi's recipe folder). Commands (`utt_id cmd args |`) are refused: only files are read."""
+    ids, paths, first = [], [], {}
+    for n, parts in _kaldi_lines(path):
+        if parts[-1].endswith("|"):
+            raise ValueError(f"{path}:{n}: {parts[0]} is a command ({' '.join(parts[1:])[:80]}), not a file: "
+                             "only audio files are read; write its output to a file and name that")
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{n}: expected 'utt_id path' (a path without spaces), "
+                             f"got {' '.join(parts)[:120]!r}")
+        utt, audio = parts
+        if utt in first:
+            raise ValueError(f"{path}:{n}: utterance id {utt} appears twice (first on line {first[utt]})")
+        if not os.path.isfile(audio):
+            raise ValueError(f"{path}:{n}: {utt}: no such audio file {audio}")
+        first[utt] = n
+        ids.append(utt)
+        paths.append(audio)
+    if not ids:
+        raise ValueError(f"{path}: empty wav.scp")
+    return ids, paths
+
+
+def read_kaldi_folder(folder) -> tuple[list[str], list[str]]:
+    """A Kaldi data folder's wav.scp (see read_wav_scp). A folder with `segments` cuts utterances out of the
+    recordings wav.scp names: refused, since its ids are not the folder's utterances."""
+    if (Path(folder) / "segments").is_file():
+        raise ValueError(f"{Path(folder) / 'segments'}: utterances cut out of recordings are not read; "
+                         "write each segment to its own file (e.g. Kaldi's extract-segments)")
+    return read_wav_scp(Path(folder) / "wav.scp")
+
+
+def read_utt2spk(path, ids: list[str]) -> dict[str, str]:
+    """A Kaldi utt2spk (`utt_id speaker` lines) -> {utterance id: speaker}, for exactly the utterances `ids`
+    of the folder's wav.scp."""
+    known, speaker, first = set(ids), {}, {}
+    for n, parts in _kaldi_lines(path):
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{n}: expected 'utt_id speaker', got {' '.join(parts)[:120]!r}")
+        utt, spk = parts
+        if utt in first:
+            raise ValueError(f"{path}:{n}: utterance id {utt} appears twice (first on line {first[utt]})")
+        if utt not in known:
+            raise ValueError(f"{path}:{n}: {utt} is not an utterance of wav.scp")
+        first[utt] = n
+        speaker[utt] = spk
+    missing = [u for u in ids if u not in speaker]
+    if missing:
+        raise ValueError(f"{path}: no speaker for {len(missing)} utterance(s) of wav.scp (e.g. {missing[0]})")
+    return speaker
 
 
 # ---------------------------------------------------------------------------- training
@@ -202,6 +274,14 @@ class TrainBatchSampler:
             yield [(int(i), float(secs), int(s)) for i, s in zip(b, seeds)]
 
 
+def example_samples(available: int, secs: float, sample_rate: int, crop: str) -> int:
+    """Samples a training example takes from an utterance of `available` samples (after the effects) when
+    its batch's crop is `secs`: superb: the whole utterance, cut to `secs` when longer (s3prl's RandomCrop);
+    fixed: exactly `secs`, a shorter utterance tiled."""
+    need = int(round(secs * sample_rate))
+    return min(available, need) if crop == "superb" else need
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """(index, crop secs, seed) -> (waveform (T,), speaker label).
 
@@ -233,14 +313,14 @@ class TrainDataset(torch.utils.data.Dataset):
                 wav = superb_effects(wav, self.sample_rate)
                 if wav.numel() == 0:
                     raise AudioError(f"{utt.path}: nothing left after SUPERB's silence trimming")
-            need = int(round(secs * factor * self.sample_rate))
-            if wav.numel() > need:
-                start = int(rng.integers(0, wav.numel() - need + 1))
-                wav = wav[start:start + need]
+            keep = example_samples(wav.numel(), secs * factor, self.sample_rate, "superb")  # at most the crop
+            if keep < wav.numel():
+                start = int(rng.integers(0, wav.numel() - keep + 1))
+                wav = wav[start:start + keep]
         if factor != 1.0:
             wav = self.augmenter.speed(wav, factor)
         if self.crop == "fixed":  # shorter than the crop: repeat it (no padding inside the batch)
-            need = int(round(secs * self.sample_rate))
+            need = example_samples(wav.numel(), secs, self.sample_rate, "fixed")
             wav = wav.repeat(math.ceil(need / wav.numel()))[:need]
         if self.augmenter:
             wav = self.augmenter(wav, rng)
@@ -272,7 +352,7 @@ def durations_after_effects(utts: list[Utterance], sample_rate: int, cache: Path
     loader = torch.utils.data.DataLoader(_EffectLengths([u.path for u in utts], sample_rate), batch_size=None,
                                          num_workers=num_workers)
     durations = [float(d) for d in progress(loader, len(utts), "trimming silence", "file", show_progress)]
-    write_text(cache, "".join(f"{u.id} {d:.4f}\n" for u, d in zip(utts, durations)))
+    write_text(cache, "".join(f"{u.id} {d!r}\n" for u, d in zip(utts, durations)))  # exact: a resume sees the same
     return durations
 
 
@@ -304,16 +384,21 @@ def length_batches(durations, max_batch_secs: float) -> list[list[int]]:
 
 
 class UtteranceDataset(torch.utils.data.Dataset):
-    """Whole utterances: index -> (waveform (T,), index). Too-short files are repeated to `min_samples`."""
+    """Whole utterances: index -> (waveform (T,), index). Too-short ones are repeated to `min_samples`.
 
-    def __init__(self, paths: list[str], sample_rate: int, min_samples: int = 0):
+    `paths` may also hold waveforms (T,) already at `sample_rate` (the API's arrays): they go through
+    the same repetition and batching as files, so an array and its file embed the same.
+    """
+
+    def __init__(self, paths: list[str | torch.Tensor], sample_rate: int, min_samples: int = 0):
         self.paths, self.sample_rate, self.min_samples = paths, sample_rate, min_samples
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        wav = load_audio(self.paths[index], self.sample_rate)
+        item = self.paths[index]
+        wav = item if isinstance(item, torch.Tensor) else load_audio(item, self.sample_rate)
         if wav.numel() < self.min_samples:
             wav = wav.repeat(math.ceil(self.min_samples / wav.numel()))[: self.min_samples]
         return wav, index

@@ -88,13 +88,17 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
         raise ValueError(f"{saved_path}: cannot be read back ({e}); use a new exp_dir") from None
     refused = unsafe_changes(saved, cfg)
     run = json.loads((exp / "run.json").read_text()) if (exp / "run.json").is_file() else {}
-    if "data.dir" in refused and run.get("data_fingerprint") == fingerprint:
+    recorded = run.get("data_fingerprint")
+    if "data.dir" in refused and recorded == fingerprint:
         del refused["data.dir"]  # the same data, moved
+    other_data = {"data fingerprint": (recorded, fingerprint)} if recorded and recorded != fingerprint else {}
+    if "data.dir" not in refused:
+        refused.update(other_data)  # the same folder, prepared again with other contents
     if refused and not amend:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ValueError(f"{exp} was trained with another config ({listed}). Use a new exp_dir, or re-run with "
                          "--amend to change the run on purpose (recorded in config_history.jsonl)")
-    changes = config_changes(saved, cfg)
+    changes = {**config_changes(saved, cfg), **other_data}
     if changes:
         step = step_of(checkpoints[-1]) if checkpoints else 0
         entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at_step": step, "amended": bool(refused),

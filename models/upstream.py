@@ -158,7 +158,7 @@ def build_upstream(cfg, sample_rate: int, layers: list[int] = ()) -> nn.Module:
     if cfg.name not in UPSTREAMS:
         raise ValueError(f"unknown upstream.name '{cfg.name}' (choose from {', '.join(UPSTREAMS)})")
     if cfg.name in ("fbank", "mfcc", "logmel"):
-        if any(layers) or len(layers) > 1:
+        if any(layers):
             raise ValueError(f"featurizer.layer_selections: upstream {cfg.name} has a single layer, 0")
         if cfg.name == "logmel":
             upstream = LogMelUpstream(sample_rate, cfg.n_mels)

@@ -1,15 +1,12 @@
-"""Checks of augment.py: noise/music/babble at the configured SNR, reverberation, speed, SpecAugment."""
-import sys
-from pathlib import Path
-
+"""Checks of asv/augment.py: noise/music/babble at the configured SNR, reverberation, speed, SpecAugment."""
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import augment  # noqa: E402
-from augment import AugmentConfig, Augmenter, spec_augment  # noqa: E402
+from asv.audio import AudioError
+from asv.augment import Augmenter, spec_augment
+from asv.config import AugmentConfig
 
 SR = 16000
 
@@ -78,6 +75,19 @@ def test_folder_without_audio_is_a_clear_error(tmp_path):
         Augmenter(AugmentConfig(rir_prob=0.5), SR)
 
 
+def test_every_audio_format_counts_and_a_broken_file_is_named(tmp_path, clean):
+    root = tmp_path / "musan"
+    write(root / "noise" / "a.wav", np.random.default_rng(0).normal(0, 0.1, SR))
+    sf.write(str(root / "noise" / "b.ogg"), np.random.default_rng(1).normal(0, 0.1, SR).astype(np.float32), SR,
+             format="OGG", subtype="VORBIS")
+    (root / "noise" / "c.flac").write_bytes(b"not audio at all")
+    aug = Augmenter(AugmentConfig(noise_dir=str(root), noise_prob=1.0), SR)
+    assert [p.name for p in aug.noise["noise"]] == ["a.wav", "b.ogg", "c.flac"]
+    with pytest.raises(AudioError, match="c.flac: unreadable augmentation audio"):
+        for seed in range(30):  # sooner or later the broken file is drawn
+            aug(clean, np.random.default_rng(seed))
+
+
 # ---------------------------------------------------------------- additive noise
 
 @pytest.mark.parametrize("category,snr_range", [("noise", (0, 15)), ("music", (5, 15)), ("speech", (13, 20))])
@@ -97,7 +107,7 @@ def test_only_the_needed_segment_is_decoded(tmp_path, clean, monkeypatch):
     write(tmp_path / "long" / "noise" / "long.wav", np.random.default_rng(0).normal(0, 0.1, 20 * SR))
     reads = []
     real_read = sf.read
-    monkeypatch.setattr(augment.sf, "read", lambda *a, **k: reads.append(k.get("frames")) or real_read(*a, **k))
+    monkeypatch.setattr(sf, "read", lambda *a, **k: reads.append(k.get("frames")) or real_read(*a, **k))  # asv.audio's
     aug = Augmenter(AugmentConfig(noise_dir=str(tmp_path / "long"), noise_prob=1.0), SR)
     aug(clean, np.random.default_rng(0))
     assert reads and all(0 < f <= clean.numel() + 1 for f in reads)
@@ -136,7 +146,7 @@ def test_delta_rir_keeps_the_signal_aligned(tmp_path, clean):
 
 
 def test_decaying_rir_reverberates(tmp_path, clean):
-    stereo_8k = np.stack([decaying_rir(n=2000), np.zeros(2000)], axis=1)  # first channel used, resampled to 16k
+    stereo_8k = np.stack([decaying_rir(n=2000), np.zeros(2000)], axis=1)  # channels averaged (asv.audio), resampled to 16k
     write(tmp_path / "rirs" / "room" / "deep" / "r.flac", stereo_8k, sr=8000)
     aug = Augmenter(AugmentConfig(rir_dir=str(tmp_path / "rirs"), rir_prob=1.0), SR)
     out = aug(clean, np.random.default_rng(0))

@@ -1,27 +1,38 @@
-"""Checks of data.py: audio loading, manifests and trial lists, training crops and evaluation batches."""
-import sys
-from pathlib import Path
+"""asv/audio.py and asv/data.py: audio reading, manifests and trial lists, training batches (SUPERB's whole
+utterances cut to max_secs, or fixed crops), SUPERB's effects on training audio, and evaluation batches."""
+import gzip
+import os
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import VOX1_META, need
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (AudioError, CropBatchSampler, CropDataset, Utterance, UtteranceDataset,  # noqa: E402
-                  collate_crops, collate_padded, length_batches, load_audio, read_manifest, read_trials)
+from asv import data as data_module
+from asv.audio import AUDIO_EXTENSIONS, AudioError, header_frames, load_audio
+from asv.augment import Augmenter
+from asv.config import AugmentConfig
+from asv.data import (SPEED_CLASS, TrainBatchSampler, TrainDataset, Trials, Utterance, UtteranceDataset,
+                      collate_padded, durations_after_effects, example_samples, length_batches, read_manifest,
+                      read_trials, stored_path)
+from asv.effects import superb_effects
 
 SR = 16000
 
 
-def write(path, data, sr=SR, subtype="FLOAT"):
-    sf.write(str(path), data, sr, subtype=subtype)
+def write(path, data, sr=SR, subtype="FLOAT", **kw):
+    sf.write(str(path), data, sr, subtype=subtype, **kw)
     return str(path)
 
 
 def ramp(n):
     """Distinct, exactly representable float32 samples: a crop's first value tells its offset."""
     return (np.arange(n, dtype=np.float32) / 2**16).astype(np.float32)
+
+
+def noise(n, seed=0, level=0.1):
+    return np.random.default_rng(seed).uniform(-level, level, n).astype(np.float32)
 
 
 # ---------------------------------------------------------------- load_audio
@@ -68,9 +79,30 @@ def test_partial_read_of_a_resampled_file(tmp_path):
 
 def test_flac(tmp_path):
     x = np.random.default_rng(2).uniform(-0.5, 0.5, 3000)
-    wav = load_audio(write(tmp_path / "a.flac", x, subtype="PCM_16"), SR)
+    path = write(tmp_path / "a.flac", x, subtype="PCM_16")
+    wav = load_audio(path, SR)
     assert wav.dtype == torch.float32 and wav.shape == (3000,)
     np.testing.assert_allclose(wav.numpy(), x, atol=1 / 2**15)
+    assert header_frames(path) == (3000, SR)
+
+
+@pytest.mark.parametrize("ext, fmt, subtype, sr", [(".ogg", "OGG", "VORBIS", SR), (".opus", "OGG", "OPUS", 48000),
+                                                   (".mp3", "MP3", "MPEG_LAYER_III", SR)])
+def test_compressed_formats(tmp_path, ext, fmt, subtype, sr):
+    assert ext in AUDIO_EXTENSIONS
+    t = np.arange(sr) / sr
+    path = write(tmp_path / f"tone{ext}", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sr=sr,
+                 subtype=subtype, format=fmt)
+    frames, rate = header_frames(path)
+    assert rate == sr and abs(frames - sr) < 0.1 * sr
+    wav = load_audio(path, SR)
+    assert wav.dtype == torch.float32 and abs(wav.numel() - SR) < 0.1 * SR and torch.isfinite(wav).all()
+    spectrum = np.abs(np.fft.rfft(wav.numpy()))
+    assert abs(np.argmax(spectrum) * SR / wav.numel() - 440) < 5  # the tone survives the codec
+
+
+def test_audio_extensions():
+    assert set(AUDIO_EXTENSIONS) >= {".wav", ".flac", ".m4a", ".ogg", ".opus", ".mp3"}
 
 
 def assert_audio_error(path, *words):
@@ -107,7 +139,38 @@ def test_inf_samples(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    assert_audio_error(tmp_path / "nowhere.wav")
+    assert_audio_error(tmp_path / "nowhere.wav", "no such file")
+
+
+def test_channels_that_cancel_are_silent(tmp_path):
+    x = noise(4000, seed=4)
+    path = write(tmp_path / "phase.wav", np.stack([x, -x], axis=1))
+    assert_audio_error(path, "silent", "2 channels")
+
+
+def test_truncated_silent_and_44k_files(tmp_path):
+    """Real-world damage: a half-copied file, a silent file, a 44.1 kHz stereo recording."""
+    rng = np.random.default_rng(0)
+    wav = tmp_path / "whole.wav"
+    sf.write(wav, rng.normal(0, 0.1, 16000), 16000, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(wav.read_bytes()[: wav.stat().st_size // 2])
+    assert 0 < load_audio(str(cut), 16000).numel() < 16000  # what survives of a cut WAV is read
+    flac = tmp_path / "whole.flac"
+    sf.write(flac, rng.normal(0, 0.1, 16000), 16000)
+    cut_flac = tmp_path / "cut.flac"
+    cut_flac.write_bytes(flac.read_bytes()[: flac.stat().st_size // 2])
+    with pytest.raises(AudioError, match=f"^{cut_flac}: unreadable"):
+        load_audio(str(cut_flac), 16000)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000), 16000, subtype="PCM_16")
+    with pytest.raises(AudioError, match=f"^{silent}: silent"):
+        load_audio(str(silent), 16000)
+    assert load_audio(str(silent), 16000, 0.0, 0.5).numel() == 8000  # a silent training crop is fine
+    cd = tmp_path / "cd.wav"
+    sf.write(cd, rng.normal(0, 0.1, (44100, 2)), 44100, subtype="PCM_16")
+    out = load_audio(str(cd), 16000)
+    assert out.shape == (16000,) and out.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- manifests and trials
@@ -115,19 +178,43 @@ def test_missing_file(tmp_path):
 MANIFEST = """id,path,speaker,duration,sample_rate,split
 id10001/a/00001,wav/id10001/a/00001.wav,id10001,8.12,16000,train
 id10001/b/00002,wav/id10001/b/00002.wav,id10001,4.5,16000,valid
-id10270/c/00003,wav/id10270/c/00003.wav,id10270,12,16000,test
+id10270/c/00003,/corpora/vox/id10270/c/00003.wav,id10270,12,16000,test
 """
 
 
-def test_read_manifest(tmp_path):
+def test_read_manifest_resolves_paths_against_the_data_folder(tmp_path, monkeypatch):
     (tmp_path / "utterances.csv").write_text(MANIFEST)
+    monkeypatch.chdir("/")  # read from anywhere
     utts = read_manifest(str(tmp_path))
+    base = str(tmp_path.resolve())
     assert utts == [
-        Utterance("id10001/a/00001", "wav/id10001/a/00001.wav", "id10001", 8.12, 16000, "train"),
-        Utterance("id10001/b/00002", "wav/id10001/b/00002.wav", "id10001", 4.5, 16000, "valid"),
-        Utterance("id10270/c/00003", "wav/id10270/c/00003.wav", "id10270", 12.0, 16000, "test"),
+        Utterance("id10001/a/00001", f"{base}/wav/id10001/a/00001.wav", "id10001", 8.12, 16000, "train"),
+        Utterance("id10001/b/00002", f"{base}/wav/id10001/b/00002.wav", "id10001", 4.5, 16000, "valid"),
+        Utterance("id10270/c/00003", "/corpora/vox/id10270/c/00003.wav", "id10270", 12.0, 16000, "test"),
     ]
     assert isinstance(utts[2].duration, float) and isinstance(utts[0].sample_rate, int)
+
+
+def test_a_moved_data_folder_reads_the_same_files(tmp_path):
+    data = tmp_path / "data"
+    audio = data / "wav" / "spk" / "a.wav"
+    audio.parent.mkdir(parents=True)
+    write(audio, noise(1600))
+    row = f"spk/a,{stored_path(str(audio), data)},spk,0.1,16000,train\n"
+    assert row.split(",")[1] == os.path.join("wav", "spk", "a.wav")  # inside: relative
+    (data / "utterances.csv").write_text("id,path,speaker,duration,sample_rate,split\n" + row)
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    (utt,) = read_manifest(moved)
+    assert utt.path == str(moved.resolve() / "wav" / "spk" / "a.wav") and os.path.isfile(utt.path)
+
+
+def test_stored_path(tmp_path):
+    data = tmp_path / "vox1"
+    assert stored_path(str(data / "wav" / "x.wav"), data) == os.path.join("wav", "x.wav")
+    outside = tmp_path / "vox1_other" / "x.wav"  # a sibling whose name starts the same is outside
+    assert stored_path(str(outside), data) == str(outside)
+    assert stored_path("/elsewhere/x.wav", data) == "/elsewhere/x.wav"
 
 
 def test_missing_manifest_names_it(tmp_path):
@@ -143,14 +230,30 @@ def test_malformed_manifest_names_it(tmp_path, text):
         read_manifest(str(tmp_path))
 
 
+TRIALS = "1 a b\n0 a c\n\ntarget d e\nnontarget d f\n"
+
+
+def check_trials(trials):
+    assert isinstance(trials, Trials)
+    assert trials.labels.dtype == np.int8
+    assert trials.labels.tolist() == [1, 0, 1, 0]
+    assert trials.enroll == ["a", "a", "d", "d"]
+    assert trials.test == ["b", "c", "e", "f"]
+    assert trials.lines == [1, 2, 4, 5]  # line numbers in the file (a blank line is skipped)
+
+
 def test_read_trials(tmp_path):
     path = tmp_path / "trials.txt"
-    path.write_text("1 a.wav b.wav\n0 a.wav c.wav\n\ntarget d.wav e.wav\nnontarget d.wav f.wav\n")
-    labels, enroll, test = read_trials(str(path))
-    assert labels.dtype == np.int8
-    assert labels.tolist() == [1, 0, 1, 0]
-    assert enroll == ["a.wav", "a.wav", "d.wav", "d.wav"]
-    assert test == ["b.wav", "c.wav", "e.wav", "f.wav"]
+    path.write_text(TRIALS)
+    check_trials(read_trials(str(path)))
+
+
+def test_read_trials_gz_and_bom(tmp_path):
+    with gzip.open(tmp_path / "trials.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(TRIALS)
+    check_trials(read_trials(tmp_path / "trials.txt.gz"))
+    (tmp_path / "bom.txt").write_text("\ufeff" + TRIALS, encoding="utf-8")
+    check_trials(read_trials(tmp_path / "bom.txt"))
 
 
 @pytest.mark.parametrize("bad", ["2 a.wav b.wav", "1 a.wav", "1 a.wav b.wav c.wav", "yes a.wav b.wav"])
@@ -161,14 +264,22 @@ def test_malformed_trial_line_names_file_and_line(tmp_path, bad):
         read_trials(str(path))
 
 
-def test_empty_trial_list(tmp_path):
+def test_empty_missing_and_unreadable_trial_lists(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("\n")
     with pytest.raises(ValueError, match="empty.txt"):
         read_trials(str(path))
+    with pytest.raises(ValueError, match="nowhere.txt: trial list not found"):
+        read_trials(tmp_path / "nowhere.txt")
+    (tmp_path / "binary.txt").write_bytes(b"1 a b\n\xff\xfe\x00 c d\n")
+    with pytest.raises(ValueError, match="binary.txt: unreadable"):
+        read_trials(tmp_path / "binary.txt")
+    (tmp_path / "fake.txt.gz").write_text(TRIALS)  # not gzip inside
+    with pytest.raises(ValueError, match="fake.txt.gz: unreadable"):
+        read_trials(tmp_path / "fake.txt.gz")
 
 
-# ---------------------------------------------------------------- CropBatchSampler
+# ---------------------------------------------------------------- TrainBatchSampler
 
 def durations(n=400, seed=0):
     return np.random.default_rng(seed).uniform(1.0, 20.0, n)
@@ -183,42 +294,46 @@ def take(iterable, n):
     return out
 
 
-def test_batches_per_epoch_is_a_multiple():
-    s = CropBatchSampler(durations(103), batch_size=4, min_secs=2, max_secs=3, seed=0, multiple=3)
+def sampler(d, batch_size=8, crop="fixed", min_secs=2.0, max_secs=8.0, seed=0, multiple=1):
+    return TrainBatchSampler(d, batch_size, crop, min_secs, max_secs, seed, multiple)
+
+
+@pytest.mark.parametrize("crop", ["fixed", "superb"])
+def test_batches_per_epoch_is_a_multiple(crop):
+    s = sampler(durations(103), 4, crop, 2, 3, multiple=3)
     assert len(s) == 24  # 25 full batches, rounded down to a multiple of 3
     batches = list(s.epoch_batches(0))
     assert len(batches) == len(s)
     assert all(len(b) == 4 for b in batches)
     for multiple in (1, 2, 5, 7):
-        assert len(CropBatchSampler(durations(103), 4, 2, 3, 0, multiple)) % multiple == 0
+        assert len(sampler(durations(103), 4, crop, 2, 3, multiple=multiple)) % multiple == 0
 
 
 def test_too_few_utterances():
     with pytest.raises(ValueError):
-        CropBatchSampler(durations(7), batch_size=4, min_secs=2, max_secs=3, seed=0, multiple=2)
+        sampler(durations(7), batch_size=4, multiple=2)
 
 
-def test_each_epoch_visits_each_utterance_at_most_once():
-    s = CropBatchSampler(durations(103), batch_size=4, min_secs=2, max_secs=3, seed=0, multiple=3)
+@pytest.mark.parametrize("crop", ["fixed", "superb"])
+def test_each_epoch_visits_each_utterance_at_most_once(crop):
+    s = sampler(durations(103), 4, crop, multiple=3)
     for epoch in range(3):
         idx = [i for b in s.epoch_batches(epoch) for i, _, _ in b]
         assert len(idx) == len(set(idx)) == len(s) * 4
         assert all(0 <= i < 103 for i in idx)
 
 
-def test_every_utterance_is_trained_on_over_epochs():
-    # The dropped remainder of an epoch must be random. Today it is cut after sorting by length, so the
-    # longest utterances of the last length bucket are dropped every epoch; a corpus of up to 100 batches
-    # never trains on its longest ones at all.
-    d = np.arange(1.0, 11.0)  # 10 utterances, batches of 3: one left out per epoch
-    s = CropBatchSampler(d, batch_size=3, min_secs=2, max_secs=3, seed=0)
+@pytest.mark.parametrize("crop", ["fixed", "superb"])
+def test_every_utterance_is_trained_on_over_epochs(crop):
+    # the dropped remainder of an epoch is random, not the longest utterances of the last length bucket
+    s = sampler(np.arange(1.0, 11.0), batch_size=3, crop=crop)  # 10 utterances, batches of 3: one left out
     seen = {i for epoch in range(30) for b in s.epoch_batches(epoch) for i, _, _ in b}
     assert seen == set(range(10))
 
 
 def test_long_utterances_are_not_under_sampled():
     d = durations(1500, seed=5)
-    s = CropBatchSampler(d, batch_size=10, min_secs=2, max_secs=3, seed=0, multiple=7)  # 147 batches: 30 left out
+    s = sampler(d, batch_size=10, min_secs=2, max_secs=3, multiple=7)  # 147 batches: 30 left out
     visits = np.zeros(len(d))
     for epoch in range(40):
         np.add.at(visits, [i for b in s.epoch_batches(epoch) for i, _, _ in b], 1)
@@ -227,23 +342,23 @@ def test_long_utterances_are_not_under_sampled():
     assert abs(visits[order[-100:]].mean() - visits[order[:100]].mean()) < 2.0
 
 
-def test_same_seed_same_batches():
-    a = CropBatchSampler(durations(), 8, 2.0, 8.0, seed=7, multiple=2)
-    b = CropBatchSampler(durations(), 8, 2.0, 8.0, seed=7, multiple=2)
+@pytest.mark.parametrize("crop", ["fixed", "superb"])
+def test_same_seed_same_batches(crop):
+    a = sampler(durations(), crop=crop, seed=7, multiple=2)
+    b = sampler(durations(), crop=crop, seed=7, multiple=2)
     n = 3 * len(a)
     assert take(a, n) == take(b, n)
 
 
 def test_different_seed_different_order():
-    a = CropBatchSampler(durations(), 8, 2.0, 8.0, seed=7)
-    b = CropBatchSampler(durations(), 8, 2.0, 8.0, seed=8)
+    a, b = sampler(durations(), seed=7), sampler(durations(), seed=8)
     first_a, first_b = list(a.epoch_batches(0)), list(b.epoch_batches(0))
     assert [[i for i, _, _ in x] for x in first_a] != [[i for i, _, _ in x] for x in first_b]
     assert [x[0][1] for x in first_a] != [x[0][1] for x in first_b]
 
 
-def test_crop_secs_within_bounds_one_per_batch():
-    s = CropBatchSampler(durations(), 8, 2.0, 8.0, seed=0)
+def test_fixed_crop_secs_within_bounds_one_per_batch():
+    s = sampler(durations())
     secs = []
     for b in take(s, 2 * len(s)):
         assert len({c for _, c, _ in b}) == 1  # one crop length per batch: no padding
@@ -253,8 +368,13 @@ def test_crop_secs_within_bounds_one_per_batch():
     assert max(secs) - min(secs) > 3.0  # drawn across the range, not a constant
 
 
+def test_superb_crop_is_max_secs_for_every_utterance():
+    s = sampler(durations(), crop="superb", min_secs=2.0, max_secs=8.0)
+    assert {c for b in take(s, 2 * len(s)) for _, c, _ in b} == {8.0}
+
+
 def test_endless_next_epoch_continues_in_another_order():
-    s = CropBatchSampler(durations(), 8, 2.0, 8.0, seed=0)
+    s = sampler(durations())
     batches = take(s, 2 * len(s) + 1)
     assert len(batches) == 2 * len(s) + 1
     epoch0, epoch1 = batches[:len(s)], batches[len(s):2 * len(s)]
@@ -264,47 +384,136 @@ def test_endless_next_epoch_continues_in_another_order():
     assert batches[-1] == next(iter(s.epoch_batches(2)))
 
 
-def test_batches_group_similar_durations():
+def length_spread(d, s):
+    return np.mean([np.ptp(d[[i for i, _, _ in b]]) for b in s.epoch_batches(0)])
+
+
+def test_fixed_batches_group_similar_durations_superb_batches_do_not():
     d = durations(800, seed=3)
-    s = CropBatchSampler(d, 8, 2.0, 8.0, seed=0)
-    spread = np.mean([np.ptp(d[[i for i, _, _ in b]]) for b in s.epoch_batches(0)])
-    random_batches = np.random.default_rng(0).permutation(800).reshape(-1, 8)
-    random_spread = np.mean([np.ptp(d[b]) for b in random_batches])
-    assert spread < 0.1 * random_spread
+    random_spread = np.mean([np.ptp(d[b]) for b in np.random.default_rng(0).permutation(800).reshape(-1, 8)])
+    assert length_spread(d, sampler(d)) < 0.1 * random_spread
+    assert length_spread(d, sampler(d, crop="superb")) > 0.8 * random_spread  # plain random batches, as s3prl's
 
 
-# ---------------------------------------------------------------- CropDataset
+# ---------------------------------------------------------------- the length of a training example
+
+def test_example_samples():
+    assert example_samples(200_000, 8.0, SR, "superb") == 128_000  # longer: cut to max_secs
+    assert example_samples(50_000, 8.0, SR, "superb") == 50_000  # shorter: whole, never tiled
+    assert example_samples(128_000, 8.0, SR, "superb") == 128_000
+    assert example_samples(50_000, 2.5, SR, "fixed") == 40_000  # fixed: the batch's crop, whatever the file
+    assert example_samples(10_000, 2.5, SR, "fixed") == 40_000
+
+
+def vox1_dev_durations():
+    path = need(VOX1_META / "vox1_dev_duration.txt.gz")
+    with gzip.open(path, "rt") as f:
+        return np.array([float(line.split()[1]) for line in f if line.strip()])
+
+
+def example_lengths(d, crop, min_secs, max_secs, epochs=1):
+    """Seconds of every training example the sampler + the dataset's length rule give over `epochs` epochs."""
+    s = TrainBatchSampler(d, 10, crop, min_secs, max_secs, seed=0, multiple=5)
+    out = [example_samples(int(round(d[i] * SR)), secs, SR, crop) / SR
+           for epoch in range(epochs) for b in s.epoch_batches(epoch) for i, secs, _ in b]
+    return np.array(out)
+
+
+def test_superb_crop_lengths_on_voxceleb1_dev():
+    """s3prl's SUPERB recipe keeps utterances longer than 2 s and crops them to at most 8 s: an example lasts
+    min(d, 8). Over the real VoxCeleb1 dev durations our sampler and length rule give that distribution."""
+    d = vox1_dev_durations()
+    assert len(d) == 148_642
+    kept = d[d > 2.0]  # train_asv.py drops the others, as s3prl does
+    target = np.minimum(kept, 8.0)
+    got = example_lengths(kept, "superb", 2.0, 8.0)
+    assert len(got) >= len(kept) - 50  # one epoch: all but the remainder of the last optimizer step
+    assert got.max() == 8.0 and got.min() > 2.0
+    assert got.mean() == pytest.approx(target.mean(), rel=0.01)
+    np.testing.assert_allclose(np.quantile(got, [0.1, 0.5, 0.9]), np.quantile(target, [0.1, 0.5, 0.9]), atol=0.05)
+    # the old fixed crops (one length per batch, uniform in [2, 8]) train on shorter examples
+    fixed = example_lengths(kept, "fixed", 2.0, 8.0)
+    assert fixed.mean() < got.mean() - 1.0
+    assert fixed.mean() == pytest.approx(5.0, abs=0.1)
+
 
 @pytest.fixture
-def crop_data(tmp_path):
+def fake_audio(monkeypatch):
+    """load_audio -> a ramp of the manifest's duration, so the dataset's cropping runs without files."""
+    lengths = {}
+
+    def load(path, sample_rate, start_secs=0.0, num_secs=None):
+        n = lengths[path]
+        start = int(round(start_secs * sample_rate))
+        stop = n if num_secs is None else min(n, start + int(round(num_secs * sample_rate)))
+        return torch.arange(start, stop, dtype=torch.float32)
+
+    monkeypatch.setattr(data_module, "load_audio", load)
+    return lengths
+
+
+def test_the_dataset_follows_the_length_rule(fake_audio):
+    d = np.random.default_rng(1).uniform(2.0, 12.0, 60)
+    utts = [Utterance(f"u{i}", f"/fake/u{i}.wav", f"s{i % 7}", float(x), SR, "train") for i, x in enumerate(d)]
+    fake_audio.update({u.path: int(round(u.duration * SR)) for u in utts})
+    for crop in ("superb", "fixed"):
+        ds = TrainDataset(utts, [i % 7 for i in range(60)], SR, crop, "none")
+        for batch in TrainBatchSampler(d, 10, crop, 2.0, 8.0, seed=3, multiple=1).epoch_batches(0):
+            for index, secs, seed in batch:
+                wav, label = ds[(index, secs, seed)]
+                assert wav.numel() == example_samples(fake_audio[utts[index].path], secs, SR, crop)
+                assert label == index % 7
+                if crop == "superb":  # a contiguous stretch of the utterance
+                    assert torch.equal(wav, torch.arange(wav[0], wav[0] + wav.numel()))
+
+
+# ---------------------------------------------------------------- TrainDataset
+
+@pytest.fixture
+def files(tmp_path):
     long = write(tmp_path / "long.wav", ramp(SR))  # 1 s
     short = write(tmp_path / "short.wav", ramp(4000) + 0.5)  # 0.25 s
     low = write(tmp_path / "low.wav", np.full(8000, 0.2, np.float32), sr=8000)  # 1 s at 8 kHz
-    utts = [Utterance("long", long, "spk0", 1.0, SR, "train"),
+    return [Utterance("long", long, "spk0", 1.0, SR, "train"),
             Utterance("short", short, "spk1", 0.25, SR, "train"),
             Utterance("low", low, "spk1", 1.0, 8000, "train")]
-    return CropDataset(utts, [0, 1, 1], SR)
+
+
+@pytest.fixture
+def fixed_data(files):
+    return TrainDataset(files, [0, 1, 1], SR, "fixed", "none")
+
+
+@pytest.fixture
+def superb_data(files):
+    return TrainDataset(files, [0, 1, 1], SR, "superb", "none")
 
 
 @pytest.mark.parametrize("secs", [0.5, 0.3333, 0.61, 1.0])
-def test_crop_has_exactly_the_requested_samples(crop_data, secs):
+def test_fixed_crop_has_exactly_the_requested_samples(fixed_data, secs):
     for index in range(3):
-        wav, label = crop_data[(index, secs, 123)]
+        wav, label = fixed_data[(index, secs, 123)]
         assert wav.shape == (round(secs * SR),)
         assert wav.dtype == torch.float32
         assert label == [0, 1, 1][index]
 
 
-def test_crop_is_a_contiguous_slice_of_the_file(crop_data):
+@pytest.mark.parametrize("kind", ["fixed", "superb"])
+def test_crop_is_a_contiguous_slice_of_the_file(fixed_data, superb_data, kind):
+    ds = fixed_data if kind == "fixed" else superb_data
     x = ramp(SR)
-    for seed in range(5):
-        wav, _ = crop_data[(0, 0.5, seed)]
+    starts = set()
+    for seed in range(8):
+        wav, _ = ds[(0, 0.5, seed)]
+        assert wav.numel() == 8000
         start = int(round(float(wav[0]) * 2**16))
         np.testing.assert_array_equal(wav.numpy(), x[start:start + 8000])
+        starts.add(start)
+    assert len(starts) >= 6  # a random offset per seed
 
 
-def test_short_utterance_is_repeated_to_the_crop(crop_data):
-    wav, label = crop_data[(1, 0.6, 5)]
+def test_fixed_short_utterance_is_repeated_to_the_crop(fixed_data):
+    wav, label = fixed_data[(1, 0.6, 5)]
     assert wav.shape == (9600,) and label == 1
     x = ramp(4000) + 0.5
     np.testing.assert_array_equal(wav[:4000].numpy(), x)
@@ -312,19 +521,121 @@ def test_short_utterance_is_repeated_to_the_crop(crop_data):
     np.testing.assert_array_equal(wav[8000:].numpy(), x[:1600])
 
 
-def test_same_seed_same_crop_different_seeds_different_offsets(crop_data):
-    a, _ = crop_data[(0, 0.3, 42)]
-    b, _ = crop_data[(0, 0.3, 42)]
+def test_superb_short_utterance_comes_back_whole(superb_data):
+    wav, label = superb_data[(1, 8.0, 5)]
+    np.testing.assert_array_equal(wav.numpy(), ramp(4000) + 0.5)  # whole, not tiled
+    wav, _ = superb_data[(0, 8.0, 5)]
+    np.testing.assert_array_equal(wav.numpy(), ramp(SR))
+    wav, _ = superb_data[(2, 8.0, 5)]
+    assert wav.numel() == SR  # the 8 kHz file, resampled, whole
+
+
+def test_superb_crop_is_exactly_max_secs(superb_data):
+    for seed in range(5):
+        assert superb_data[(0, 0.75, seed)][0].numel() == 12000
+    assert superb_data[(1, 0.75, 0)][0].numel() == 4000  # shorter than the crop: as it is
+
+
+def test_same_seed_same_crop(fixed_data):
+    a, _ = fixed_data[(0, 0.3, 42)]
+    b, _ = fixed_data[(0, 0.3, 42)]
     assert torch.equal(a, b)
-    starts = {float(crop_data[(0, 0.3, seed)][0][0]) for seed in range(8)}
-    assert len(starts) >= 6
 
 
-def test_collate_crops(crop_data):
-    wavs, lengths, labels = collate_crops([crop_data[(i, 0.5, i)] for i in range(3)])
+def test_superb_batches_are_padded_with_their_lengths(superb_data):
+    wavs, lengths, labels = collate_padded([superb_data[(i, 0.5, i)] for i in (1, 0, 2)])
+    assert wavs.shape == (3, 8000)
+    assert lengths.tolist() == [4000, 8000, 8000]
+    assert labels.tolist() == [1, 0, 1] and labels.dtype == torch.long
+    np.testing.assert_array_equal(wavs[0, :4000].numpy(), ramp(4000) + 0.5)
+    assert torch.all(wavs[0, 4000:] == 0)
+
+
+def test_fixed_batches_need_no_padding(fixed_data):
+    wavs, lengths, labels = collate_padded([fixed_data[(i, 0.5, i)] for i in range(3)])
     assert wavs.shape == (3, 8000)
     assert lengths.tolist() == [8000] * 3
-    assert labels.tolist() == [0, 1, 1] and labels.dtype == torch.long
+    assert labels.tolist() == [0, 1, 1]
+
+
+def test_speed_perturbed_examples_are_new_speakers(files):
+    aug = Augmenter(AugmentConfig(speed_prob=1.0), SR)
+    ds = TrainDataset(files, [0, 1, 1], SR, "fixed", "none", aug)
+    assert ds.num_speakers == 2
+    seen = set()
+    for seed in range(12):
+        factor = aug.speed_factor(np.random.default_rng(seed))  # the dataset's first draw from the item seed
+        wav, label = ds[(0, 0.5, seed)]
+        assert wav.numel() == 8000  # still the batch's crop
+        assert label == 0 + SPEED_CLASS[factor] * 2
+        seen.add(factor)
+    assert seen == {0.9, 1.1}
+
+
+# ---------------------------------------------------------------- SUPERB's effects on training audio
+
+def speech_pause_speech(tmp_path, pause_secs, name="pause.wav"):
+    x = np.concatenate([noise(SR, 1), np.zeros(int(pause_secs * SR), np.float32), noise(SR, 2)])
+    return write(tmp_path / name, x), len(x)
+
+
+def test_superb_effects_cut_a_pause(tmp_path):
+    """0.5 s of digital silence between two loud stretches: SoX's `silence` drops it all but the first 20 ms
+    window minus one sample (the trailing RMS window still hears the loud stretch): 8000 - 319 samples."""
+    path, n = speech_pause_speech(tmp_path, 0.5)
+    utt = Utterance("p", path, "spk", n / SR, SR, "train")
+    wav, label = TrainDataset([utt], [0], SR, "superb", "superb")[(0, 8.0, 0)]
+    assert abs(wav.numel() - (n - (8000 - 319))) <= 5
+    assert 0.47 * SR < n - wav.numel() <= 0.5 * SR  # about 0.5 s shorter
+    torch.testing.assert_close(wav, superb_effects(load_audio(path, SR), SR))
+    gain = 10 ** (-3 / 20)
+    np.testing.assert_allclose(wav[-100:].numpy(), noise(SR, 2)[-100:] * gain, atol=1e-6)  # -3 dB, the end kept
+
+
+def test_superb_effects_keep_a_short_pause(tmp_path):
+    path, n = speech_pause_speech(tmp_path, 0.1)  # 1600 samples < 1600 + 320 - 1: kept
+    utt = Utterance("p", path, "spk", n / SR, SR, "train")
+    wav, _ = TrainDataset([utt], [0], SR, "superb", "superb")[(0, 8.0, 0)]
+    assert abs(wav.numel() - n) <= 5
+
+
+def test_superb_effects_then_crop(tmp_path):
+    path, n = speech_pause_speech(tmp_path, 0.5)
+    utt = Utterance("p", path, "spk", n / SR, SR, "train")
+    ds = TrainDataset([utt], [0], SR, "superb", "superb")
+    trimmed = superb_effects(load_audio(path, SR), SR)
+    for seed in range(3):
+        wav, _ = ds[(0, 1.0, seed)]
+        assert wav.numel() == SR  # cut after the effects, from the trimmed audio
+        starts = np.flatnonzero(trimmed.numpy() == wav[0].item())  # noise: one match
+        assert any(torch.equal(wav, trimmed[s:s + SR]) for s in starts)
+
+
+def test_all_silence_after_the_effects_is_an_audio_error(tmp_path):
+    path = write(tmp_path / "hum.wav", np.full(SR, 1e-5, np.float32))  # not zero, but below 0.1 %
+    utt = Utterance("hum", path, "spk", 1.0, SR, "train")
+    with pytest.raises(AudioError, match="hum.wav: nothing left"):
+        TrainDataset([utt], [0], SR, "superb", "superb")[(0, 8.0, 0)]
+
+
+def test_durations_after_effects_are_cached(tmp_path, monkeypatch):
+    paths = [speech_pause_speech(tmp_path, p, f"u{i}.wav") for i, p in enumerate((0.5, 0.1))]
+    utts = [Utterance(f"spk/u {i}", p, "spk", n / SR, SR, "train") for i, (p, n) in enumerate(paths)]
+    cache = tmp_path / "exp" / "durations_after_effects.txt"
+    got = durations_after_effects(utts, SR, cache, num_workers=0, show_progress=False)
+    want = [superb_effects(load_audio(u.path, SR), SR).numel() / SR for u in utts]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert got[0] < utts[0].duration - 0.45 and got[1] == pytest.approx(utts[1].duration, abs=1e-3)
+    assert [line.rsplit(" ", 1)[0] for line in cache.read_text().splitlines()] == [u.id for u in utts]
+    # a resumed run reads the cache: no audio is decoded, and the very same durations come back (a rounded
+    # duration could cross min_secs or reorder the fixed crops' length buckets: other batches after a resume)
+    monkeypatch.setattr(data_module, "superb_effects", lambda *a: pytest.fail("decoded again"))
+    assert durations_after_effects(utts, SR, cache, 0, False) == got
+    # an utterance the cache does not know: computed again (and the cache rewritten)
+    monkeypatch.undo()
+    more = utts + [Utterance("spk/u2", paths[1][0], "spk", 2.1, SR, "train")]
+    again = durations_after_effects(more, SR, cache, 0, False)
+    assert len(again) == 3 and len(cache.read_text().splitlines()) == 3
 
 
 # ---------------------------------------------------------------- evaluation batches
@@ -374,28 +685,3 @@ def test_collate_padded():
     assert index.tolist() == [7, 2, 4]
     expected = torch.tensor([[1, 1, 1, 0, 0], [2, 2, 2, 2, 2], [3, 0, 0, 0, 0]], dtype=torch.float32)
     assert torch.equal(wavs, expected)
-
-
-def test_truncated_silent_and_44k_files(tmp_path):
-    """Real-world damage: a half-copied file, a silent file, a 44.1 kHz stereo recording."""
-    rng = np.random.default_rng(0)
-    wav = tmp_path / "whole.wav"
-    sf.write(wav, rng.normal(0, 0.1, 16000), 16000, subtype="PCM_16")
-    cut = tmp_path / "cut.wav"
-    cut.write_bytes(wav.read_bytes()[: wav.stat().st_size // 2])
-    assert 0 < load_audio(str(cut), 16000).numel() < 16000  # what survives of a cut WAV is read
-    flac = tmp_path / "whole.flac"
-    sf.write(flac, rng.normal(0, 0.1, 16000), 16000)
-    cut_flac = tmp_path / "cut.flac"
-    cut_flac.write_bytes(flac.read_bytes()[: flac.stat().st_size // 2])
-    with pytest.raises(AudioError, match=f"^{cut_flac}: unreadable"):
-        load_audio(str(cut_flac), 16000)
-    silent = tmp_path / "silent.wav"
-    sf.write(silent, np.zeros(16000), 16000, subtype="PCM_16")
-    with pytest.raises(AudioError, match=f"^{silent}: silent"):
-        load_audio(str(silent), 16000)
-    assert load_audio(str(silent), 16000, 0.0, 0.5).numel() == 8000  # a silent training crop is fine
-    cd = tmp_path / "cd.wav"
-    sf.write(cd, rng.normal(0, 0.1, (44100, 2)), 44100, subtype="PCM_16")
-    out = load_audio(str(cd), 16000)
-    assert out.shape == (16000,) and out.dtype == torch.float32

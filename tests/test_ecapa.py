@@ -1,19 +1,20 @@
 """Checks of models/ecapa.py (ECAPA-TDNN) and of the sub-center / scheduled-margin MarginSoftmax.
 
 Small inputs throughout (input_dim 40, a few dozen frames) so the file runs in seconds on CPU.
+(The attentive pooling itself, now models/pooling.py, is tested in test_models.py.)
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.ecapa import ECAPA, AttentiveStatsPool  # noqa: E402
-from models.heads import MarginSoftmax  # noqa: E402
-from models.upstream import frame_mask  # noqa: E402
+from asv.models.ecapa import ECAPA
+from asv.models.heads import MarginSoftmax
+from asv.models.pooling import AttentiveStatsPool, StatsPool
+
+
+def ecapa(input_dim=40, **options):
+    return ECAPA(input_dim, ECAPA.Options(**options))
 
 
 def n_params(model: nn.Module) -> int:
@@ -36,11 +37,18 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0):
 
 # ---------------------------------------------------------------- ECAPA
 
+def test_ecapa_options():
+    opts = ECAPA.Options()
+    assert (opts.name, opts.channels, opts.embed_dim, opts.scale, opts.attention_dim, opts.pooling) == (
+        "ecapa", 512, 192, 8, 128, "attentive")
+
+
 @pytest.mark.parametrize("channels", [512, 1024])
 def test_ecapa_output_shape(channels):
     torch.manual_seed(0)
-    model = ECAPA(40, channels=channels).eval()
+    model = ecapa(channels=channels).eval()
     assert model.context == 0 and model.embed_dim == 192
+    assert isinstance(model.pool, AttentiveStatsPool) and model.pool.out_dim == 2 * 3 * channels
     with torch.no_grad():
         emb = model(torch.randn(2, 50, 40), torch.tensor([50, 31]))
     assert emb.shape == (2, 192) and torch.isfinite(emb).all()
@@ -48,12 +56,25 @@ def test_ecapa_output_shape(channels):
 
 def test_ecapa_parameter_count_matches_the_paper():
     # Desplanques et al. 2020: C=512 with 80-dim fbank has 6.2M parameters (this build: 6,194,432)
-    assert 5.9e6 < n_params(ECAPA(80, channels=512, embed_dim=192)) < 6.5e6
+    assert 5.9e6 < n_params(ecapa(80, channels=512, embed_dim=192)) < 6.5e6
+
+
+def test_ecapa_with_stats_pooling_has_no_attention():
+    model = ecapa(channels=64, embed_dim=16, pooling="stats")
+    assert isinstance(model.pool, StatsPool) and not any(isinstance(m, AttentiveStatsPool) for m in model.modules())
+    assert n_params(model) < n_params(ecapa(channels=64, embed_dim=16))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 30, 40), torch.tensor([30, 12])).shape == (2, 16)
+
+
+def test_ecapa_channels_must_split_into_the_scale():
+    with pytest.raises(ValueError, match="divisible"):
+        ecapa(channels=60, scale=8)
 
 
 def test_ecapa_single_frame_and_train_mode_gradients():
     torch.manual_seed(0)
-    model = ECAPA(40, channels=64, embed_dim=16)
+    model = ecapa(channels=64, embed_dim=16)
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(1, 1, 40), torch.tensor([1]))).all()  # context 0: one frame is enough
     model.train()
@@ -63,14 +84,15 @@ def test_ecapa_single_frame_and_train_mode_gradients():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_ecapa_padding_never_changes_an_embedding():
+@pytest.mark.parametrize("pooling", ["attentive", "stats"])
+def test_ecapa_padding_never_changes_an_embedding(pooling):
     """A short utterance alone vs inside a padded batch with a longer one (eval mode).
 
     The padding is filled with noise, as an SSL upstream leaves it, and BN has non-trivial
     statistics, so removing any of the masks (input, block outputs, SE squeeze, global
     context, attention) breaks this test."""
     torch.manual_seed(0)
-    model = ECAPA(40, channels=64, embed_dim=32, attention_dim=16)
+    model = ecapa(channels=64, embed_dim=32, attention_dim=16, pooling=pooling)
     randomise_batchnorm(model)
     model.eval()
     short, long = torch.randn(1, 17, 40), torch.randn(1, 60, 40)
@@ -81,24 +103,6 @@ def test_ecapa_padding_never_changes_an_embedding():
         both = model(batch, torch.tensor([17, 60]))
     torch.testing.assert_close(both[0:1], alone_short, atol=1e-5, rtol=0)
     torch.testing.assert_close(both[1:2], alone_long, atol=1e-5, rtol=0)
-
-
-def test_attention_weights_sum_to_one_over_valid_frames_and_vanish_on_padding():
-    torch.manual_seed(0)
-    pool = AttentiveStatsPool(16, attention_dim=8)
-    randomise_batchnorm(pool)
-    pool.eval()
-    lengths = torch.tensor([25, 9, 1])
-    mask = frame_mask(lengths, 25).unsqueeze(1)  # (B, 1, T)
-    x = torch.randn(3, 16, 25) * mask  # ECAPA feeds zero padding
-    with torch.no_grad():
-        w = pool.weights(x, mask, lengths.view(-1, 1).float())  # (B, 16, T)
-        out = pool(x, mask, lengths.view(-1, 1).float())
-    assert w.shape == (3, 16, 25) and out.shape == (3, 32)
-    torch.testing.assert_close(w.sum(-1), torch.ones(3, 16))
-    assert torch.all(w.masked_select(~mask) == 0)
-    assert torch.all(w.masked_select(mask.expand_as(w)) > 0)
-    torch.testing.assert_close(w[2, :, 0], torch.ones(16))  # one valid frame takes all the weight
 
 
 # ---------------------------------------------------------------- sub-center, scheduled-margin head

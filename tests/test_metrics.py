@@ -3,15 +3,12 @@
 No timing here; speed belongs in benchmark scripts.
 """
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from metrics import compute_eer, compute_metrics, compute_min_dcf, det_curve_points, error_rates  # noqa: E402
+from asv.metrics import compute_eer, compute_metrics, compute_min_dcf, det_curve_points, error_rates
 
 
 # ---------------------------------------------------------------- hand-worked cases

@@ -1,27 +1,30 @@
-"""Checks of models/: upstreams (random small weights, never a download), featurizer, x-vector,
-margin heads, scoring, and the model file.
+"""Checks of asv.models: upstreams (random small weights, never a download), layer selection, featurizer,
+downstreams and their poolings, margin heads, scoring, and the model file.
 
-Every self-supervised upstream is built with random weights and a tiny transformer
-(torchaudio would otherwise build the full-size model).
+Every self-supervised upstream is built with random weights and a tiny transformer (torchaudio would
+otherwise build the full-size model). s3prl parity (fixtures recorded from s3prl) is tested elsewhere.
 """
+import dataclasses
 import math
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import torchaudio
+import torchaudio.compliance.kaldi as kaldi
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from config import load_config  # noqa: E402
-from models import (UPSTREAMS, MarginSoftmax, SpeakerEncoder, build_encoder, build_upstream,  # noqa: E402
-                    cosine_scores, load_model_file, min_input_samples, save_model_file)
-from models.featurizer import WeightedSum  # noqa: E402
-from models.upstream import SSL_BUNDLES  # noqa: E402
-from models.xvector import XVector, stats_pool  # noqa: E402
+from asv.config import load_config
+from asv.models import (DOWNSTREAMS, POOLINGS, UPSTREAMS, MarginSoftmax, SpeakerEncoder, build_encoder,
+                        build_upstream, cosine_scores, load_model_file, min_input_samples, model_meta,
+                        save_model_file)
+from asv.models.featurizer import WeightedSum
+from asv.models.pooling import AttentiveStatsPool, StatsPool, frame_mask
+from asv.models.superb_xvector import SuperbXvector
+from asv.models.upstream import SSL_BUNDLES, KaldiUpstream, LogMelUpstream, SSLUpstream
+from asv.models.xvector_bn import XVectorBN
 
 SR = 16000
 SMALL_ARCH = dict(encoder_num_layers=2, encoder_embed_dim=32, encoder_num_heads=2, encoder_ff_interm_features=64,
@@ -29,13 +32,18 @@ SMALL_ARCH = dict(encoder_num_layers=2, encoder_embed_dim=32, encoder_num_heads=
                   # the real convolution geometry (hop 320, receptive field 400 samples) with 32 channels, not 512
                   extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2)
 SSL_NAMES = list(SSL_BUNDLES)
-FILTERBANKS = ["fbank", "mfcc"]
+FILTERBANKS = ["fbank", "mfcc", "logmel"]
+HIDDEN = {"fbank": 120, "mfcc": 39, "logmel": 40}  # Kaldi features: static + deltas + delta-deltas
+SMALL_DOWNSTREAM = ["downstream.name=xvector_bn", "downstream.proj_dim=128", "downstream.channels=128",
+                    "downstream.stats_dim=384", "downstream.embed_dim=128"]  # configs/demo.yaml's
 
 
-def make_cfg(name, ckpt="", random_init=True, trainable=False, **arch):
-    """The demo config (small x-vector) with the given upstream; SSL upstreams get the tiny random architecture."""
-    cfg = load_config(str(REPO / "configs/demo.yaml"), [f"upstream.name={name}"])
+def make_cfg(name, ckpt="", random_init=True, trainable=False, layers=(), **arch):
+    """A small BatchNorm x-vector on the given upstream; SSL upstreams get the tiny random architecture."""
+    cfg = load_config(None, [f"upstream.name={name}", *SMALL_DOWNSTREAM]
+                      + (["upstream.n_mels=40"] if name in ("fbank", "logmel") else []))
     cfg.upstream.trainable = trainable
+    cfg.featurizer.layer_selections = list(layers)
     if name not in FILTERBANKS:
         cfg.upstream.random_init = random_init
         cfg.upstream.ckpt = ckpt
@@ -44,8 +52,14 @@ def make_cfg(name, ckpt="", random_init=True, trainable=False, **arch):
 
 
 def make_upstream(name, seed=0, **kw):
+    cfg = make_cfg(name, **kw)
     torch.manual_seed(seed)
-    return build_upstream(make_cfg(name, **kw).upstream, SR)
+    return build_upstream(cfg.upstream, SR, cfg.featurizer.layer_selections)
+
+
+def make_encoder(cfg, upstream, seed=0):
+    torch.manual_seed(seed)
+    return build_encoder(upstream, cfg.downstream, cfg.featurizer.normalize)
 
 
 def padded(wavs):
@@ -59,6 +73,19 @@ def padded(wavs):
 
 def randn(n, seed):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0):
+    """Non-trivial BN statistics and affine terms, as after training: a missing mask shows in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            c = m.num_features
+            m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+            with torch.no_grad():
+                m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+                m.bias.copy_(0.3 * torch.randn(c, generator=g))
 
 
 # ---------------------------------------------------------------- upstreams
@@ -77,7 +104,7 @@ def test_every_upstream_gives_all_layers_on_a_padded_batch(name):
     expected_layers = 1 if name in FILTERBANKS else SMALL_ARCH["encoder_num_layers"] + 1
     assert up.num_layers == expected_layers
     assert len(hidden) == expected_layers
-    assert up.hidden_size == (40 if name in FILTERBANKS else 32)  # demo: 40 mel bands; SSL: encoder_embed_dim
+    assert up.hidden_size == HIDDEN.get(name, 32)  # SSL: encoder_embed_dim
     t = hidden[0].shape[1]
     for h in hidden:
         assert h.shape == (2, t, up.hidden_size)
@@ -142,6 +169,113 @@ def test_arch_override_that_does_not_fit_is_a_value_error():
         make_upstream("wav2vec2_base", no_such_param=3)
 
 
+# ---------------------------------------------------------------- s3prl's Kaldi features
+
+def kaldi_by_hand(wav, kind):
+    """torchaudio.compliance.kaldi features + ComputeDeltas (win 5) twice + CMVN over the utterance."""
+    common = dict(sample_frequency=SR, frame_length=25.0, frame_shift=10.0)
+    if kind == "fbank":
+        x = kaldi.fbank(wav.view(1, -1), num_mel_bins=40, use_log_fbank=True, **common)
+    else:
+        x = kaldi.mfcc(wav.view(1, -1), num_ceps=13, **common)
+    deltas = torchaudio.transforms.ComputeDeltas(win_length=5)
+    d1 = deltas(x.T)
+    d2 = deltas(d1)
+    x = torch.cat([x, d1.T, d2.T], dim=1)
+    return (x - x.mean(0)) / (1e-10 + x.std(0))
+
+
+@pytest.mark.parametrize("kind", ["fbank", "mfcc"])
+def test_kaldi_upstream_is_kaldi_features_deltas_and_cmvn(kind):
+    up = make_upstream(kind)
+    assert isinstance(up, KaldiUpstream) and up.hidden_size == HIDDEN[kind]
+    wavs = [randn(7000, 1), randn(4321, 2), randn(9000, 3)]
+    batch, lengths = padded(wavs)
+    with torch.no_grad():
+        (hidden,), frames = up(batch, lengths)
+    for i, w in enumerate(wavs):
+        want = kaldi_by_hand(w, kind)
+        assert int(frames[i]) == len(want) == 1 + (w.numel() - 400) // 160  # Kaldi's snip_edges frames
+        torch.testing.assert_close(hidden[i, :len(want)], want, atol=1e-5, rtol=1e-5)  # padding changes nothing
+        assert torch.all(hidden[i, len(want):] == 0)
+        with torch.no_grad():
+            (alone,), n = up(w[None], torch.tensor([w.numel()]))
+        assert torch.equal(alone[0], hidden[i, :len(want)]) and int(n[0]) == len(want)
+
+
+def test_logmel_is_the_batched_log_mel():
+    up = make_upstream("logmel")
+    assert isinstance(up, LogMelUpstream) and (up.hidden_size, up.num_layers) == (40, 1)
+    short, long = randn(4000, 1), randn(7000, 2)
+    with torch.no_grad():
+        (batch,), frames = up(*padded([long, short]))
+        (alone,), n = up(short[None], torch.tensor([4000]))
+    assert int(frames[1]) == int(n[0]) == 1 + (4000 - 400) // 160
+    torch.testing.assert_close(batch[1, :int(n[0])], alone[0], atol=1e-5, rtol=0)
+    assert torch.all(batch[1, int(n[0]):] == 0)
+    torch.testing.assert_close(alone[0].mean(0), torch.zeros(40), atol=1e-5, rtol=0)  # mean-normalised
+
+
+@pytest.mark.parametrize("name", FILTERBANKS)
+def test_filterbanks_have_a_single_layer(name):
+    make_upstream(name, layers=[0])
+    with pytest.raises(ValueError, match="single layer"):
+        make_upstream(name, layers=[1])
+
+
+# ---------------------------------------------------------------- SSL layer selection
+
+class LayerCalls:
+    """Counts forward calls of each transformer layer."""
+
+    def __init__(self, up):
+        self.calls = [0] * len(up.model.encoder.transformer.layers)
+        for i, layer in enumerate(up.model.encoder.transformer.layers):
+            layer.register_forward_hook(lambda *_, i=i: self.calls.__setitem__(i, self.calls[i] + 1))
+
+
+@pytest.mark.parametrize("name", ["wavlm_base_plus", "hubert_base", "wav2vec2_large_lv60k"])
+@pytest.mark.parametrize("layers", [[0, 2], [1], [3, 1]])
+def test_layer_selection_returns_only_those_layers_and_stops_at_the_deepest(name, layers):
+    full = make_upstream(name, seed=3, encoder_num_layers=4)
+    sel = make_upstream(name, seed=3, encoder_num_layers=4, layers=layers)
+    calls_full, calls_sel = LayerCalls(full), LayerCalls(sel)
+    wavs, lengths = padded([randn(6000, 1), randn(4000, 2)])
+    with torch.no_grad():
+        all_hidden, f1 = full(wavs, lengths)
+        hidden, f2 = sel(wavs, lengths)
+    wanted = sorted(set(layers))
+    assert sel.num_layers == len(hidden) == len(wanted) and full.num_layers == len(all_hidden) == 5
+    assert torch.equal(f1, f2)
+    for h, layer in zip(hidden, wanted):
+        torch.testing.assert_close(h, all_hidden[layer], atol=0, rtol=0)
+    assert calls_full.calls == [1, 1, 1, 1]
+    assert calls_sel.calls == [1] * max(wanted) + [0] * (4 - max(wanted))  # the layers above never run
+
+
+def test_layer_selection_beyond_the_model_names_the_key():
+    with pytest.raises(ValueError, match="featurizer.layer_selections names layer 3.*0-2"):
+        make_upstream("hubert_base", layers=[0, 3])
+
+
+def test_layer_zero_alone_runs_no_transformer_layer():
+    up = make_upstream("hubert_base", layers=[0])
+    calls = LayerCalls(up)
+    with torch.no_grad():
+        hidden, _ = up(*padded([randn(5000, 1)]))
+    assert len(hidden) == 1 and calls.calls == [0, 0]
+
+
+def test_encoder_on_selected_layers():
+    cfg = make_cfg("hubert_base", layers=[0, 2], encoder_num_layers=3)
+    torch.manual_seed(0)
+    up = build_upstream(cfg.upstream, SR, cfg.featurizer.layer_selections)
+    enc = make_encoder(cfg, up).eval()
+    assert enc.featurizer.num_layers == 2 and len(enc.featurizer.layer_weights()) == 2
+    with torch.no_grad():
+        assert enc(*up(*padded([randn(6000, 1), randn(5000, 2)]))).shape == (2, 128)
+
+
 # ---------------------------------------------------------------- local checkpoints
 
 @pytest.mark.parametrize("name, wrapped", [("wav2vec2_base", False), ("wavlm_base_plus", True)],
@@ -174,7 +308,6 @@ def test_checkpoint_of_another_architecture_is_a_value_error_naming_the_file(tmp
 
 
 def test_checkpoint_with_more_layers_than_the_model_is_a_value_error(tmp_path):
-    # A 2-layer checkpoint loaded into a 1-layer model silently drops a transformer layer today.
     path = tmp_path / "two_layers.pt"
     torch.save(make_upstream("wav2vec2_base").model.state_dict(), path)
     with pytest.raises(ValueError, match="two_layers.pt"):
@@ -191,9 +324,11 @@ def test_checkpoint_of_another_model_family_is_a_value_error(tmp_path):
 # ---------------------------------------------------------------- padding never changes an embedding
 
 def embeddings_alone_and_in_batch(name, lengths, **arch):
+    cfg = make_cfg(name, **arch)
     up = make_upstream(name, **arch)
-    torch.manual_seed(0)
-    encoder = build_encoder(make_cfg(name, **arch), up).eval()
+    encoder = make_encoder(cfg, up)
+    randomise_batchnorm(encoder)
+    encoder.eval()
     wavs = [randn(n, 10 + i) for i, n in enumerate(lengths)]
     batch, lens = padded(wavs)
     with torch.no_grad():
@@ -222,6 +357,164 @@ def test_ssl_padding_never_changes_an_embedding_with_a_layer_norm_extractor(name
     for i, (n, emb) in enumerate(alone):
         assert frames[i] == n
         torch.testing.assert_close(in_batch[i], emb, atol=1e-4, rtol=0)
+
+
+DOWNSTREAM_POOLINGS = [("superb_xvector", None), ("xvector_bn", "stats"), ("xvector_bn", "attentive"),
+                       ("ecapa", "attentive"), ("ecapa", "stats")]
+
+
+def small_downstream(name, pooling, input_dim=24):
+    opts = {"superb_xvector": dict(hidden_size=32, aggregation_size=48, embed_dim=16),
+            "xvector_bn": dict(proj_dim=32, channels=32, stats_dim=48, embed_dim=16),
+            "ecapa": dict(channels=32, embed_dim=16, attention_dim=8)}[name]
+    if pooling:
+        opts["pooling"] = pooling
+    torch.manual_seed(0)
+    model = DOWNSTREAMS[name](input_dim, DOWNSTREAMS[name].Options(**opts))
+    randomise_batchnorm(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, pooling", DOWNSTREAM_POOLINGS)
+def test_downstream_padding_never_changes_an_embedding(name, pooling):
+    """Garbage in the padded frames (as an SSL upstream leaves there) and trained BN statistics: a frame
+    mask missing anywhere (TDNN, pooling, attention) shows."""
+    model = small_downstream(name, pooling)
+    g = torch.Generator().manual_seed(1)
+    short, long = torch.randn(1, 23, 24, generator=g), torch.randn(1, 60, 24, generator=g)
+    batch = torch.cat([torch.cat([short, 5 * torch.randn(1, 37, 24, generator=g) + 3], dim=1), long])
+    with torch.no_grad():
+        both = model(batch, torch.tensor([23, 60]))
+        alone = torch.cat([model(short, torch.tensor([23])), model(long, torch.tensor([60]))])
+    assert both.shape == (2, 16) and torch.isfinite(both).all()
+    torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- downstreams and their options
+
+@pytest.mark.parametrize("name", list(DOWNSTREAMS))
+def test_each_downstream_declares_its_options(name):
+    cls = DOWNSTREAMS[name]
+    opts = cls.Options()
+    assert dataclasses.is_dataclass(opts) and opts.name == name
+    up = make_upstream("logmel")
+    enc = build_encoder(up, opts)
+    assert isinstance(enc.downstream, cls) and enc.downstream.embed_dim == opts.embed_dim
+    with torch.no_grad():
+        emb = enc.eval()(*up(*padded([randn(6000, 1), randn(4000, 2)])))
+    assert emb.shape == (2, opts.embed_dim)
+
+
+@pytest.mark.parametrize("name", ["xvector_bn", "ecapa"])
+def test_pooling_comes_from_poolings(name):
+    for pooling, cls in POOLINGS.items():
+        assert isinstance(small_downstream(name, pooling).pool, cls)
+    with pytest.raises(ValueError, match="downstream.pooling"):
+        DOWNSTREAMS[name](24, DOWNSTREAMS[name].Options(pooling="max"))
+
+
+def test_superb_xvector_has_a_second_layer_in_training_only():
+    model = small_downstream("superb_xvector", None)
+    assert isinstance(model.pooling, StatsPool) and model.pooling.unbiased  # torch.std, as s3prl
+    x, n = torch.randn(2, 40, 24), torch.tensor([40, 30])
+    with torch.no_grad():
+        emb = model.eval()(x, n)
+        trained = model.train()(x, n)
+        by_hand = torch.relu(model.affine.linear2(emb))
+    torch.testing.assert_close(trained, by_hand)
+    assert torch.all(emb >= 0)  # ReLU on the embedding, as s3prl
+    assert SuperbXvector.Options() == SuperbXvector.Options(hidden_size=512, aggregation_size=1500, embed_dim=512)
+
+
+def test_xvector_bn_output_shape_and_context():
+    xv = small_downstream("xvector_bn", "stats", input_dim=6)
+    assert xv.context == 14
+    with torch.no_grad():
+        assert xv(torch.randn(3, 40, 6), torch.tensor([40, 30, 20])).shape == (3, 16)
+        assert xv(torch.randn(1, 15, 6), torch.tensor([15])).shape == (1, 16)
+        with pytest.raises(ValueError, match="15 frames"):
+            xv(torch.randn(1, 14, 6), torch.tensor([14]))
+
+
+def test_xvector_bn_ignores_padded_frames():
+    xv = small_downstream("xvector_bn", "stats", input_dim=6)
+    x = torch.randn(2, 50, 6)
+    x[1, 20:] = 123.0  # garbage where the second utterance is padded
+    with torch.no_grad():
+        batch = xv(x, torch.tensor([50, 20]))
+        alone = xv(x[1:, :20], torch.tensor([20]))
+    torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- poolings
+
+def pool_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 10, generator=g)
+    lengths = torch.tensor([10, 6, 2])
+    x[1, :, 6:] = 1e3  # padding must not count
+    x[2, :, 2:] = -7.0
+    return x, lengths
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_stats_pool_uses_valid_frames_only(unbiased):
+    x, lengths = pool_inputs()
+    pool = StatsPool(4, unbiased=unbiased)
+    assert pool.out_dim == 8
+    out = pool(x.clone(), lengths)
+    assert out.shape == (3, 8)
+    for i, n in enumerate(lengths.tolist()):
+        valid = x[i, :, :n]
+        torch.testing.assert_close(out[i, :4], valid.mean(-1))
+        torch.testing.assert_close(out[i, 4:], valid.std(-1, unbiased=unbiased))  # unbiased: torch.std, n - 1
+
+
+def test_stats_pool_of_one_frame():
+    out = StatsPool(3, unbiased=True)(torch.ones(1, 3, 4), torch.tensor([1]))
+    assert torch.equal(out[0, 3:], torch.zeros(3))  # s3prl's torch.std would give NaN
+
+
+def test_stats_pool_keeps_gradients_of_the_layer_before():
+    x = torch.randn(2, 4, 10, requires_grad=True)
+    y = torch.relu(x)  # relu's backward needs its output
+    StatsPool(4, unbiased=True)(y, torch.tensor([10, 6])).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[1, :, 6:] == 0)
+
+
+def test_attentive_pool_with_uniform_attention_is_stats_pool():
+    """Zero scores: softmax weights 1/n on the valid frames and exactly 0 on padding."""
+    x, lengths = pool_inputs()
+    pool = AttentiveStatsPool(4, attention_dim=8).eval()
+    with torch.no_grad():
+        pool.score.weight.zero_()
+        pool.score.bias.zero_()
+        out = pool(x.clone(), lengths)
+    torch.testing.assert_close(out, StatsPool(4)(x.clone(), lengths), atol=1e-5, rtol=1e-5)
+
+
+def test_attentive_pool_ignores_padding_and_one_frame_takes_all_the_weight():
+    torch.manual_seed(0)
+    pool = AttentiveStatsPool(16, attention_dim=8)
+    randomise_batchnorm(pool)
+    pool.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16, 25, generator=g)
+    lengths = torch.tensor([25, 9, 1])
+    garbage = x.clone()
+    garbage[~frame_mask(lengths, 25).unsqueeze(1).expand_as(x)] = 50.0
+    with torch.no_grad():
+        out, out_garbage = pool(x, lengths), pool(garbage, lengths)
+        alone = pool(x[1:2, :, :9], torch.tensor([9]))
+    assert out.shape == (3, 32) and pool.out_dim == 32
+    torch.testing.assert_close(out, out_garbage, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1:2], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2, :16], x[2, :, 0])  # the only valid frame is the mean
+
+
+def test_frame_mask():
+    assert frame_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[True, True, False], [False, False, False],
+                                                               [True, True, True]]
 
 
 # ---------------------------------------------------------------- featurizer
@@ -263,8 +556,8 @@ def test_weighted_sum_is_trainable():
     assert ws.weights.grad is not None and ws.weights.grad.abs().sum() > 0
 
 
-def test_layer_norm_normalises_each_frame_of_each_layer():
-    ws = WeightedSum(2, 4, layer_norm=True)
+def test_normalize_layer_norms_each_frame_of_each_layer():
+    ws = WeightedSum(2, 4, normalize=True)
     h = layers(2)
     by_hand = [(x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) for x in h]
     torch.testing.assert_close(ws(h), (by_hand[0] + by_hand[1]) / 2, atol=1e-5, rtol=1e-5)
@@ -281,59 +574,17 @@ def test_layer_norm_normalises_each_frame_of_each_layer():
     torch.testing.assert_close(out[1, :4], ws(h)[1, :4])
 
 
+def test_build_encoder_passes_normalize():
+    up = make_upstream("hubert_base")
+    assert build_encoder(up, DOWNSTREAMS["ecapa"].Options(), normalize=True).featurizer.normalize is True
+    assert build_encoder(up, DOWNSTREAMS["ecapa"].Options()).featurizer.normalize is False
+
+
 def test_wrong_number_of_layers():
     with pytest.raises(ValueError, match="3"):
         WeightedSum(3, 4)(layers(2))
     with pytest.raises(ValueError):
         WeightedSum(1, 4)(layers(2))
-
-
-# ---------------------------------------------------------------- x-vector
-
-def small_xvector(input_dim=6):
-    torch.manual_seed(0)
-    return XVector(input_dim, proj_dim=8, channels=8, stats_dim=12, embed_dim=5).eval()
-
-
-def test_xvector_output_shape():
-    xv = small_xvector()
-    with torch.no_grad():
-        out = xv(torch.randn(3, 40, 6), torch.tensor([40, 30, 20]))
-    assert out.shape == (3, 5)
-    assert torch.isfinite(out).all()
-
-
-def test_xvector_needs_15_frames():
-    xv = small_xvector()
-    assert xv.context == 14
-    with torch.no_grad():
-        assert xv(torch.randn(1, 15, 6), torch.tensor([15])).shape == (1, 5)
-        with pytest.raises(ValueError, match="14 frames"):
-            xv(torch.randn(1, 14, 6), torch.tensor([14]))
-
-
-def test_xvector_ignores_padded_frames():
-    xv = small_xvector()
-    x = torch.randn(2, 50, 6)
-    x[1, 20:] = 123.0  # garbage where the second utterance is padded
-    with torch.no_grad():
-        batch = xv(x, torch.tensor([50, 20]))
-        alone = xv(x[1:, :20], torch.tensor([20]))
-    torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=1e-5)
-
-
-def test_stats_pool_uses_valid_frames_only():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, 10, generator=g)
-    lengths = torch.tensor([10, 6, 2])
-    x[1, :, 6:] = 1e3  # padding must not count
-    x[2, :, 2:] = -7.0
-    out = stats_pool(x, lengths)
-    assert out.shape == (3, 8)
-    for i, n in enumerate(lengths.tolist()):
-        valid = x[i, :, :n]
-        torch.testing.assert_close(out[i, :4], valid.mean(-1))
-        torch.testing.assert_close(out[i, 4:], valid.std(-1, unbiased=False))
 
 
 # ---------------------------------------------------------------- margin heads
@@ -432,9 +683,11 @@ def test_cosine_scores_by_hand():
 
 @pytest.mark.parametrize("name", FILTERBANKS)
 def test_min_input_samples_is_exactly_the_shortest_input(name):
+    cfg = make_cfg(name)
     up = make_upstream(name)
-    encoder = build_encoder(make_cfg(name), up).eval()
+    encoder = make_encoder(cfg, up).eval()
     n = min_input_samples(up, encoder)
+    assert n == 400 + 14 * 160  # one 25 ms window, then the x-vector's 14 frames of context
     with torch.no_grad():
         hidden, frames = up(randn(n, 0)[None], torch.tensor([n]))
         emb = encoder(hidden, frames)
@@ -445,8 +698,9 @@ def test_min_input_samples_is_exactly_the_shortest_input(name):
 
 
 def test_min_input_samples_for_an_ssl_upstream():
+    cfg = make_cfg("wav2vec2_base")
     up = make_upstream("wav2vec2_base")
-    encoder = build_encoder(make_cfg("wav2vec2_base"), up).eval()
+    encoder = make_encoder(cfg, up).eval()
     n = min_input_samples(up, encoder)
     with torch.no_grad():
         assert encoder(*up(randn(n, 0)[None], torch.tensor([n]))).shape == (1, 128)
@@ -456,83 +710,108 @@ def test_min_input_samples_for_an_ssl_upstream():
 
 # ---------------------------------------------------------------- model file
 
-META = {"upstream": "fbank", "downstream": "xvector", "embed_dim": 128}
-
-
-def fbank_encoder(seed, **downstream):
-    cfg = make_cfg("fbank")
-    for k, v in downstream.items():
-        setattr(cfg.downstream, k, v)
+def fbank_model(seed, **downstream):
+    """(encoder, upstream, meta) of a logmel + small xvector_bn, with downstream options changed."""
+    cfg = make_cfg("logmel")
+    cfg.downstream = dataclasses.replace(cfg.downstream, **downstream)
     up = build_upstream(cfg.upstream, SR)
-    torch.manual_seed(seed)
-    return build_encoder(cfg, up), up
+    return make_encoder(cfg, up, seed), up, model_meta("logmel", [], cfg.downstream)
+
+
+def test_model_meta():
+    opts = DOWNSTREAMS["ecapa"].Options(channels=256)
+    meta = model_meta("wavlm_base_plus", (0, 3), opts)
+    assert meta == {"upstream": "wavlm_base_plus", "layers": [0, 3], "downstream": dataclasses.asdict(opts)}
 
 
 def test_model_file_round_trip(tmp_path):
-    enc, up = fbank_encoder(1)
+    enc, up, meta = fbank_model(1)
     path = str(tmp_path / "model.pt")
-    save_model_file(path, enc, up, False, META)
+    save_model_file(path, enc, up, False, meta)
     assert not os.path.exists(path + ".tmp")
-    other, up2 = fbank_encoder(2)
+    other, up2, _ = fbank_model(2)
     assert not torch.equal(other.downstream.embedding.weight, enc.downstream.embedding.weight)
-    assert load_model_file(path, other, up2, dict(META)) == META
-    want = enc.state_dict()
-    got = other.state_dict()
+    assert load_model_file(path, other, up2, meta) == meta
+    want, got = enc.state_dict(), other.state_dict()
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
 
 
+def test_model_file_with_the_head(tmp_path):
+    enc, up, meta = fbank_model(1)
+    head = MarginSoftmax(128, 7)
+    path = str(tmp_path / "model.pt")
+    save_model_file(path, enc, up, False, meta, head)
+    other_head = MarginSoftmax(128, 7)
+    load_model_file(path, fbank_model(2)[0], up, meta, other_head)
+    assert torch.equal(other_head.weight, head.weight)
+    save_model_file(path, enc, up, False, meta)  # no head
+    with pytest.raises(ValueError, match="no speaker head"):
+        load_model_file(path, fbank_model(2)[0], up, meta, MarginSoftmax(128, 7))
+
+
 def test_model_file_with_a_trainable_upstream(tmp_path):
+    cfg = make_cfg("wavlm_base_plus", trainable=True)
     up = make_upstream("wavlm_base_plus", seed=1, trainable=True)
-    torch.manual_seed(1)
-    enc = build_encoder(make_cfg("wavlm_base_plus"), up)
-    meta = {"upstream": "wavlm_base_plus", "downstream": "xvector", "embed_dim": 128}
+    enc = make_encoder(cfg, up, 1)
+    meta = model_meta("wavlm_base_plus", [], cfg.downstream)
     path = str(tmp_path / "model.pt")
     save_model_file(path, enc, up, True, meta)
     up2 = make_upstream("wavlm_base_plus", seed=2, trainable=True)
-    torch.manual_seed(2)
-    enc2 = build_encoder(make_cfg("wavlm_base_plus"), up2)
+    enc2 = make_encoder(cfg, up2, 2)
     load_model_file(path, enc2, up2, meta)
     for (k, a), b in zip(up.state_dict().items(), up2.state_dict().values()):
         assert torch.equal(a, b), k
 
 
 def test_frozen_upstream_is_not_saved(tmp_path):
+    cfg = make_cfg("wav2vec2_base")
     up = make_upstream("wav2vec2_base")
-    enc = build_encoder(make_cfg("wav2vec2_base"), up)
     path = tmp_path / "model.pt"
-    save_model_file(str(path), enc, up, False, {"upstream": "wav2vec2_base"})
-    state = torch.load(path, weights_only=True)
-    assert set(state) == {"encoder", "meta"}
+    save_model_file(str(path), make_encoder(cfg, up), up, False, model_meta("wav2vec2_base", [], cfg.downstream))
+    assert set(torch.load(path, weights_only=True)) == {"encoder", "meta"}
 
 
-@pytest.mark.parametrize("key, value", [("upstream", "mfcc"), ("downstream", "ecapa"), ("embed_dim", 256)])
-def test_checkpoint_from_another_config_names_file_and_key(tmp_path, key, value):
-    enc, up = fbank_encoder(1)
+@pytest.mark.parametrize("key, change", [
+    ("upstream.name", dict(upstream="mfcc")),
+    ("downstream.name", dict(downstream={"name": "ecapa"})),
+    ("downstream.channels", dict(downstream={"channels": 256})),
+    ("downstream.embed_dim", dict(downstream={"embed_dim": 256})),
+    ("downstream.pooling", dict(downstream={"pooling": "attentive"})),
+    ("featurizer.layer_selections", dict(layers=[0])),
+])
+def test_checkpoint_from_another_config_names_file_and_key(tmp_path, key, change):
+    enc, up, meta = fbank_model(1)
+    saved = {**meta, **change}
+    if "downstream" in change:
+        saved["downstream"] = {**meta["downstream"], **change["downstream"]}
     path = str(tmp_path / "model.pt")
-    save_model_file(path, enc, up, False, {**META, key: value})
+    save_model_file(path, enc, up, False, saved)
     with pytest.raises(ValueError) as e:
-        load_model_file(path, fbank_encoder(2)[0], up, META)
-    assert path in str(e.value) and key in str(e.value)
+        load_model_file(path, fbank_model(2)[0], up, meta)
+    msg = str(e.value)
+    assert msg.startswith(path) and f"checkpoint has {key}=" in msg and "but the config has" in msg
 
 
-def test_checkpoint_with_another_embed_dim_names_the_file(tmp_path):
-    enc, up = fbank_encoder(1)
+def test_checkpoint_on_other_layers_names_layer_selections(tmp_path):
+    cfg = make_cfg("hubert_base")
+    up = make_upstream("hubert_base")
     path = str(tmp_path / "model.pt")
-    save_model_file(path, enc, up, False, META)
-    small, _ = fbank_encoder(2, embed_dim=64)
-    with pytest.raises(ValueError, match=str(path)):
-        load_model_file(path, small, up, {**META, "embed_dim": 64})
+    save_model_file(path, make_encoder(cfg, up), up, False, model_meta("hubert_base", [], cfg.downstream))
+    cfg.featurizer.layer_selections = [0, 2]
+    up2 = make_upstream("hubert_base", layers=[0, 2])
+    with pytest.raises(ValueError, match=r"featurizer\.layer_selections=\[\] but the config has \[0, 2\]"):
+        load_model_file(path, make_encoder(cfg, up2), up2, model_meta("hubert_base", [0, 2], cfg.downstream))
 
 
 def test_checkpoint_with_other_sizes_but_the_same_meta_names_the_file(tmp_path):
-    enc, up = fbank_encoder(1)
+    enc, up, meta = fbank_model(1)
     path = str(tmp_path / "model.pt")
-    save_model_file(path, enc, up, False, META)
-    narrow, _ = fbank_encoder(2, proj_dim=64)
-    with pytest.raises(ValueError, match=str(path)):
-        load_model_file(path, narrow, up, META)
+    save_model_file(path, enc, up, False, meta)
+    narrow, _, _ = fbank_model(2, proj_dim=64)
+    with pytest.raises(ValueError, match=f"{path}: checkpoint does not match the config"):
+        load_model_file(path, narrow, up, meta)
 
 
 class Trap:
@@ -546,33 +825,34 @@ class Trap:
 
 
 def test_model_file_with_a_pickled_object_is_refused(tmp_path):
-    enc, up = fbank_encoder(1)
+    enc, up, meta = fbank_model(1)
     marker = tmp_path / "code_ran"
     path = tmp_path / "evil.pt"
-    torch.save({"encoder": enc.state_dict(), "meta": META, "trap": Trap(str(marker))}, path)
+    torch.save({"encoder": enc.state_dict(), "meta": meta, "trap": Trap(str(marker))}, path)
     with pytest.raises(ValueError, match="evil.pt"):
-        load_model_file(str(path), enc, up, META)
+        load_model_file(str(path), enc, up, meta)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", ["tensor", "garbage"])
+@pytest.mark.parametrize("content", ["tensor", "garbage", "missing"])
 def test_a_file_that_is_not_a_model_file_is_a_value_error(tmp_path, content):
-    enc, up = fbank_encoder(1)
+    enc, up, meta = fbank_model(1)
     path = tmp_path / "not_a_model.pt"
     if content == "tensor":
         torch.save(torch.zeros(3), path)  # loads fine with weights_only, but is not a model file
-    else:
+    elif content == "garbage":
         path.write_bytes(os.urandom(256))
     with pytest.raises(ValueError, match="not_a_model.pt"):
-        load_model_file(str(path), enc, up, META)
+        load_model_file(str(path), enc, up, meta)
 
 
 def test_speaker_encoder_is_featurizer_then_downstream():
+    cfg = make_cfg("hubert_base")
     up = make_upstream("hubert_base")
-    torch.manual_seed(0)
-    enc = build_encoder(make_cfg("hubert_base"), up).eval()
-    assert isinstance(enc, SpeakerEncoder)
+    enc = make_encoder(cfg, up).eval()
+    assert isinstance(enc, SpeakerEncoder) and isinstance(up, SSLUpstream)
     assert enc.featurizer.num_layers == up.num_layers == 3
+    assert isinstance(enc.downstream, XVectorBN)
     wavs, lengths = padded([randn(6000, 1), randn(5000, 2)])
     with torch.no_grad():
         hidden, frames = up(wavs, lengths)

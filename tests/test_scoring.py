@@ -1,15 +1,10 @@
 """Cosine scoring and AS-norm against hand-worked numbers; chunked upstream against a full pass."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import config  # noqa: E402
-from models import asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores, run_chunked  # noqa: E402
+from asv.config import load_config
+from asv.models import asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores, run_chunked
 
 
 def test_asnorm_hand_worked():
@@ -39,14 +34,14 @@ def test_asnorm_top_k_larger_than_cohort_uses_all():
 
 def test_chunked_upstream_close_to_full_pass():
     """Long files through windows: the embedding stays close to a full-length pass."""
-    cfg = config.load_config(None, ["upstream.name=wavlm_base_plus", "upstream.random_init=true"])
+    cfg = load_config(None, ["upstream.name=wavlm_base_plus", "upstream.random_init=true"])
     cfg.upstream.arch = {"encoder_num_layers": 2, "encoder_embed_dim": 32, "encoder_num_heads": 2,
                          "encoder_ff_interm_features": 64, "encoder_pos_conv_kernel": 8,
                          "encoder_pos_conv_groups": 2, "extractor_mode": "layer_norm",
                          "extractor_conv_layer_config": [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2}
     torch.manual_seed(0)
     upstream = build_upstream(cfg.upstream, 16000)
-    encoder = build_encoder(cfg, upstream).eval()
+    encoder = build_encoder(upstream, cfg.downstream).eval()  # SUPERB's x-vector
     wavs = torch.randn(2, 16000 * 12)
     lengths = torch.tensor([16000 * 12, 16000 * 5])
     with torch.no_grad():
@@ -63,5 +58,25 @@ def test_chunked_upstream_close_to_full_pass():
     assert torch.equal(same, ref)
 
 
-def test_readme_config_reference_is_current():
-    assert config.reference() in (ROOT / "README.md").read_text()
+def test_asnorm_of_symmetric_statistics_is_symmetric():
+    rng = np.random.default_rng(1)
+    emb, cohort = rng.normal(size=(6, 8)), rng.normal(size=(40, 8))
+    mean, std = cohort_stats(emb, cohort, top_k=10)
+    a, b = np.array([0, 1, 2]), np.array([3, 4, 5])
+    np.testing.assert_allclose(asnorm_scores(cosine_scores(emb, a, b), a, b, mean, std),
+                               asnorm_scores(cosine_scores(emb, b, a), b, a, mean, std), rtol=1e-6)
+
+
+def test_chunked_upstream_on_selected_layers():
+    """Windows and layer selection together: the same layers come back, joined in time."""
+    cfg = load_config(None, ["upstream.random_init=true", "featurizer.layer_selections=[0, 1]"])
+    cfg.upstream.arch = {"encoder_num_layers": 2, "encoder_embed_dim": 32, "encoder_num_heads": 2,
+                         "encoder_ff_interm_features": 64, "encoder_pos_conv_kernel": 8, "encoder_pos_conv_groups": 2,
+                         "extractor_conv_layer_config": [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2}
+    torch.manual_seed(0)
+    upstream = build_upstream(cfg.upstream, 16000, cfg.featurizer.layer_selections)
+    wavs, lengths = torch.randn(2, 16000 * 3), torch.tensor([16000 * 3, 16000 * 2])
+    with torch.no_grad():
+        hidden, frames = run_chunked(upstream, wavs, lengths, 16000)
+    assert len(hidden) == 2 and all(h.shape[0] == 2 and h.shape[2] == 32 for h in hidden)
+    assert frames.tolist() == [3 * 49, 2 * 49]  # 49 frames per 1 s window
