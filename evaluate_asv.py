@@ -3,68 +3,79 @@
     python evaluate_asv.py --ckpt_dir exp/demo/best
     python evaluate_asv.py --ckpt_dir exp/demo/step-* --trials test my_list.txt
     accelerate launch evaluate_asv.py --ckpt_dir exp/vox1/step-20000   # several GPUs
-    python evaluate_asv.py --ckpt_dir exp/demo/best --pair a.wav b.wav
+    python evaluate_asv.py --ckpt_dir exp/demo/best --pair a.wav b.wav --threshold far:0.01
     python evaluate_asv.py --ckpt_dir exp/demo/best --extract wavs.txt --out emb.npz   # or a folder; or emb.ark
     python evaluate_asv.py --ckpt_dir exp/demo/best --export model.pt2                 # or model.onnx
+    python evaluate_asv.py --ckpt_dir exp/demo/step-* --average exp/demo/avg-last3     # mean weights, evaluated
 
 Each unique utterance of all requested trial lists is embedded once, at full length, in
 length-sorted batches; a frozen upstream runs once per batch for all the checkpoints given.
 Writes, per checkpoint and trial list, as one set: <ckpt_dir>/eval/<list>/scores.txt
 (`enroll test score label`) and metrics.json (EER %, minDCF at 0.01 and 0.05). A list given as
 a file goes to eval/<name>-<hash of its path>/, so it never overwrites the run's own results.
+A checkpoint with validation scores (eval/valid/scores.txt) is calibrated on them once
+(calibration.json): each list also gets scores_calibrated.txt (`enroll test llr label`), and
+metrics.json actDCF and Cllr (asv/calibration.py).
 Trial entries are utterance ids of the run's manifest (as in VoxCeleb's official lists), paths
 under --trials-root, or file paths.
+--average writes the mean of the checkpoints' weights as a new checkpoint folder of the run
+(asv/checkpoints.py), scores it on the validation list as training scores a checkpoint (so it has
+thresholds and a calibration), then evaluates it like any checkpoint.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
+from asv.api import Model
 from asv.config import help_text
-from asv.data import read_audio_list
-from asv.embedding import (asnorm, audio_durations, cohort_paths, embed_files, import_kaldiio, load_extractors,
-                           write_embeddings)
-from asv.data import read_manifest
-from asv.evaluation import evaluate_checkpoints, resolve_lists
+from asv.calibration import THRESHOLD_FORMS, VALID_SCORES, has_validation_scores, resolve_threshold
+from asv.checkpoints import average_checkpoints
+from asv.data import read_audio_list, trial_lists
+from asv.embedding import audio_durations, embed_files, import_kaldiio, load_extractors, write_embeddings
+from asv.evaluation import evaluate_checkpoints, read_inputs, resolve_lists
+from asv.feature_cache import FeatureCache
 from asv.fileio import atomic_write
-from asv.models import cosine_scores
 from asv.models.export import check_export_path, export_program, save_program
+from asv.runfolder import run_config
 from asv.training import check_launch, one_line
 
 
-def score_pair(accelerator, ex, a: str, b: str) -> float:
-    """Quick check for a person: the score of two files and the decision at the validation EER threshold.
-    Embedded as evaluation embeds (eval_chunk_secs), AS-norm included when score.asnorm is on."""
-    cfg = ex.cfg
-    cohort = cohort_paths(read_manifest(cfg.data.dir), cfg.score.cohort_size) if cfg.score.asnorm else []
-    paths = [a, b, *cohort]
-    (table,), done = embed_files(accelerator, ex, paths)
-    if not accelerator.is_main_process:
-        return 0.0
-    score = float(cosine_scores(table, np.array([0]), np.array([1]))[0])
-    kind, metrics_file = "cosine", "metrics.json"
-    if cohort:
-        normed, used = asnorm(table, done, list(range(2, len(paths))), cfg.score.top_k, np.array([0]), np.array([1]),
-                              np.array([score]))
-        score, kind, metrics_file = float(normed[0]), f"AS-norm (cohort {used['cohort_size']}, top {used['top_k']})", \
-            "metrics_asnorm.json"
-    valid = ex.ckpts[0] / "eval" / "valid" / metrics_file
-    if not valid.is_file():
-        print(f"{kind} score {score:.4f} (no validation threshold: {valid} is missing)")
-        return score
-    threshold = json.loads(valid.read_text())["eer_threshold"]
-    decision = "same speaker" if score >= threshold else "different speakers"
-    print(f"{kind} score {score:.4f} | threshold {threshold:.4f} (EER threshold on validation speakers) | {decision}")
-    return score
+def pair_threshold(ckpt: str, name: str) -> str | None:
+    """--pair's threshold name, checked before any model work (a bad name, missing validation scores).
+    None for the default `eer` on a checkpoint without validation scores: the score, no decision."""
+    if name == "eer" and not has_validation_scores(ckpt):
+        return None
+    resolve_threshold(ckpt, name)
+    return name
 
 
-def extract(accelerator, ex, source: str, out: Path) -> int:
-    """Embed every file of a list or folder with one checkpoint, batched as evaluation is; main process writes."""
+def score_pair(accelerator, ex, a: str, b: str, threshold: str | None = None) -> float:
+    """Quick check for a person: the API's compare (asv/api.py) of two files, embedded as evaluation
+    embeds, printed: the cosine score, its calibrated LLR when the checkpoint has a calibration, and
+    the decision at the named `threshold` (pair_threshold). With score.asnorm on, the AS-norm score is
+    printed too, not decided on: thresholds and calibration are on raw cosine scores, the scale
+    validation measures."""
+    result = Model(ex, accelerator=accelerator).compare(a, b, threshold)
+    parts = [f"cosine score {result.score:.4f}"]
+    if result.llr is not None:
+        parts.append(f"calibrated LLR {result.llr:.3f}")
+    if result.asnorm is not None:
+        parts.append(f"AS-norm score {result.asnorm:.4f} (not thresholded)")
+    if result.accept is None:
+        parts.append(f"no decision: {ex.ckpts[0] / VALID_SCORES} is missing")
+    else:
+        parts += [f"threshold {result.threshold:.4f} ({result.description})",
+                  "same speaker" if result.accept else "different speakers"]
+    accelerator.print(" | ".join(parts))
+    return result.score
+
+
+def extract_inputs(source: str, out: Path) -> tuple[list[str], list[str], list[float]]:
+    """--extract's (ids, files, durations), every file checked before any model work."""
     if out.suffix not in (".npz", ".ark"):
         raise ValueError(f"--out {out}: must end in .npz (NumPy) or .ark (Kaldi ark + scp)")
     ids, paths = read_audio_list(source)
@@ -74,9 +85,14 @@ def extract(accelerator, ex, source: str, out: Path) -> int:
             if len(i.split()) != 1:
                 raise ValueError(f"{source}: id {i!r} holds whitespace, which Kaldi keys cannot; give ids in the list")
     try:
-        durations = audio_durations(paths, {})
+        return ids, paths, audio_durations(paths, {})
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def extract(accelerator, ex, inputs: tuple, out: Path) -> int:
+    """Embed every file of a list or folder with one checkpoint, batched as evaluation is; main process writes."""
+    ids, paths, durations = inputs
     (table,), done = embed_files(accelerator, ex, paths, durations)
     if accelerator.is_main_process:
         if not done.all():
@@ -85,6 +101,24 @@ def extract(accelerator, ex, source: str, out: Path) -> int:
         accelerator.print(f"{out}: {int(done.sum())} embeddings of dimension {table.shape[1]}")
     accelerator.wait_for_everyone()
     return int(done.sum())
+
+
+def validation_inputs(cfg, trials: list[str], trials_root: str | None):
+    """--average's validation list, read before any model work (None when the data has none, or --trials names
+    it): a new checkpoint has no validation scores, so it is scored on it first and its test lists get calibrated."""
+    if "valid" not in trial_lists(cfg.data.dir) or "valid" in trials:
+        return None
+    return read_inputs(cfg, resolve_lists(cfg.data.dir, ["valid"]), trials_root)
+
+
+def average(ckpts: list[str], out: str) -> str:
+    """--average: the main process writes the mean of the checkpoints; the others wait for it."""
+    state = PartialState()
+    if state.is_main_process:
+        average_checkpoints(ckpts, out)
+        print(f"{out}: the mean of {len(ckpts)} checkpoints' weights")
+    state.wait_for_everyone()
+    return out
 
 
 def export(ex, outs: list[str]) -> dict:
@@ -116,21 +150,36 @@ def parse_args():
                              "of the run's manifest (e.g. VoxCeleb1's wav/ for the official lists)")
     task = parser.add_mutually_exclusive_group()
     task.add_argument("--pair", nargs=2, metavar=("A", "B"),
-                      help="score two audio files with one checkpoint and print same/different at the "
-                           "validation EER threshold")
+                      help="score two audio files with one checkpoint and print same/different at --threshold")
     task.add_argument("--extract", metavar="LIST",
-                      help="embed the files of LIST (lines 'path' or 'utt_id path') or of a folder (every "
-                           "audio file under it) with one checkpoint; needs --out")
+                      help="embed the files of LIST (lines 'path' or 'utt_id path'), of a folder (every "
+                           "audio file under it), or of a Kaldi wav.scp or data folder (ids from its wav.scp) "
+                           "with one checkpoint; needs --out")
     task.add_argument("--export", nargs="+", metavar="FILE",
                       help="write one checkpoint's embedding extractor (wav, lengths -> embeddings) as FILE.pt2 "
                            "(torch.export) and/or FILE.onnx, loadable without this repository")
+    task.add_argument("--average", metavar="OUT",
+                      help="average the weights of the --ckpt_dir checkpoints (e.g. the last three) into the new "
+                           "checkpoint folder OUT inside the run folder (e.g. exp/<run>/avg-last3), then validate "
+                           "and evaluate it")
+    parser.add_argument("--threshold", metavar="NAME", default="eer",
+                        help=f"--pair's decision threshold on the cosine score, from the checkpoint's validation "
+                             f"scores: {THRESHOLD_FORMS}")
     parser.add_argument("--out", metavar="FILE",
                         help="--extract output: FILE.npz (ids, embeddings) or FILE.ark (Kaldi ark + FILE.scp)")
+    parser.add_argument("--feature-cache", metavar="DIR",
+                        help="trial-list evaluation: keep the frozen upstream's hidden states of every file in DIR "
+                             "(float16; WavLM Base+, all layers: ~1 MB per audio second), so that evaluating other "
+                             "checkpoints of the run later skips the audio and the upstream (asv/feature_cache.py)")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides on top of the run's config.yaml, e.g. eval_batch=2 data.eval_batch_secs=60")
     args = parser.parse_args()
     if bool(args.extract) != bool(args.out):
         parser.error("--extract and --out go together")
+    if args.threshold != "eer" and not args.pair:
+        parser.error("--threshold goes with --pair")
+    if args.feature_cache and (args.pair or args.extract or args.export):
+        parser.error("--feature-cache is for trial-list evaluation, not --pair, --extract or --export")
     # `--ckpt_dir a b key=value` reads naturally; argparse would give key=value to --ckpt_dir (or --trials, --export)
     exports = args.export or []
     moved = [c for c in args.ckpt_dir + args.trials + exports if "=" in c and not Path(c).exists()]
@@ -149,6 +198,18 @@ def main():
             raise ValueError(f"{single} takes exactly one --ckpt_dir")
         for out in args.export:
             check_export_path(out)
+        threshold = pair_threshold(args.ckpt_dir[0], args.threshold) if args.pair else None
+        # the inputs are read and checked before any model is built: a missing file is one line, at once
+        cfg, inputs = run_config(Path(args.ckpt_dir[0]), args.overrides), None
+        if args.pair:
+            audio_durations(list(args.pair), {})
+        elif args.extract:
+            inputs = extract_inputs(args.extract, Path(args.out))
+        elif not args.export:
+            inputs = read_inputs(cfg, resolve_lists(cfg.data.dir, args.trials), args.trials_root)
+            valid = validation_inputs(cfg, args.trials, args.trials_root) if args.average else None
+        if args.average:
+            args.ckpt_dir = [average(args.ckpt_dir, args.average)]
         ex = load_extractors(args.ckpt_dir, args.overrides)
         if args.export:
             export(ex, args.export)
@@ -156,11 +217,14 @@ def main():
         accelerator = Accelerator(mixed_precision=ex.cfg.train.mixed_precision)
         check_launch(accelerator)
         if args.pair:
-            score_pair(accelerator, ex, *args.pair)
+            score_pair(accelerator, ex, *args.pair, threshold)
         elif args.extract:
-            extract(accelerator, ex, args.extract, Path(args.out))
+            extract(accelerator, ex, inputs, Path(args.out))
         else:
-            evaluate_checkpoints(accelerator, ex, resolve_lists(ex.cfg.data.dir, args.trials), args.trials_root)
+            cache = FeatureCache(args.feature_cache, ex.cfg, ex.upstreams[0]) if args.feature_cache else None
+            if valid is not None:  # --average's new checkpoint: validated first
+                evaluate_checkpoints(accelerator, ex, valid, args.trials_root, cache)
+            evaluate_checkpoints(accelerator, ex, inputs, args.trials_root, cache)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {one_line(e)}")
 

@@ -3,6 +3,7 @@
     python prepare_voxceleb.py --voxceleb1 ROOT --out data/vox1 [--trials FILE ...]
     python prepare_voxceleb.py --voxceleb2 ROOT [--voxceleb1 ROOT] --out data/vox2 [--convert-to DIR]
     python prepare_voxceleb.py --corpus ROOT --out data/mine [--trials FILE ...]
+    python prepare_voxceleb.py --kaldi data/kaldi/train --out data/mine [--trials FILE ...]
     python prepare_voxceleb.py --demo --out data/demo
 
 Writes, under --out:
@@ -15,11 +16,12 @@ Writes, under --out:
                         a tab, a newline or a name that is not UTF-8 is written as a JSON string)
     prepare.json        the arguments and the counts of this preparation
 
-A corpus is a `speaker/session/utterance.<audio>` tree. Durations come from file headers, never
-from decoding (only float-encoded files are decoded, to find NaN samples), so preparing
-VoxCeleb2 (1M files) takes minutes. The output folder is built beside --out and swapped in
-whole: a kill leaves the previous preparation untouched. An existing preparation made with
-other arguments is replaced only with --overwrite.
+A corpus is a `speaker/session/utterance.<audio>` tree, or a Kaldi data folder (wav.scp naming
+audio files, utt2spk): then the utterance ids are Kaldi's, and trial lists name them.
+Durations come from file headers, never from decoding (only float-encoded files are decoded,
+to find NaN samples), so preparing VoxCeleb2 (1M files) takes minutes. The output folder is
+built beside --out and swapped in whole: a kill leaves the previous preparation untouched. An
+existing preparation made with other arguments is replaced only with --overwrite.
 """
 import argparse
 import csv
@@ -36,7 +38,7 @@ import numpy as np
 import soundfile as sf
 
 from asv.audio import AUDIO_EXTENSIONS, AudioError, header_frames, header_subtype, load_audio, progress
-from asv.data import read_trials, stored_path
+from asv.data import read_kaldi_folder, read_trials, read_utt2spk, stored_path
 from asv.demo import make_demo_corpus
 from asv.fileio import atomic_write, recover_dir, replace_dir, write_json
 
@@ -82,23 +84,43 @@ def scan_tree(root, skipped: dict):
             skipped[folder] = f"unreadable folder ({e.strerror})"
             return []
 
+    def is_a(entry, kind):  # a link loop raises ELOOP where a dangling link answers False
+        try:
+            return entry.is_dir() if kind == "dir" else entry.is_file()
+        except OSError:
+            return False
+
     for speaker in entries(root):
-        for session in entries(speaker.path) if speaker.is_dir() else []:
-            for utt in entries(session.path) if session.is_dir() else []:
+        for session in entries(speaker.path) if is_a(speaker, "dir") else []:
+            for utt in entries(session.path) if is_a(session, "dir") else []:
                 if utt.name.startswith("."):
                     continue
                 problem = name_problem(os.path.relpath(utt.path, root))
-                if not problem and not utt.is_file():
-                    problem = "broken link or link loop" if utt.is_symlink() else None if utt.is_dir() else "not a file"
+                if not problem and not is_a(utt, "file"):
+                    problem = ("broken link or link loop" if utt.is_symlink() else None if is_a(utt, "dir")
+                               else "not a file")
                 if not problem and not utt.name.lower().endswith(AUDIO_EXTENSIONS):
                     problem = f"not an audio file this reads ({', '.join(AUDIO_EXTENSIONS)})"
-                if problem and not (utt.is_dir() and not utt.is_symlink()):
+                if problem and not (is_a(utt, "dir") and not utt.is_symlink()):
                     skipped[utt.path] = problem
                 elif not problem:
                     found[f"{speaker.name}/{session.name}/{utt.name}"] = utt.path
-            if not session.is_dir() and not session.name.startswith("."):
+            if not is_a(session, "dir") and not session.name.startswith("."):
                 skipped[session.path] = "not inside a speaker/session/ folder"
     return found
+
+
+def kaldi_corpus(folder, out: Path) -> tuple[dict, dict]:
+    """A Kaldi data folder -> ({utt id: audio file}, {utt id: speaker}), from its wav.scp and utt2spk."""
+    try:
+        ids, paths = read_kaldi_folder(folder)
+        speaker = read_utt2spk(Path(folder) / "utt2spk", ids)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for path in paths:
+        if Path(os.path.abspath(path)).is_relative_to(out):
+            raise SystemExit(f"{path}: audio must not live inside --out {out}: that folder is replaced as a whole")
+    return dict(zip(ids, paths)), speaker
 
 
 def voxceleb_wav_dirs(root):
@@ -225,7 +247,7 @@ def corpus_id(path, roots):
     return None if rel.split("/")[0] == ".." else rel
 
 
-def load_trial_lists(trial_files, roots, files, skipped):
+def load_trial_lists(trial_files, roots, files, skipped, speaker):
     """{name: [(label, enroll_id, test_id)]} without trials naming a skipped file, the speakers
     named (the test speakers, even where their trials were dropped) and the dropped trials."""
     trial_lists, speakers, dropped = {}, set(), []
@@ -239,14 +261,14 @@ def load_trial_lists(trial_files, roots, files, skipped):
             raise SystemExit(str(e)) from None
         trial_lists[name] = []
         for line, label, *entries in zip(trials.lines, trials.labels, trials.enroll, trials.test):
-            ids = [corpus_id(e, roots) for e in entries]
+            ids = [corpus_id(e, roots) if roots else e for e in entries]  # a Kaldi folder's lists name its ids
             for entry, utt in zip(entries, ids):
                 if utt is None:
                     raise SystemExit(f"{trial_file}:{line}: {entry} is outside the corpus root")
                 if utt not in files:  # not a speaker/session/utterance of the corpus
-                    where = " or ".join(map(str, roots))
-                    raise SystemExit(f"{trial_file}:{line}: {entry} not found in the corpus under {where}")
-            speakers |= {speaker_of(u) for u in ids}
+                    where = f"under {' or '.join(map(str, roots))}" if roots else "(not an utterance id of wav.scp)"
+                    raise SystemExit(f"{trial_file}:{line}: {entry} not found in the corpus {where}")
+            speakers |= {speaker[u] for u in ids}
             bad = [u for u in ids if u in skipped]
             if bad:
                 dropped.append((str(trial_file), f"line {line} dropped: {bad[0]} was skipped"))
@@ -303,7 +325,8 @@ def all_pair_trials(by_speaker, max_utts, rng):
     few utterances, so validation tells checkpoints apart at a small embedding cost."""
     queues = [rng.sample(by_speaker[s], len(by_speaker[s])) for s in sorted(by_speaker)]
     chosen = [u for round_ in itertools.zip_longest(*queues) for u in round_ if u is not None][:max_utts]
-    return [(int(speaker_of(a) == speaker_of(b)), a, b) for a, b in itertools.combinations(sorted(chosen), 2)]
+    owner = {u: s for s, utts in by_speaker.items() for u in utts}
+    return [(int(owner[a] == owner[b]), a, b) for a, b in itertools.combinations(sorted(chosen), 2)]
 
 
 # ---------------------------------------------------------------- splits and output
@@ -321,16 +344,15 @@ def escaped(path: str) -> str:
     return path if path.isprintable() else json.dumps(path)  # a surrogate (not UTF-8) is not printable either
 
 
-def write_outputs(out, usable, files, speaker_split, trial_lists, skipped_lines, record):
+def write_outputs(out, usable, files, speaker_split, trial_lists, skipped_lines, record, speaker):
     """utterances.csv, speakers.txt, trials/*.txt, skipped.txt, prepare.json into the folder `out`."""
     with atomic_write(out / "utterances.csv", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["id", "path", "speaker", "duration", "sample_rate", "split"])
         for utt in sorted(usable):
             duration, rate = usable[utt]
-            speaker = speaker_of(utt)
-            writer.writerow([utt, files[utt], speaker, f"{duration:.4f}", rate, speaker_split[speaker]])
-    counts = Counter(speaker_of(utt) for utt in usable)
+            writer.writerow([utt, files[utt], speaker[utt], f"{duration:.4f}", rate, speaker_split[speaker[utt]]])
+    counts = Counter(speaker[utt] for utt in usable)
     with atomic_write(out / "speakers.txt") as f:
         f.writelines(f"{s} {speaker_split[s]} {counts[s]}\n" for s in sorted(counts))
     for name, trials in trial_lists.items():
@@ -358,6 +380,9 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--voxceleb1", metavar="ROOT", help="VoxCeleb1 root: ROOT/wav or ROOT/{dev,test}/wav")
     source.add_argument("--corpus", metavar="ROOT", help="any speaker/session/utterance.<audio> tree")
+    source.add_argument("--kaldi", metavar="DIR",
+                        help="a Kaldi data folder: wav.scp ('utt_id path' lines naming audio files; commands "
+                             "'... |' are refused) and utt2spk; the utterance ids are Kaldi's, --trials name them")
     source.add_argument("--demo", action="store_true", help="generate a small synthetic corpus in OUT/corpus")
     parser.add_argument("--voxceleb2", metavar="ROOT",
                         help="VoxCeleb2 dev set for training: ROOT/dev/aac, ROOT/aac or ROOT holding the id* "
@@ -379,8 +404,9 @@ def parse_args(argv=None):
                              "(auto = max(2, 10%% of speakers); --demo: 8)")
     parser.add_argument("--valid-speakers", metavar="N", type=count_arg(0), default="auto",
                         help="training speakers held out for the 'valid' list that picks checkpoints (auto = "
-                             "max(4, 3%% of non-test speakers), but no more than a third of them; 0: none, every "
-                             "non-test speaker trains, as in SUPERB: then report.py --protocol superb)")
+                             "max(4, 3%% of non-test speakers), but no more than a third of them, and none when that "
+                             "is 1; 0: none, every non-test speaker trains, as in SUPERB: then report.py --protocol "
+                             "superb)")
     parser.add_argument("--max-valid-utts", metavar="N", type=int, default=300,
                         help="validation utterances (round-robin over the valid speakers); every pair among them "
                              "is a validation trial")
@@ -390,9 +416,9 @@ def parse_args(argv=None):
     parser.add_argument("--workers", metavar="N", type=int, default=8,
                         help="threads reading file headers; processes for --convert-to (at most the CPU count)")
     args = parser.parse_args(argv)
-    if not (args.voxceleb1 or args.voxceleb2 or args.corpus or args.demo):
-        parser.error("one of --voxceleb1, --voxceleb2, --corpus or --demo is required")
-    if args.voxceleb2 and (args.corpus or args.demo):
+    if not (args.voxceleb1 or args.voxceleb2 or args.corpus or args.kaldi or args.demo):
+        parser.error("one of --voxceleb1, --voxceleb2, --corpus, --kaldi or --demo is required")
+    if args.voxceleb2 and (args.corpus or args.kaldi or args.demo):
         parser.error("--voxceleb2 combines with --voxceleb1 only")
     if (args.trials or args.voxceleb1) and args.test_speakers != "auto":
         parser.error("--test-speakers applies only without trial lists (they name the test speakers)")
@@ -403,9 +429,9 @@ def parse_args(argv=None):
 
 def record_of(args) -> dict:
     """The arguments that define a preparation (paths absolute), as prepare.json keeps them."""
-    keep = ("voxceleb1", "voxceleb2", "corpus", "demo", "convert_to", "trials", "test_speakers", "valid_speakers",
-            "max_valid_utts", "min_secs", "max_trials", "seed")
-    absolute = {"voxceleb1", "voxceleb2", "corpus", "convert_to"}
+    keep = ("voxceleb1", "voxceleb2", "corpus", "kaldi", "demo", "convert_to", "trials", "test_speakers",
+            "valid_speakers", "max_valid_utts", "min_secs", "max_trials", "seed")
+    absolute = {"voxceleb1", "voxceleb2", "corpus", "kaldi", "convert_to"}
     record = {k: os.path.abspath(getattr(args, k)) if k in absolute and getattr(args, k) else getattr(args, k)
               for k in keep}
     record["trials"] = [os.path.abspath(t) for t in args.trials or []]
@@ -434,6 +460,10 @@ def split_speakers(args, by_speaker, test_speakers, rng):
     count = args.valid_speakers
     if count == "auto":
         count = 4 if args.demo else min(max(4, round(0.03 * len(train_pool))), len(train_pool) // 3)
+        count = count if count >= 2 else 0  # one speaker makes no different-speaker trials: no validation then
+    elif count == 1:
+        raise SystemExit("--valid-speakers 1: a list of one speaker has no different-speaker trials, so no EER; "
+                         "give 0 (no validation) or >= 2")
     if len(train_pool) - count < 2:
         hint = " (VoxCeleb1-E/H name every speaker: pass --trials veri_test2.txt)" if args.voxceleb1 else ""
         raise SystemExit(f"{len(test_speakers)} of {len(by_speaker)} speakers are test speakers: too few left "
@@ -458,6 +488,8 @@ def main(argv=None):
         roots = [build / "corpus"]
     elif args.corpus:
         roots = [Path(args.corpus)]
+    elif args.kaldi:
+        roots = []  # the files are wav.scp's, wherever they are
     else:  # VoxCeleb1, VoxCeleb2 or both: their speaker ids (id1xxxx, id0xxxx) never collide
         roots = voxceleb_wav_dirs(args.voxceleb1) if args.voxceleb1 else []
         roots += voxceleb2_dirs(args.voxceleb2) if args.voxceleb2 else []
@@ -469,7 +501,7 @@ def main(argv=None):
         raise SystemExit(f"{convert_dir}: --convert-to must be outside the corpus (a re-run would find both copies)")
     if convert_dir and name_problem(convert_dir):
         raise SystemExit(f"{convert_dir}: --convert-to path: {name_problem(convert_dir)}")
-    files = {}
+    files, speaker = kaldi_corpus(args.kaldi, out) if args.kaldi else ({}, {})
     for root in roots:
         for utt, path in scan_tree(root, skipped_paths).items():
             if utt in files:
@@ -477,6 +509,7 @@ def main(argv=None):
             files[utt] = path
     if not files:
         raise SystemExit(f"{roots[0]}: no speaker/session/utterance files ({', '.join(AUDIO_EXTENSIONS)}) found")
+    speaker = speaker or {utt: speaker_of(utt) for utt in files}  # a tree's ids begin with their speaker
     trial_files = args.trials or (official_trial_files(args.voxceleb1) if args.voxceleb1 else [])
 
     usable, skipped = read_headers(files, args.min_secs, args.workers)
@@ -488,10 +521,10 @@ def main(argv=None):
             skipped[utt] = reason
     by_speaker = defaultdict(list)
     for utt in sorted(usable):
-        by_speaker[speaker_of(utt)].append(utt)
+        by_speaker[speaker[utt]].append(utt)
 
     # Test speakers: those the trial lists name, else a seeded held-out set.
-    trial_lists, test_speakers, dropped = load_trial_lists(trial_files, roots, files, skipped)
+    trial_lists, test_speakers, dropped = load_trial_lists(trial_files, roots, files, skipped, speaker)
     if not trial_files:
         count = args.test_speakers
         if count == "auto":  # the demo keeps more speakers out, so its EER rests on more trials
@@ -506,10 +539,10 @@ def main(argv=None):
     split = {s: "test" if s in test_speakers else "valid" if s in valid_speakers else "train" for s in by_speaker}
     stored = {utt: stored_path(files[utt], build if args.demo else out) for utt in usable}  # the demo's: inside
     skipped_lines = sorted(skipped_paths.items()) + [(files[u], r) for u, r in sorted(skipped.items())] + dropped
-    per_split = Counter(split[speaker_of(utt)] for utt in usable)
+    per_split = Counter(split[speaker[utt]] for utt in usable)
     record_out = {"arguments": record, "utterances": len(usable), "speakers": len(by_speaker), **per_split,
                   "skipped": len(skipped_lines), "trials": {n: len(t) for n, t in trial_lists.items()}}
-    write_outputs(build, usable, stored, split, trial_lists, skipped_lines, record_out)
+    write_outputs(build, usable, stored, split, trial_lists, skipped_lines, record_out, speaker)
     replace_dir(build, out)
     for name, trials in trial_lists.items():
         print(f"trials/{name}.txt: {len(trials)} trials ({sum(t[0] for t in trials)} target)")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 
 from asv.audio import AudioError, progress
 from asv.augment import Augmenter, spec_augment
@@ -189,7 +190,7 @@ def save_checkpoint(accelerator, cfg, step: int, upstream, encoder, head, valid:
             if valid is not None:
                 write_json(tmp / "eval" / "valid" / "metrics.json", valid)
                 write_text(tmp / "eval" / "valid" / "scores.txt", valid_scores)
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save and safetensors raise their own
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save and safetensors raise their own
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
         last = complete_checkpoints(exp)

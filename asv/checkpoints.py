@@ -11,6 +11,9 @@ missing lines from step-*/eval/valid/metrics.json, points `best` at the best che
 and prunes. It runs after every save and when a run starts, so a kill at any instant (between the
 rename and the link, say) is repaired by the next run and `best` never names a deleted folder.
 
+`average_checkpoints` writes exp/<run>/avg-<name>/: the mean of several checkpoints' weights
+(WeSpeaker's average_model), a checkpoint folder that evaluation loads like any other.
+
 Ranking (`rank_key`): the validation metric (train.valid_metric), then minDCF at 0.01 and 0.05,
 then the larger margin between the mean target and mean non-target score (continuous, so it
 still separates checkpoints whose error counts tie), then the later step.
@@ -23,7 +26,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .fileio import write_text
+from .fileio import recover_dir, replace_dir, write_json, write_text
 
 STEP_NAME = re.compile(r"step-(\d+)")
 HISTORY = "valid_history.jsonl"
@@ -130,3 +133,81 @@ def clear_partial_saves(exp):
     """step-N.tmp folders are saves a kill interrupted: never resumed from."""
     for tmp in Path(exp).glob("step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- averaging
+
+def average_checkpoints(ckpts: list, out) -> Path:
+    """Checkpoint folders of one run -> `out`, a checkpoint folder in that run holding their mean (WeSpeaker's
+    average_model): model.pt with every floating-point tensor averaged (encoder, BatchNorm running statistics
+    included, the head, a trained upstream), integer ones (BatchNorm's num_batches_tracked) from the newest,
+    layer_weights.json recomputed, averaged.json naming the inputs. Built beside `out`, swapped in whole."""
+    import torch  # here, not above: report.py reads this module and never loads a model
+
+    ckpts, out = [Path(c) for c in ckpts], Path(out)
+    steps = [step_of(c.resolve()) for c in ckpts]
+    if None not in steps:  # newest last, whatever order a shell glob gave (step-100 before step-20)
+        ckpts = [c for _, c in sorted(zip(steps, ckpts), key=lambda pair: pair[0])]
+    _one_run(ckpts, out)
+    states = [_model_state(c) for c in ckpts]
+    for c, state in zip(ckpts[1:], states[1:]):
+        if state["meta"] != states[0]["meta"] or _layout(state) != _layout(states[0]):
+            raise ValueError(f"{c}: another architecture than {ckpts[0]} (its model.pt holds other tensors or meta)")
+    mean = {key: {name: _mean([s[key][name] for s in states]) for name in value} if key != "meta" else value
+            for key, value in states[0].items()}
+    weights = mean["encoder"].get("featurizer.weights")  # absent when one upstream layer passes through
+    recover_dir(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(mean, tmp / "model.pt")
+    write_json(tmp / "layer_weights.json", [1.0] if weights is None else torch.softmax(weights.float(), 0).tolist())
+    write_json(tmp / "averaged.json", {"checkpoints": [c.name for c in ckpts],
+                                       "steps": [step_of(c.resolve()) for c in ckpts]})
+    replace_dir(tmp, out)
+    return out
+
+
+def _one_run(ckpts: list[Path], out: Path):
+    """All of `ckpts` and `out` sit in one run folder, each checkpoint once; a one-line error otherwise."""
+    if not ckpts:
+        raise ValueError("no checkpoints to average")
+    runs = {c.absolute().parent for c in ckpts}
+    if len(runs) != 1:
+        raise ValueError(f"checkpoints of {len(runs)} runs ({', '.join(sorted(map(str, runs)))}): average one run's")
+    run = runs.pop()
+    if len({c.resolve() for c in ckpts}) < len(ckpts):
+        raise ValueError(f"a checkpoint is named twice in {', '.join(c.name for c in ckpts)} (best is a link to one)")
+    if out.absolute().parent != run:
+        raise ValueError(f"{out}: the averaged checkpoint must sit in the run folder {run}, beside its config.yaml")
+    if step_of(out) is not None or out.name == "best" or out.suffix in (".tmp", ".old"):
+        raise ValueError(f"{out}: training owns that name (step-N, best, .tmp, .old): choose e.g. avg-last3")
+
+
+def _model_state(ckpt: Path) -> dict:
+    """A checkpoint's model.pt as saved (encoder, meta, head, upstream state dicts), on the CPU."""
+    import torch
+
+    path = ckpt / "model.pt"
+    if not path.is_file():
+        raise ValueError(f"{ckpt}: not a checkpoint folder (no model.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "encoder" not in state or "meta" not in state:
+        raise ValueError(f"{path}: not a model file written by train_asv.py (no encoder weights or meta)")
+    return state
+
+
+def _layout(state: dict) -> dict:
+    """What must agree to average: {part: {tensor name: (shape, dtype)}}."""
+    return {key: {name: (tuple(t.shape), t.dtype) for name, t in value.items()}
+            for key, value in state.items() if key != "meta"}
+
+
+def _mean(tensors: list):
+    """The mean of floating-point tensors, in float64 then cast back; integer ones (counters): the last."""
+    if not tensors[0].is_floating_point():
+        return tensors[-1].clone()
+    return (sum(t.double() for t in tensors) / len(tensors)).to(tensors[0].dtype)

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from . import metrics
 from .audio import header_frames, progress
 from .config import Config
 from .data import Trials, UtteranceDataset, collate_padded, length_batches
+from .feature_cache import FeatureCache, PassThrough, StoredHidden, collate_hidden
 from .fileio import atomic_write, recover_dir, replace_dir, write_text
 from .models import (Extractor, asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores,
                      load_model_file, min_input_samples, model_meta, run_chunked)
@@ -98,12 +100,14 @@ def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_sampl
 
 
 @torch.no_grad()
-def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: int = -1, chunk_samples: int = 0):
+def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: int = -1, chunk_samples: int = 0,
+          store=None):
     """Embed every utterance of a (prepared) loader with each (upstream, encoder) pair.
 
     Returns (list of (U, E) float32 arrays, one per encoder; (U,) bool, True where embedded).
     Pairs that share an upstream object share its pass. Utterances are placed by their index, so
-    the padding duplicates that even batches add under several processes are harmless.
+    the padding duplicates that even batches add under several processes are harmless. `store(index,
+    hidden, frames)` is handed each upstream pass (FeatureCache.writer).
     """
     modules = [*upstreams, *encoders]
     was_training = [m.training for m in modules]
@@ -123,6 +127,8 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
         with accelerator.autocast():
             for members in groups.values():
                 hidden, frames = run_chunked(upstreams[members[0]], wavs, lengths, chunk_samples)
+                if store:
+                    store(index, hidden, frames)
                 for i in members:
                     embs[i] = encoders[i](hidden, frames).float()
         # batches differ in size between processes: pad to a common size, gather, drop the pads
@@ -136,17 +142,44 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
     return tables, done
 
 
-def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[float] | None = None):
-    """Every file embedded by every checkpoint of `ex`: ((N, E) per checkpoint, (N,) done)."""
+def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[float] | None = None,
+                cache: FeatureCache | None = None):
+    """Every file embedded by every checkpoint of `ex`: ((N, E) per checkpoint, (N,) done). With a feature
+    cache, files found in it skip decoding and the upstream; the others' hidden states are stored in it."""
     cfg = ex.cfg
     durations = durations if durations is not None else audio_durations(paths, {})
     accelerator.print(f"embedding {len(paths)} files with {len(ex.ckpts)} checkpoint(s) on "
                       f"{accelerator.num_processes} process(es)")
-    loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples))
     upstreams = [u.to(accelerator.device) for u in ex.upstreams]
     encoders = [e.to(accelerator.device) for e in ex.encoders]
-    return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch,
-                 int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
+    chunk_samples = int(cfg.data.eval_chunk_secs * cfg.data.sample_rate)
+    if cache is None:
+        loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples))
+        return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch, chunk_samples)
+    found = np.array([cache.has(p) for p in paths], dtype=bool)
+    cache.found = int(found.sum())
+    tables = [np.zeros((len(paths), e.downstream.embed_dim), np.float32) for e in ex.encoders]
+    done = np.zeros(len(paths), dtype=bool)
+    for hit in (False, True):
+        rows = np.flatnonzero(found == hit)
+        if len(rows) == 0:
+            continue
+        subset, secs = [paths[i] for i in rows], [durations[i] for i in rows]
+        if hit:  # stored hidden states in the place of audio, through an upstream that passes them on
+            stored = StoredHidden([cache.entry(p) for p in subset])
+            loader = torch.utils.data.DataLoader(stored, batch_sampler=length_batches(secs, cfg.data.eval_batch_secs),
+                                                 collate_fn=collate_hidden, num_workers=cfg.num_workers)
+            part, part_done = embed(accelerator, [PassThrough()] * len(encoders), encoders,
+                                    accelerator.prepare(loader), len(rows), cfg.eval_batch)
+        else:
+            loader = accelerator.prepare(eval_loader(subset, secs, cfg, ex.min_samples))
+            part, part_done = embed(accelerator, upstreams, encoders, loader, len(rows), cfg.eval_batch, chunk_samples,
+                                    cache.writer(subset))
+        for table, p in zip(tables, part):
+            table[rows] = p
+        done[rows] = part_done
+    accelerator.print(cache.summary(len(paths)))
+    return tables, done
 
 
 # ---------------------------------------------------------------------------- trials and scores
@@ -155,7 +188,8 @@ def trial_audio(trials: Trials, source, by_id: dict, root: str | None = None) ->
     """Each enroll/test entry of a list -> its audio file: an utterance id of the manifest, else a
     path under `root`, else a file path (absolute or from the current directory)."""
     out = {}
-    for entry in {*trials.enroll, *trials.test}:
+    # in file order, so that the first bad entry of the list is the one named, on every run
+    for entry in dict.fromkeys(e for pair in zip(trials.enroll, trials.test) for e in pair):
         if entry in by_id:
             out[entry] = by_id[entry].path
         elif root and os.path.isfile(os.path.join(root, entry)):
@@ -203,7 +237,8 @@ def write_eval_set(folder: Path, files: dict[str, str]):
     """One list's results (scores.txt, metrics.json, ...) replace the previous set as a whole."""
     recover_dir(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half set must not join this one
+    tmp.mkdir(parents=True)
     for name, text in files.items():
         (tmp / name).write_text(text, encoding="utf-8")
     replace_dir(tmp, folder)

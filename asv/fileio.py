@@ -14,11 +14,14 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode: str = "w", **open_kwargs):
-    """Open `path.tmp`; on a clean exit it is renamed over `path`, on an error it is removed."""
+def atomic_write(path, mode: str = "w", shared: bool = False, **open_kwargs):
+    """Open `path.tmp`; on a clean exit it is renamed over `path`, on an error it is removed.
+
+    `shared`: several processes may write the same `path` at once (each its own `path.<pid>.tmp`;
+    the last rename wins, and every version is complete)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + (f".{os.getpid()}" if shared else "") + ".tmp")
     try:
         with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {}), **open_kwargs) as f:
             yield f

@@ -9,9 +9,10 @@
    23 videos x 8 utterances per speaker (VoxCeleb2 dev: 1,092,009 files, 5,994 speakers, ~182 each),
    made of hard links to those sources: cheap to build, and each entry is a real file FFmpeg opens.
    It is kept and reused while --files stays the same.
-3. Timed in this process with prepare's own functions: the directory scan; the header reads at each
-   --workers count, with threads (what prepare uses) and with processes for comparison; then
-   prepare's main() end to end (scan, headers, splits, trials, manifest) at --main-workers.
+3. Timed in this process: a directory walk of the tree; the header reads (asv.audio.header_frames,
+   what prepare reads per file) at each --workers count, with threads (what prepare uses) and with
+   processes for comparison; then prepare_voxceleb.py end to end as a user runs it (a subprocess:
+   scan, headers, splits, trials, manifest; interpreter start-up included) at --main-workers.
 The 1M-file projections are linear. The hard links share a few inodes, so everything sits in the
 page cache and these are CPU figures: a cold disk adds its latency per file (two reads each).
 """
@@ -19,24 +20,21 @@ from __future__ import annotations
 
 import argparse
 import fractions
-import io
-import itertools
 import os
 import shutil
+import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import redirect_stdout
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import av
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import prepare_voxceleb as prep  # noqa: E402
+from asv.audio import header_frames
 
+ROOT = Path(__file__).resolve().parent.parent
 REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
 SR = 16000
 VIDEOS, UTTS = 23, 8  # per speaker, per video
@@ -81,16 +79,42 @@ def make_tree(aac: Path, files: int, sources: list[Path]):
     stamp.write_text(str(files))
 
 
-def read_chunk(paths: list[str]) -> list:
-    return [prep.read_header(p, 0.3) for p in paths]
+def walk(root: Path) -> list[str]:
+    """Every file of the speaker/video/utterance tree, as prepare's scan finds them (os.scandir, sorted)."""
+    found = []
+    for speaker in sorted(os.scandir(root), key=lambda e: e.name):
+        for video in sorted(os.scandir(speaker.path), key=lambda e: e.name):
+            found += [e.path for e in sorted(os.scandir(video.path), key=lambda e: e.name) if e.is_file()]
+    return found
 
 
-def headers_in_processes(files: dict, workers: int) -> int:
-    """The same header reads as prepare.read_headers, in processes instead of threads."""
-    paths = [files[u] for u in sorted(files)]
+def read_chunk(paths: list[str]) -> int:
+    """How many of `paths` have a readable header with some audio (one header read per file)."""
+    count = 0
+    for path in paths:
+        try:
+            count += header_frames(path)[0] > 0
+        except Exception:  # noqa: BLE001 - an unreadable file counts as unusable, as in prepare
+            pass
+    return count
+
+
+def read_headers(paths: list[str], pool: Executor) -> int:
+    """The header reads in chunks of 1000, as prepare submits them."""
     chunks = [paths[i:i + 1000] for i in range(0, len(paths), 1000)]
-    with ProcessPoolExecutor(workers) as pool:
-        return sum(d is not None for d, _ in itertools.chain.from_iterable(pool.map(read_chunk, chunks)))
+    with pool:
+        return sum(pool.map(read_chunk, chunks))
+
+
+def prepare_end_to_end(work: Path, workers: int) -> tuple[float, list[str], str]:
+    """prepare_voxceleb.py as a user runs it (--overwrite: the tree may have changed): (seconds, argv, last line)."""
+    argv = ["--voxceleb2", str(work / "vox2"), "--out", str(work / "data"), "--workers", str(workers), "--overwrite"]
+    tic = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "prepare_voxceleb.py"), *argv], capture_output=True, text=True)
+    seconds = time.perf_counter() - tic
+    if result.returncode != 0:
+        sys.exit(f"prepare_voxceleb.py failed: {result.stderr.strip()[-2000:]}")
+    return seconds, argv, result.stdout.strip().splitlines()[-1]
 
 
 def timed(fn):
@@ -99,7 +123,7 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/manifest_bench"), help="scratch folder (kept)")
     parser.add_argument("--files", type=int, default=100_000, help="m4a entries in the tree")
@@ -109,32 +133,32 @@ def main():
     args = parser.parse_args()
     if args.files < 6 * VIDEOS * UTTS:  # prepare holds out 2 test and 2 valid speakers and trains on the rest
         parser.error(f"--files must be at least {6 * VIDEOS * UTTS} (6 speakers of {VIDEOS * UTTS} files)")
+    if not REAL_MINI.is_dir():
+        sys.exit(f"{REAL_MINI}: real speech folder not found (the shared data sits in ../shared/data beside the checkout)")
+    return args
 
-    aac = args.work / "vox2" / "dev" / "aac"
-    build_s, _ = timed(lambda: make_tree(aac, args.files, make_sources(args.work / "sources", args.sources)))
+
+def main():
+    args = parse_args()
+    work = args.work.resolve()
+    aac = work / "vox2" / "dev" / "aac"
+    build_s, _ = timed(lambda: make_tree(aac, args.files, make_sources(work / "sources", args.sources)))
     print(f"[manifest] tree of {args.files:,} files under {aac} ready in {build_s:.1f} s", flush=True)
 
     rows = []  # (stage, workers, seconds)
-    scan_s, files = timed(lambda: prep.scan_tree(aac))
-    assert len(files) == args.files, f"scan found {len(files)} of {args.files} files"
+    scan_s, paths = timed(lambda: walk(aac))
+    assert len(paths) == args.files, f"the walk found {len(paths)} of {args.files} files"
     rows.append(("scan (directory walk)", "", scan_s))
-    for workers in args.workers:
-        seconds, (usable, _) = timed(lambda: prep.read_headers(files, 0.3, workers))
-        assert len(usable) == args.files, "every linked file has a readable header"
-        rows.append(("m4a headers, threads (prepare)", workers, seconds))
-        print(f"[manifest] headers, {workers} threads: {seconds:.1f} s", flush=True)
-    for workers in args.workers:
-        seconds, count = timed(lambda: headers_in_processes(files, workers))
-        assert count == args.files
-        rows.append(("m4a headers, processes", workers, seconds))
-        print(f"[manifest] headers, {workers} processes: {seconds:.1f} s", flush=True)
-    out = args.work / "data"
-    argv = ["--voxceleb2", str(args.work / "vox2"), "--out", str(out), "--workers", str(args.main_workers)]
-    with redirect_stdout(io.StringIO()) as log:
-        total_s, _ = timed(lambda: prep.main(argv))
+    for kind, pool in (("threads (prepare)", ThreadPoolExecutor), ("processes", ProcessPoolExecutor)):
+        for workers in args.workers:
+            seconds, usable = timed(lambda: read_headers(paths, pool(workers)))
+            assert usable == args.files, "every linked file has a readable header"
+            rows.append((f"m4a headers, {kind}", workers, seconds))
+            print(f"[manifest] headers, {workers} {kind}: {seconds:.1f} s", flush=True)
+    total_s, argv, last_line = prepare_end_to_end(work, args.main_workers)
     rows.append(("prepare end to end: scan, headers, splits, trials, manifest", args.main_workers, total_s))
-    manifest_lines = sum(1 for _ in open(out / "utterances.csv")) - 1
-    assert manifest_lines == args.files, log.getvalue()
+    manifest_lines = sum(1 for _ in open(work / "data" / "utterances.csv")) - 1
+    assert manifest_lines == args.files, last_line
 
     print(f"\n## bench_manifest: VoxCeleb2-shaped tree of {args.files:,} m4a files, "
           f"{os.cpu_count()} CPUs, av {av.__version__} (FFmpeg {av.ffmpeg_version_info})\n")
@@ -145,7 +169,7 @@ def main():
         projected = 1e6 / rate
         print(f"| {stage} | {workers} | {seconds:.2f} | {rate:,.0f} | {projected:,.0f} s ({projected / 60:.1f} min) |")
     print(f"\ncommand: python prepare_voxceleb.py {' '.join(argv)}")
-    print(log.getvalue().strip().splitlines()[-1])
+    print(last_line)
 
 
 if __name__ == "__main__":

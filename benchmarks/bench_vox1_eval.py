@@ -12,12 +12,12 @@
    is generated once into WORK/audio and reused; WORK/vox1/wav is rebuilt as a symlink view of
    this run's utterances (plus a few tiny fake training speakers, id9xxxx, because prepare and
    training need training speakers), then prepare_voxceleb.py --voxceleb1 writes WORK/data.
-3. A filterbank x-vector run folder (configs/fbank.yaml, random init, 1 training step) is made once
-   into WORK/exp (delete it to rebuild after changing configs/fbank.yaml).
+3. A filterbank x-vector run folder (configs/xvector_bn.yaml, 1 training step) is made once
+   into WORK/exp (delete it to rebuild after changing configs/xvector_bn.yaml).
 4. evaluate_asv.py on every list, as a subprocess under /usr/bin/time -v: wall time, audio seconds
    per second, peak RSS; per-stage times from when its lines appear.
 5. In process, on a small random subset of the same utterances: the simple way (one utterance at a
-   time at full length, batch size 1, as s3prl does) against our batched path (evaluate_asv.embed).
+   time at full length, batch size 1, as s3prl does) against our batched path (asv.embedding.embed).
 """
 from __future__ import annotations
 
@@ -30,21 +30,19 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 
+from accelerate import Accelerator
+
+from asv.audio import load_audio
+from asv.embedding import embed, eval_loader, load_extractors
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from accelerate import Accelerator  # noqa: E402
-
-from config import load_config  # noqa: E402
-from data import load_audio  # noqa: E402
-from evaluate_asv import embed, make_eval_loader, model_meta  # noqa: E402
-from models import build_encoder, build_upstream, load_model_file, min_input_samples  # noqa: E402
-
 META = ROOT.parent / "shared" / "data" / "voxceleb1-meta"
 SR = 16000
 # list name -> official file stem (prepare_voxceleb.py names lists from these stems, so we keep them)
@@ -162,21 +160,18 @@ def run_logged(cmd: list[str], log: Path, env: dict | None = None) -> list[tuple
 
 
 @torch.no_grad()
-def simple_vs_batched(exp: Path, paths: list[str], durations: list[float], overrides: list[str],
+def simple_vs_batched(ckpt: Path, paths: list[str], durations: list[float], overrides: list[str],
                       repeats: int) -> dict:
     """Same checkpoint, same utterances: one at a time at full length vs our length-sorted batches.
 
     The two alternate `repeats` times and each keeps its fastest run, so a burst of load from
     other jobs on the machine does not decide the ratio."""
-    cfg = load_config(str(exp / "config.yaml"), overrides)
+    ex = load_extractors([ckpt], overrides)  # as evaluate_asv.py loads it
+    cfg = ex.cfg
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     device = accelerator.device
-    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
-    encoder = build_encoder(cfg, upstream)
-    load_model_file(str(exp / "step-1" / "model.pt"), encoder, upstream, model_meta(cfg))
-    upstream.to(device).eval()
-    encoder.to(device).eval()
-    need = min_input_samples(upstream, encoder)
+    upstream, encoder = ex.upstreams[0].to(device), ex.encoders[0].to(device)
+    need = ex.min_samples
 
     # one short warm-up pass, so neither side pays the first call's one-off costs (thread pools, allocator)
     warm = torch.zeros(1, need, device=device)
@@ -193,30 +188,29 @@ def simple_vs_batched(exp: Path, paths: list[str], durations: list[float], overr
         return np.stack(out)
 
     def batched():
-        loader = accelerator.prepare(make_eval_loader(paths, durations, cfg, need))
-        (table,), done = embed(accelerator, upstream, [encoder], loader, len(paths), -1,
+        loader = accelerator.prepare(eval_loader(paths, durations, cfg, need))
+        (table,), done = embed(accelerator, [upstream], [encoder], loader, len(paths), -1,
                                int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         assert done.all()
         return table
 
-    best = {"simple": float("inf"), "batched": float("inf")}
+    best, embeddings = {"simple": float("inf"), "batched": float("inf")}, {}
     for _ in range(repeats):
         for name, fn in (("simple", simple), ("batched", batched)):
             tic = time.perf_counter()
-            emb = fn()
+            embeddings[name] = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             best[name] = min(best[name], time.perf_counter() - tic)
-            if name == "simple":
-                one_by_one = emb
-            else:
-                table = emb
+    one_by_one, table = embeddings["simple"], embeddings["batched"]
     cos = (one_by_one * table).sum(1) / (np.linalg.norm(one_by_one, axis=1) * np.linalg.norm(table, axis=1))
     return {"utts": len(paths), "secs": float(sum(durations)), "simple_s": best["simple"],
             "batched_s": best["batched"], "min_cos": float(cos.min()), "device": str(device), "repeats": repeats}
 
 
-def main():
+# ---------------------------------------------------------------------------- the steps of main
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/vox1_bench"),
                         help="cache and scratch folder (audio is generated once here and reused)")
@@ -241,14 +235,32 @@ def main():
         args.lists = [x for x in args.lists if "=" not in x] or None
     if not 0 < args.fraction <= 1:
         parser.error("--fraction must be in (0, 1]")
+    if not args.meta.is_dir():
+        sys.exit(f"{args.meta}: VoxCeleb1 metadata folder not found (the shared data sits in ../shared/data "
+                 "beside the checkout; or pass --meta)")
     if not Path("/usr/bin/time").is_file():
         sys.exit("GNU time is missing (/usr/bin/time): apt-get install time")
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+@dataclass
+class Workload:
+    names: list[str]                    # list names, e.g. vox1-O
+    files: dict[str, Path]              # name -> official list file
+    kept: dict[str, list[tuple]]        # name -> the trials among the sampled utterances
+    utts: list[str]                     # the utterances those trials name
+    durations: dict[str, float]         # every VoxCeleb1 utterance's length
+    sampled: int
+
+    @property
+    def secs(self) -> float:
+        return sum(self.durations[u] for u in self.utts)
+
+
+def choose_workload(args) -> Workload:
+    """Step 1: which utterances and trials (a seeded share of the lists' utterances)."""
     names = args.lists or default_lists(args.meta)
     files = {name: list_file(name, args.meta) for name in names}
-
-    # ---- 1. which utterances and trials
     durations = read_durations(args.meta)
     lists = {name: read_list(path) for name, path in files.items()}
     pool = sorted({utt_id(p) for trials in lists.values() for _, a, b in trials for p in (a, b)})
@@ -263,92 +275,104 @@ def main():
         labels = {t[0] for t in trials}
         if labels != {"0", "1"}:
             sys.exit(f"{name}: {len(trials)} trials among {len(sample)} sampled utterances have labels "
-                     f"{sorted(labels)}; "
-                     "metrics need target and non-target trials: raise --fraction or change --seed")
+                     f"{sorted(labels)}; metrics need target and non-target trials: raise --fraction or change --seed")
     utts = sorted({utt_id(p) for trials in kept.values() for _, a, b in trials for p in (a, b)})
-    total_secs = sum(durations[u] for u in utts)
+    work = Workload(names, files, kept, utts, durations, len(sample))
     print(f"[vox1] lists {', '.join(f'{n} ({files[n].name})' for n in names)}; {len(pool)} utterances named, "
           f"{len(sample)} sampled (fraction {args.fraction:g}, seed {args.seed}), {len(utts)} in kept trials "
-          f"({total_secs / 3600:.2f} h)", flush=True)
-    if args.plan:
-        gb = sum(44 + 2 * round(durations[u] * SR) for u in utts) / 1e9
-        print(f"[vox1] plan: {len(utts)} files, {total_secs / 3600:.2f} h, {gb:.2f} GB of audio; trials: "
-              + ", ".join(f"{n} {len(kept[n])} ({sum(t[0] == '1' for t in kept[n])} target)" for n in names))
-        return
+          f"({work.secs / 3600:.2f} h)", flush=True)
+    return work
 
-    # ---- 2. audio, corpus view, trial files, prepare
-    cache = work / "audio"
+
+def print_plan(w: Workload):
+    gb = sum(44 + 2 * round(w.durations[u] * SR) for u in w.utts) / 1e9
+    print(f"[vox1] plan: {len(w.utts)} files, {w.secs / 3600:.2f} h, {gb:.2f} GB of audio; trials: "
+          + ", ".join(f"{n} {len(w.kept[n])} ({sum(t[0] == '1' for t in w.kept[n])} target)" for n in w.names))
+
+
+def prepare_data(work: Path, w: Workload) -> tuple[Path, tuple[int, float]]:
+    """Step 2: audio, the corpus view, trial files, then prepare_voxceleb.py (redone: the view changes)."""
     fakes = {f"id9{s:04d}/fakevideo/{n:05d}": int(FAKE_SECS * SR)
              for s in range(1, FAKE_SPEAKERS + 1) for n in range(1, FAKE_FILES + 1)}
-    generated, gen_s = ensure_audio(cache, {**{u: round(durations[u] * SR) for u in utts}, **fakes})
-    view = work / "vox1" / "wav"
-    build_view(view, cache, utts + sorted(fakes))
+    generated = ensure_audio(work / "audio", {**{u: round(w.durations[u] * SR) for u in w.utts}, **fakes})
+    build_view(work / "vox1" / "wav", work / "audio", w.utts + sorted(fakes))
     list_dir = work / "lists"
     shutil.rmtree(list_dir, ignore_errors=True)
     list_dir.mkdir()
     trial_files = []
-    for name, trials in kept.items():
+    for name, trials in w.kept.items():
         # keep the official stem: prepare_voxceleb.py names the list (vox1-O, vox1-O-clean, ...) from it
-        path = list_dir / (files[name].name.removesuffix(".gz"))
+        path = list_dir / (w.files[name].name.removesuffix(".gz"))
         path.write_text("".join(f"{label} {a} {b}\n" for label, a, b in trials))
         trial_files.append(str(path))
     data = work / "data"
+    # --overwrite: the same arguments name another sample after a change of --fraction or --lists
     run_logged([sys.executable, str(ROOT / "prepare_voxceleb.py"), "--voxceleb1", str(work / "vox1"),
-                "--out", str(data), "--trials", *trial_files], work / "prepare.log")
+                "--out", str(data), "--trials", *trial_files, "--overwrite"], work / "prepare.log")
+    return data, generated
 
-    # ---- 3. a filterbank run folder without real training (random init is fine for timing)
+
+def make_run(work: Path, data: Path) -> Path:
+    """Step 3: a filterbank x-vector run folder after one training step (its weights do not matter for timing)."""
     exp = work / "exp"
     if not (exp / "step-1" / "model.pt").is_file():
         shutil.rmtree(exp, ignore_errors=True)
-        run_logged([sys.executable, str(ROOT / "train_asv.py"), "--config", str(ROOT / "configs" / "fbank.yaml"),
+        run_logged([sys.executable, str(ROOT / "train_asv.py"), "--config", str(ROOT / "configs" / "xvector_bn.yaml"),
                     f"data.dir={data}", f"exp_dir={exp}", "train.total_steps=1", "train.test_after_train=false",
-                    "train.log_step=1", "data.batch_size=4"], work / "train.log")
+                    "train.log_step=1", "data.batch_size=4", "train.log_with=none"], work / "train.log")
+    return exp
 
-    # ---- 4. the full evaluation, timed as a user runs it
+
+def time_evaluation(work: Path, ckpt: Path, names: list[str], overrides: list[str]) -> dict:
+    """Step 4: evaluate_asv.py on every list as a user runs it, under /usr/bin/time: wall time, peak RSS and
+    when each list's result line appeared."""
     time_file = work / "eval.time"
+    # overrides before --trials: evaluate_asv.py would read `--trials NAME key=value` as a list named key=value
     cmd = ["/usr/bin/time", "-v", "-o", str(time_file), sys.executable, str(ROOT / "evaluate_asv.py"),
-           "--ckpt_dir", str(exp / "step-1"), *args.overrides, "--trials", *names]
-    # (overrides go before --trials: evaluate_asv.py takes `--ckpt_dir DIR key=value` but would read
-    # `--trials NAME key=value` as a trial list named key=value)
+           "--ckpt_dir", str(ckpt), *overrides, "--trials", *names]
     tic = time.perf_counter()
     lines = run_logged(cmd, work / "eval.log", env={"PYTHONUNBUFFERED": "1"})  # unbuffered: true line times
     wall = time.perf_counter() - tic
-    rss_kb = next(int(l.split(":")[1]) for l in open(time_file) if "Maximum resident set size" in l)
+    rss_kb = next(int(line.split(":")[1]) for line in open(time_file) if "Maximum resident set size" in line)
     done_at = {}
     for t, text in lines:
         m = re.search(r" \| (\S+) \| EER ([\d.]+)% .*\| (\d+) trials", text)
         if m:
             done_at[m[1]] = (t, float(m[2]), int(m[3]))
+    return {"cmd": cmd, "wall": wall, "rss_kb": rss_kb, "done_at": done_at, "time_file": time_file}
 
-    # ---- 5. the simple way vs ours, same utterances
-    cmp = None
-    if args.simple_utts > 0:
-        pick = sorted(np.random.default_rng(args.seed + 1).choice(len(utts), min(args.simple_utts, len(utts)),
-                                                                  replace=False))
-        paths = [str(view / f"{utts[i]}.wav") for i in pick]
-        cmp = simple_vs_batched(exp, paths, [durations[utts[i]] for i in pick], args.overrides,
-                                max(args.simple_repeats, 1))
 
-    # ---- report
-    print("\n## bench_vox1_eval: VoxCeleb1-shaped evaluation (fbank x-vector, configs/fbank.yaml, random init)")
+def compare_subset(args, w: Workload, work: Path, ckpt: Path) -> dict | None:
+    """Step 5: the simple way vs ours on a seeded subset of the same utterances."""
+    if args.simple_utts <= 0:
+        return None
+    pick = sorted(np.random.default_rng(args.seed + 1).choice(len(w.utts), min(args.simple_utts, len(w.utts)),
+                                                              replace=False))
+    paths = [str(work / "vox1" / "wav" / f"{w.utts[i]}.wav") for i in pick]
+    return simple_vs_batched(ckpt, paths, [w.durations[w.utts[i]] for i in pick], args.overrides,
+                             max(args.simple_repeats, 1))
+
+
+def report(args, w: Workload, generated: tuple[int, float], timing: dict, cmp: dict | None, work: Path):
+    wall, done_at = timing["wall"], timing["done_at"]
+    print("\n## bench_vox1_eval: VoxCeleb1-shaped evaluation (x-vector on log-mel, configs/xvector_bn.yaml, 1 step)")
     rows = [
-        ("lists", ", ".join(f"{n} ({files[n].name})" for n in names)),
+        ("lists", ", ".join(f"{n} ({w.files[n].name})" for n in w.names)),
         ("fraction (seed)", f"{args.fraction:g} ({args.seed})"),
-        ("utterances evaluated", f"{len(utts)}"),
-        ("audio hours", f"{total_secs / 3600:.3f}"),
-        ("trials", ", ".join(f"{n} {len(kept[n])}" for n in names)),
-        ("audio generated (files, s)", f"{generated}, {gen_s:.1f}"),
+        ("utterances evaluated", f"{len(w.utts)}"),
+        ("audio hours", f"{w.secs / 3600:.3f}"),
+        ("trials", ", ".join(f"{n} {len(w.kept[n])}" for n in w.names)),
+        ("audio generated (files, s)", f"{generated[0]}, {generated[1]:.1f}"),
         ("eval wall time (s)", f"{wall:.1f}"),
-        ("utterance-seconds per second", f"{total_secs / wall:.1f}"),
-        ("peak RSS (MB, largest process)", f"{rss_kb / 1024:.0f}"),
+        ("utterance-seconds per second", f"{w.secs / wall:.1f}"),
+        ("peak RSS (MB, largest process)", f"{timing['rss_kb'] / 1024:.0f}"),
     ]
     previous = 0.0
-    for n in names:
+    for n in w.names:
         if n in done_at:
             t, eer, num = done_at[n]
             what = "start-up + embed all + score" if previous == 0.0 else "score + metrics + write"
-            rows.append((f"stage: {n} done at (s)",
-                         f"{t:.1f} (+{t - previous:.1f}: {what}; EER {eer:.2f}%, {num} trials)"))
+            rows.append((f"stage: {n} done at (s)", f"{t:.1f} (+{t - previous:.1f}: {what}; EER {eer:.2f}%, {num} trials)"))
             previous = t
     rows.append(("stage: exit (s)", f"+{wall - previous:.1f}"))
     if cmp:
@@ -357,15 +381,30 @@ def main():
             ("subset: utterances (audio s)", f"{cmp['utts']} ({cmp['secs']:.0f}) on {cmp['device']}, "
                                              f"best of {cmp['repeats']} alternating runs each"),
             ("subset: simple way, batch 1 (utt-s/s)", f"{simple_rate:.1f}"),
-            ("subset: ours, evaluate_asv.embed (utt-s/s)", f"{batched_rate:.1f}"),
+            ("subset: ours, asv.embedding.embed (utt-s/s)", f"{batched_rate:.1f}"),
             ("subset: ours / simple", f"{batched_rate / simple_rate:.2f}x"),
-            ("full eval (incl. start-up, scoring) / simple", f"{total_secs / wall / simple_rate:.2f}x"),
+            ("full eval (incl. start-up, scoring) / simple", f"{w.secs / wall / simple_rate:.2f}x"),
             ("subset: min cosine(simple, ours) per utt", f"{cmp['min_cos']:.6f}"),
         ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}} : {v}")
-    print(f"\ncommand: {' '.join(cmd[4:])}\nlogs: {work / 'eval.log'}, {time_file}")
+    print(f"\ncommand: {' '.join(timing['cmd'][4:])}\nlogs: {work / 'eval.log'}, {timing['time_file']}")
+
+
+def main():
+    args = parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    w = choose_workload(args)
+    if args.plan:
+        print_plan(w)
+        return
+    data, generated = prepare_data(work, w)
+    ckpt = make_run(work, data) / "step-1"
+    timing = time_evaluation(work, ckpt, w.names, args.overrides)
+    cmp = compare_subset(args, w, work, ckpt)
+    report(args, w, generated, timing, cmp, work)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,18 @@
 
 Runs on CUDA when present, else on the CPU, and prints Markdown tables:
 
-1. training throughput (crops/s, optimizer steps/s) of (a) the filterbank x-vector (configs/fbank.yaml)
-   and (b) a real-size WavLM Base+ (random weights, frozen; configs/base.yaml), each measured three
-   ways: the data pipeline alone (CropBatchSampler + CropDataset + collate_crops on real-mini files),
+1. training throughput (crops/s, optimizer steps/s) of (a) the log-mel x-vector (configs/xvector_bn.yaml)
+   and (b) a real-size WavLM Base+ (random weights, frozen; configs/base.yaml, SUPERB's SoX effects),
+   each measured three ways: the data pipeline alone (asv.data's TrainBatchSampler + TrainDataset +
+   collate_padded on real-mini files),
    the model alone (synthetic batches already on the device) and both together; the slower of the
    first two is named as the bottleneck.
 2. evaluation throughput (audio seconds per second) on VoxCeleb1-test lengths: our length-sorted
-   batches (evaluate_asv.embed) vs the simple way (one utterance at a time at full length), with
+   batches (asv.embedding.embed) vs the simple way (one utterance at a time at full length), with
    peak memory.
 3. EER + both minDCFs on 1M trials: metrics.compute_metrics vs the way s3prl computes them (sklearn
    roc_curve, scipy brentq on an interpolated ROC, a Python loop over thresholds for minDCF).
-4. statistics pooling (per-sample Python loop vs models.xvector.stats_pool) and cosine scoring
+4. statistics pooling (per-sample Python loop vs models.pooling.StatsPool) and cosine scoring
    (Python loop vs models.cosine_scores).
 5. CUDA only: WavLM Base+ step time in fp32 vs bf16 through Accelerate, and GPU utilisation.
 """
@@ -34,27 +35,25 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))
-from accelerate import Accelerator  # noqa: E402
+from accelerate import Accelerator
 
-import metrics  # noqa: E402
-from bench_vox1_eval import synth  # noqa: E402  (same cheap deterministic audio as the VoxCeleb1 workload)
-from config import load_config  # noqa: E402
-from data import (CropBatchSampler, CropDataset, collate_crops, length_batches, load_audio,  # noqa: E402
-                  read_manifest)
-from evaluate_asv import embed, make_eval_loader  # noqa: E402
-from models import MarginSoftmax, build_encoder, build_upstream, cosine_scores, min_input_samples  # noqa: E402
-from models.xvector import stats_pool  # noqa: E402
-from train_asv import make_optimizer  # noqa: E402
+from asv import metrics
+from asv.audio import load_audio
+from asv.config import load_config
+from asv.data import TrainBatchSampler, TrainDataset, collate_padded, length_batches, read_manifest
+from asv.embedding import build_models, embed, eval_loader
+from asv.models import MarginSoftmax, cosine_scores, min_input_samples
+from asv.models.pooling import StatsPool
+from asv.training import make_optimizer
 
+ROOT = Path(__file__).resolve().parent.parent
 REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
 META = ROOT.parent / "shared" / "data" / "voxceleb1-meta"
 WAVLM = ["upstream.name=wavlm_base_plus", "upstream.random_init=true", "upstream.trainable=false"]
@@ -166,13 +165,13 @@ def cpu_model() -> str:
 
 def train_parts(cfg, num_speakers: int, device):
     """Upstream (frozen), encoder, head and optimizer as train_asv.py builds them (no augmentation:
-    configs/fbank.yaml and base.yaml have none)."""
-    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate).to(device)
-    encoder = build_encoder(cfg, upstream).to(device).train()
+    configs/xvector_bn.yaml and base.yaml have none)."""
+    upstream, encoder = build_models(cfg)
+    upstream, encoder = upstream.to(device), encoder.to(device).train()
     head = MarginSoftmax(cfg.downstream.embed_dim, num_speakers, cfg.loss.name, cfg.loss.margin,
                          cfg.loss.scale, cfg.loss.sub_centers).to(device).train()
     params = [*encoder.parameters(), *head.parameters()]
-    return upstream, encoder, head, make_optimizer(cfg, params), params
+    return upstream, encoder, head, make_optimizer(cfg.optim, params), params
 
 
 def train_step(parts, wavs, lengths, labels, clip: float):
@@ -188,10 +187,12 @@ def train_step(parts, wavs, lengths, labels, clip: float):
 
 
 def make_train_loader(cfg, train_utts, labels, num_workers: int):
-    sampler = CropBatchSampler([u.duration for u in train_utts], cfg.data.batch_size, cfg.data.min_secs,
-                               cfg.data.max_secs, cfg.train.seed)
-    return torch.utils.data.DataLoader(CropDataset(train_utts, labels, cfg.data.sample_rate), batch_sampler=sampler,
-                                       collate_fn=collate_crops, num_workers=num_workers)
+    """train_asv.py's loader (data.crop, data.effects), without augmentation."""
+    d = cfg.data
+    sampler = TrainBatchSampler([u.duration for u in train_utts], d.batch_size, d.crop, d.min_secs, d.max_secs,
+                                cfg.train.seed)
+    return torch.utils.data.DataLoader(TrainDataset(train_utts, labels, d.sample_rate, d.crop, d.effects),
+                                       batch_sampler=sampler, collate_fn=collate_padded, num_workers=num_workers)
 
 
 def time_loader(cfg, train_utts, labels, num_workers: int, batches: int) -> tuple[float, float]:
@@ -210,6 +211,8 @@ def time_loader(cfg, train_utts, labels, num_workers: int, batches: int) -> tupl
 
 def bench_training(name, cfg, data_dir, device, steps: int, loader_batches: int, gpu_rows: list):
     utts = [u for u in read_manifest(str(data_dir)) if u.split == "train"]
+    if cfg.data.crop == "superb":  # train_asv.py leaves out what SUPERB drops (here by raw length: no SoX pass)
+        utts = [u for u in utts if u.duration > cfg.data.min_secs]
     speakers = sorted({u.speaker for u in utts})
     labels = [speakers.index(u.speaker) for u in utts]
     b, secs = cfg.data.batch_size, cfg.data.min_secs
@@ -268,6 +271,15 @@ def bench_training(name, cfg, data_dir, device, steps: int, loader_batches: int,
 
 # ---------------------------------------------------------------------------- 2. evaluation
 
+def tone_in_noise(utt: str, num_samples: int) -> np.ndarray:
+    """Cheap deterministic audio (int16) for timing: a per-speaker tone in noise, seeded by the utterance id."""
+    rng = np.random.default_rng(zlib.crc32(utt.encode()))
+    f0 = 100 + zlib.crc32(utt.split("/")[0].encode()) % 200
+    t = np.arange(num_samples, dtype=np.float32) / 16000
+    x = 0.2 * np.sin(2 * np.pi * f0 * t) + 0.05 * rng.standard_normal(num_samples, dtype=np.float32)
+    return (x * 32767).astype(np.int16)
+
+
 def write_eval_files(folder: Path, count: int, seed: int, max_secs: float = 0.0) -> tuple[list[str], list[float]]:
     """`count` utterances with lengths drawn from the real VoxCeleb1 test set, as 16 kHz PCM16 files
     (cut to max_secs when > 0: --quick only)."""
@@ -280,17 +292,27 @@ def write_eval_files(folder: Path, count: int, seed: int, max_secs: float = 0.0)
         utt, d = rows[i][0], float(rows[i][1])
         n = round((min(d, max_secs) if max_secs > 0 else d) * 16000)
         path = folder / f"{utt.replace('/', '_')}.wav"
-        sf.write(str(path), synth(utt, n), 16000, subtype="PCM_16")
+        sf.write(str(path), tone_in_noise(utt, n), 16000, subtype="PCM_16")
         paths.append(str(path))
         secs.append(n / 16000)
     return paths, secs
 
 
+def gflop_per_audio_second(upstream, encoder, sample_rate: int, device) -> float:
+    """Arithmetic per audio second (torch.utils.flop_counter on 10 s), so throughputs read as GFLOP/s."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ten = torch.zeros(1, 10 * sample_rate, device=device)
+    with FlopCounterMode(display=False) as counter:
+        encoder(*upstream(ten, torch.tensor([ten.shape[1]], device=device)))
+    return counter.get_total_flops() / 1e9 / 10
+
+
 @torch.no_grad()
 def bench_eval(name, cfg, paths, secs, accelerator):
     device = accelerator.device
-    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate).to(device).eval()
-    encoder = build_encoder(cfg, upstream).to(device).eval()
+    upstream, encoder = build_models(cfg)
+    upstream, encoder = upstream.to(device).eval(), encoder.to(device).eval()
     need = min_input_samples(upstream, encoder)
     encoder(*upstream(torch.zeros(1, need, device=device), torch.tensor([need], device=device)))  # warm-up
     total = sum(secs)
@@ -305,25 +327,22 @@ def bench_eval(name, cfg, paths, secs, accelerator):
 
     tables = {}
 
-    def ours(bf16=False):
-        loader = accelerator.prepare(make_eval_loader(paths, secs, cfg, need))
+    def ours(bf16=False, workers=None):
+        cfg.num_workers, saved = (cfg.num_workers if workers is None else workers), cfg.num_workers
+        try:
+            loader = accelerator.prepare(eval_loader(paths, secs, cfg, need))
+        finally:
+            cfg.num_workers = saved
         # evaluate_asv.py gets this from train.mixed_precision=bf16 (Accelerate's autocast); the
         # benchmark's Accelerator is fp32, so the same autocast is opened around it
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            (tables[bf16],), _ = embed(accelerator, upstream, [encoder], loader, len(paths), -1,
+            (tables[bf16],), _ = embed(accelerator, [upstream], [encoder], loader, len(paths), -1,
                                        int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         sync(device)
 
-    def ours_no_workers():  # the same, decoding files in the main process
-        cfg.num_workers, workers = 0, cfg.num_workers
-        try:
-            ours()
-        finally:
-            cfg.num_workers = workers
-
-    runs = [("simple (batch 1, full length)", simple), (f"ours (evaluate_asv.embed, {cfg.num_workers} workers)", ours)]
-    if cfg.num_workers > 0:
-        runs.append(("ours (evaluate_asv.embed, 0 workers)", ours_no_workers))
+    runs = [("simple (batch 1, full length)", simple), (f"ours (asv.embedding.embed, {cfg.num_workers} workers)", ours)]
+    if cfg.num_workers > 0:  # the same, decoding files in the main process
+        runs.append(("ours (asv.embedding.embed, 0 workers)", lambda: ours(workers=0)))
     # bf16 pays only where the hardware has bf16 arithmetic (CUDA; CPUs with AVX512-BF16 or AMX)
     bf16_ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.cpu._is_avx512_bf16_supported()
     if bf16_ok:
@@ -340,14 +359,8 @@ def bench_eval(name, cfg, paths, secs, accelerator):
     # of spread-out lengths pad much more than a whole test set, whose sorted neighbours are close
     batches = length_batches(secs, cfg.data.eval_batch_secs)
     padded = sum(len(b) * max(secs[i] for i in b) for b in batches) / total
-    # arithmetic per audio second, so the rates read as GFLOP/s: a simple way already near the
-    # hardware's peak leaves batching nothing to win
-    from torch.utils.flop_counter import FlopCounterMode
-
-    ten = torch.zeros(1, 10 * cfg.data.sample_rate, device=device)
-    with FlopCounterMode(display=False) as counter:
-        encoder(*upstream(ten, torch.tensor([ten.shape[1]], device=device)))
-    gflop = counter.get_total_flops() / 1e9 / 10
+    # a simple way already near the hardware's peak leaves batching nothing to win
+    gflop = gflop_per_audio_second(upstream, encoder, cfg.data.sample_rate, device)
     print(f"{name}: {gflop:.2f} GFLOP per audio second (torch.utils.flop_counter); achieved: "
           + ", ".join(f"{label}: {gflop * rate:.0f} GFLOP/s" for label, (rate, _) in out.items()))
     if True in tables:  # what bf16 costs: agreement of each utterance's embedding with fp32's
@@ -427,7 +440,8 @@ def bench_small(device, quick: bool):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, c, t, generator=gen).to(device)
     lengths = torch.randint(t // 2, t + 1, (b,), generator=gen).to(device)
-    assert torch.allclose(loop_stats_pool(x, lengths), stats_pool(x, lengths), atol=1e-4)
+    pool = StatsPool(c)  # zeroes x's padded frames in place (its input is the caller's temporary)
+    assert torch.allclose(loop_stats_pool(x, lengths), pool(x.clone(), lengths), atol=1e-4)
 
     def run(fn):
         def go():
@@ -436,9 +450,9 @@ def bench_small(device, quick: bool):
         return go
 
     loop_s, _ = median_time(run(loop_stats_pool), 5)
-    vec_s, _ = median_time(run(stats_pool), 5)
+    vec_s, _ = median_time(run(pool), 5)
     rows.append([f"stats pooling, ({b}, {c}, {t}) on {device.type}", "per-sample Python loop", f"{loop_s * 1e3:.2f}",
-                 "models.xvector.stats_pool", f"{vec_s * 1e3:.2f}", f"{loop_s / vec_s:.1f}x"])
+                 "models.pooling.StatsPool", f"{vec_s * 1e3:.2f}", f"{loop_s / vec_s:.1f}x"])
 
     n, u, e = (10_000 if quick else 100_000), 4874, 512
     rng = np.random.default_rng(0)
@@ -530,7 +544,11 @@ def bench_precision(batch: int, secs: float, steps: int, gpu_rows: list):
 
 # ---------------------------------------------------------------------------- main
 
-def main():
+XVECTOR = ("x-vector (BatchNorm) on log-mel", "xvector_bn.yaml", [])
+WAVLM_BASE = ("WavLM Base+ (frozen)", "base.yaml", WAVLM)
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test, not a measurement)")
     parser.add_argument("--corpus", type=Path, default=REAL_MINI, help="real audio for the data pipeline")
@@ -544,66 +562,78 @@ def main():
     parser.add_argument("--child-secs", type=float, default=5.0, help=argparse.SUPPRESS)
     parser.add_argument("--child-steps", type=int, default=10, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.precision_child:
-        precision_child(args)
-        return
+    if not args.precision_child:
+        for folder, what in ((args.corpus, "real speech folder (--corpus)"), (META, "VoxCeleb1 metadata folder")):
+            if not folder.is_dir():
+                sys.exit(f"{folder}: {what} not found (the shared data sits in ../shared/data beside the checkout)")
+    return args
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    accelerator = Accelerator(mixed_precision="no")  # the toolkit's default precision
-    device = accelerator.device
+
+def print_header(device, quick: bool):
     cuda = device.type == "cuda"
-    quick = args.quick
     print("# benchmark.py" + (" --quick (tiny settings: a smoke test, not a measurement)" if quick else ""))
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}, "
           f"cpu {cpu_model()}, python {platform.python_version()}")
     # other jobs on the same cores distort every figure (intra-op threads wait for each other): say so
     print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    gpu_rows = []
 
+
+def training_section(args, tmp: Path, device, gpu_rows: list):
+    """1. training throughput of both models on the --corpus audio, prepared as a user prepares it."""
+    cuda = device.type == "cuda"
+    data_dir = tmp / "data"
+    subprocess.run([sys.executable, str(ROOT / "prepare_voxceleb.py"), "--corpus", str(args.corpus),
+                    "--out", str(data_dir)], check=True, capture_output=True, cwd=ROOT)
+    if args.quick:
+        fb = dict(batch=4, secs=1.0, steps=1, loader=4)
+        wl = dict(batch=1, secs=1.0, steps=1, loader=2)
+    else:
+        fb = dict(batch=32, secs=2.0, steps=8 if not cuda else 50, loader=20 if not cuda else 50)
+        wl = dict(batch=4, secs=2.0, steps=3, loader=50) if not cuda else dict(batch=10, secs=5.0, steps=20, loader=30)
+    rows = []
+    for (name, base, extra), s in ((XVECTOR, fb), (WAVLM_BASE, wl)):
+        cfg = load_config(str(ROOT / "configs" / base),
+                          [f"data.dir={data_dir}", f"data.batch_size={s['batch']}", f"data.min_secs={s['secs']}",
+                           f"data.max_secs={s['secs']}", *extra])
+        label = f"{name}, {s['batch']} x {s['secs']:g} s"
+        print(f"[bench] training: {label}", file=sys.stderr, flush=True)
+        rows += bench_training(label, cfg, data_dir, device, s["steps"], s["loader"], gpu_rows)
+    table("training throughput" + (" (CPU: data workers and the model share the same cores)" if not cuda else ""),
+          ["model", "measured", "crops/s", "batches/s (= optimizer steps/s at gradient_accumulate 1)", "note"], rows)
+
+
+def evaluation_section(args, tmp: Path, accelerator):
+    """2. evaluation throughput of both models on VoxCeleb1 test lengths."""
+    cuda = accelerator.device.type == "cuda"
+    n_fb = 6 if args.quick else args.eval_utts
+    n_ssl = 1 if args.quick else (args.eval_utts_ssl or (args.eval_utts if cuda else 8))
+    (tmp / "eval").mkdir()
+    paths, secs = write_eval_files(tmp / "eval", max(n_fb, n_ssl), seed=0, max_secs=2.0 if args.quick else 0.0)
+    rows = []
+    for (name, base, extra), n in ((XVECTOR, n_fb), (WAVLM_BASE, n_ssl)):
+        cfg = load_config(str(ROOT / "configs" / base), extra)
+        label = f"{name}, {n} utts ({sum(secs[:n]) / 60:.1f} min)"
+        print(f"[bench] evaluation: {label}", file=sys.stderr, flush=True)
+        rows += bench_eval(label, cfg, paths[:n], secs[:n], accelerator)
+    mem_kind = "torch.cuda.max_memory_allocated" if cuda else "RSS of this process, sampled"
+    table("evaluation throughput (VoxCeleb1 test lengths, audio seconds per second)",
+          ["model", "path", "audio s / s", f"peak MB ({mem_kind})", "vs simple", "padded / real audio"], rows)
+
+
+def main():
+    args = parse_args()
+    if args.precision_child:
+        precision_child(args)
+        return
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(mixed_precision="no")  # the toolkit's default precision
+    device, quick, gpu_rows = accelerator.device, args.quick, []
+    print_header(device, quick)
     with tempfile.TemporaryDirectory(prefix="asv_bench_") as tmp:
-        tmp = Path(tmp)
-        # ---- 1. training
-        data_dir = tmp / "data"
-        subprocess.run([sys.executable, str(ROOT / "prepare_voxceleb.py"), "--corpus", str(args.corpus),
-                        "--out", str(data_dir)], check=True, capture_output=True, cwd=ROOT)
-        if quick:
-            fb = dict(batch=4, secs=1.0, steps=1, loader=4)
-            wl = dict(batch=1, secs=1.0, steps=1, loader=2)
-        else:
-            fb = dict(batch=32, secs=2.0, steps=8 if not cuda else 50, loader=20 if not cuda else 50)
-            wl = dict(batch=4, secs=2.0, steps=3, loader=50) if not cuda else dict(batch=10, secs=5.0, steps=20,
-                                                                                 loader=30)
-        train_rows = []
-        for name, base, s, extra in (("fbank x-vector", "fbank.yaml", fb, []),
-                                     ("WavLM Base+ (frozen)", "base.yaml", wl, WAVLM)):
-            cfg = load_config(str(ROOT / "configs" / base),
-                              [f"data.dir={data_dir}", f"data.batch_size={s['batch']}", f"data.min_secs={s['secs']}",
-                               f"data.max_secs={s['secs']}", *extra])
-            label = f"{name}, {s['batch']} x {s['secs']:g} s"
-            print(f"[bench] training: {label}", file=sys.stderr, flush=True)
-            train_rows += bench_training(label, cfg, data_dir, device, s["steps"], s["loader"], gpu_rows)
-        table("training throughput" + (" (CPU: data workers and the model share the same cores)" if not cuda else ""),
-              ["model", "measured", "crops/s", "batches/s (= optimizer steps/s at gradient_accumulate 1)", "note"],
-              train_rows)
-
-        # ---- 2. evaluation
-        n_fb = 6 if quick else args.eval_utts
-        n_ssl = 1 if quick else (args.eval_utts_ssl or (args.eval_utts if cuda else 8))
-        (tmp / "eval").mkdir()
-        paths, secs = write_eval_files(tmp / "eval", max(n_fb, n_ssl), seed=0, max_secs=2.0 if quick else 0.0)
-        eval_rows = []
-        for name, base, extra, n in (("fbank x-vector", "fbank.yaml", [], n_fb),
-                                     ("WavLM Base+", "base.yaml", WAVLM, n_ssl)):
-            cfg = load_config(str(ROOT / "configs" / base), extra)
-            label = f"{name}, {n} utts ({sum(secs[:n]) / 60:.1f} min)"
-            print(f"[bench] evaluation: {label}", file=sys.stderr, flush=True)
-            eval_rows += bench_eval(label, cfg, paths[:n], secs[:n], accelerator)
-        mem_kind = "torch.cuda.max_memory_allocated" if cuda else "RSS of this process, sampled"
-        table("evaluation throughput (VoxCeleb1 test lengths, audio seconds per second)",
-              ["model", "path", "audio s / s", f"peak MB ({mem_kind})", "vs simple",
-               "padded / real audio"], eval_rows)
+        training_section(args, Path(tmp), device, gpu_rows)
+        evaluation_section(args, Path(tmp), accelerator)
 
     # ---- 3. metrics
     n_trials = 100_000 if quick else args.trials
@@ -617,7 +647,7 @@ def main():
           bench_small(device, quick))
 
     # ---- 5. CUDA only
-    if cuda:
+    if device.type == "cuda":
         table("WavLM Base+ frozen, training step through Accelerate (synthetic batch, 10 x 5 s)",
               ["precision", "variant", "upstream output dtype", "ms/step", "steps/s", "peak MB"],
               bench_precision(10, 5.0, 3 if quick else 20, gpu_rows))

@@ -15,7 +15,6 @@ Prints, per corpus and recipe: training loss at each log step (mean +- sd over s
 minDCF, seconds per training step, each stage's wall time and peak memory, and the commands.
 """
 import argparse
-import csv
 import json
 import os
 import re
@@ -26,52 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import soundfile as sf
 import yaml
+
+from asv.measure import peer_stages, peer_view, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PEER = SHARED / "peers" / "s3prl-run"
-
-
-def tree_pss_kib(root_pid):
-    """Summed PSS (KiB) of root_pid and all its descendants (by parent pid, so setsid'd stages count too)."""
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
-        except OSError:
-            pass
-    return total
-
-
-def run_measured(name, cmd, logs: Path, env=None):
-    """Run cmd (a list); returns wall s and peak PSS MB of the whole tree. Exits on failure with the log's tail."""
-    log = logs / f"{name}.log"
-    print(f"[compare] {name}: {' '.join(map(str, cmd))}", flush=True)
-    t0, peak = time.perf_counter(), 0
-    with open(log, "w") as f:
-        proc = subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
-        while proc.poll() is None:
-            peak = max(peak, tree_pss_kib(proc.pid))
-            time.sleep(0.5)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"[compare] {name} failed (rc {proc.returncode}); {log}:\n" + "".join(open(log).readlines()[-30:]))
-    print(f"[compare] {name}: {wall:.0f} s, peak PSS {peak / 1024:.0f} MB", flush=True)
-    return {"wall": wall, "pss": peak / 1024, "cmd": " ".join(map(str, cmd)), "env": env or {}}
 
 
 def prepare(corpus: str, work: Path) -> Path:
@@ -83,28 +43,6 @@ def prepare(corpus: str, work: Path) -> Path:
     subprocess.run([sys.executable, ROOT / "prepare_voxceleb.py", *source, "--out", data, "--valid-speakers", "0"],
                    check=True, stdout=subprocess.DEVNULL)
     return data
-
-
-def peer_view(data: Path, view: Path) -> Path:
-    """wav/<spk>/<session>/<utt>.wav for every train and test utterance, and trials.txt with mapped paths."""
-    shutil.rmtree(view, ignore_errors=True)
-    with open(data / "utterances.csv", newline="") as f:
-        utts = list(csv.DictReader(f))
-    mapped = {}
-    for u in utts:
-        src = data / u["path"]  # relative to the data folder, or absolute
-        rel = str(Path(u["id"]).with_suffix(".wav"))
-        dst = view / "wav" / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.suffix.lower() == ".wav":
-            dst.symlink_to(src.resolve())
-        else:  # lossless re-wrap: the peer reads .wav only
-            info = sf.info(str(src))
-            sf.write(str(dst), sf.read(str(src), dtype="float64")[0], info.samplerate, subtype=info.subtype)
-        mapped[u["id"]] = rel
-    lines = [line.split() for line in open(data / "trials" / "test.txt") if line.strip()]
-    (view / "trials.txt").write_text("".join(f"{label} {mapped[a]} {mapped[b]}\n" for label, a, b in lines))
-    return view / "trials.txt"
 
 
 def peer_losses(log: Path) -> dict[int, float]:
@@ -123,13 +61,10 @@ def run_peer(work, corpus, view, trials, steps, seed, log_step, lr):
     out = work / corpus / name
     extra = [] if lr == 1e-4 else ["--build_optimizer.conf.lr", str(lr)]
     env = {"FORCE": "1", "TRIALS": str(trials), "SEED": str(seed), "LOG_STEP": str(log_step), "NUM_WORKERS": "0"}
-    r = run_measured(name, ["bash", PEER / "run_s3prl_asv.sh", view, out, steps, *extra], work / "logs", env)
+    r = run_measured(name, ["bash", PEER / "run_s3prl_asv.sh", view, out, steps, *extra], work / "logs", env,
+                     cwd=ROOT, tag="compare")
     result = yaml.safe_load(open(out / "exp" / "evaluate" / "test_trial" / f"step_{steps}" / "result.yaml"))
-    stages = {}
-    for line in open(out / "summary.txt"):
-        if m := re.match(r"(prep|s3prl_\S+)\s+(\S+)\s+(\d+)MiB\s+(\d+)MiB", line):
-            h, mi, s = (["0", "0"] + m[2].split(":"))[-3:]
-            stages[m[1]] = (3600 * float(h) + 60 * float(mi) + float(s), int(m[4]))
+    stages = peer_stages(out / "summary.txt")
     rate = re.findall(r"train: 100%.*?([\d.]+)(s/it|it/s)", (out / "logs" / "s3prl_stage2_train.log").read_text())
     per_step = float(rate[-1][0]) if rate and rate[-1][1] == "s/it" else 1 / float(rate[-1][0]) if rate else None
     train = stages.get("s3prl_stage2_train", (None, None))
@@ -148,9 +83,9 @@ def run_ours(work, corpus, data, steps, seed, log_step, lr):
                                            f"train.total_steps={steps}", f"train.save_step={steps}",
                                            f"train.log_step={log_step}", f"train.seed={seed}", f"optim.lr={lr}",
                                            "train.test_after_train=false", "train.log_with=none", "num_workers=2"],
-                         work / "logs")
+                         work / "logs", cwd=ROOT, tag="compare")
     test = run_measured(f"{name}_test", [sys.executable, "evaluate_asv.py", "--ckpt_dir", exp / f"step-{steps}"],
-                        work / "logs")
+                        work / "logs", cwd=ROOT, tag="compare")
     log = (exp / "train.log").read_text()
     losses = {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+) \| loss (\S+)", log, re.M)}
     speeds = [float(s) for s in re.findall(r"\| (\d+) crops/s", log)][1:]  # the first interval holds start-up

@@ -1,10 +1,12 @@
-"""The two benchmark scripts run at tiny settings and print their tables (no timing assertions)."""
+"""The benchmark scripts run at tiny settings and print their tables (no timing assertions)."""
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from conftest import REAL_MINI, REPO as ROOT, VOX1_META
+
 NUMBER = r"(\d+(?:\.\d+)?)"
 
 
@@ -28,7 +30,7 @@ def table_rows(out: str, title: str) -> list[list[str]]:
     return [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
 
 
-def test_benchmark_quick():
+def test_benchmark_quick(real_mini, vox1_meta):
     out = run("benchmarks/benchmark.py", "--quick")
     assert out.startswith("# benchmark.py --quick")
     assert re.search(r"^device: \S+", out, re.M) and re.search(r"^torch \S+, threads \d+", out, re.M)
@@ -55,17 +57,33 @@ def test_benchmark_quick():
         positive(row[2]), positive(row[4]), positive(row[5])
 
 
-def test_bench_vox1_eval_tiny(tmp_path):
+def test_bench_vox1_eval_tiny(vox1_meta, tmp_path):
     out = run("benchmarks/bench_vox1_eval.py", "--work", tmp_path, "--fraction", "0.02", "--lists", "vox1-O",
               "--simple-utts", "4", "num_workers=0")
     report = out.split("## bench_vox1_eval", 1)[1]
     fields = {k.strip(): v for k, v in (line.split(" : ", 1) for line in report.splitlines() if " : " in line)}
     for key in ("utterances evaluated", "audio hours", "eval wall time (s)", "utterance-seconds per second",
                 "peak RSS (MB, largest process)", "subset: simple way, batch 1 (utt-s/s)",
-                "subset: ours, evaluate_asv.embed (utt-s/s)", "subset: ours / simple"):
+                "subset: ours, asv.embedding.embed (utt-s/s)", "subset: ours / simple"):
         positive(fields[key])
     assert fields["lists"].startswith("vox1-O")
     assert re.search(r"EER [\d.]+%, \d+ trials", fields["stage: vox1-O done at (s)"])
     # batched, padded evaluation gives the embeddings one-at-a-time evaluation gives
     assert float(fields["subset: min cosine(simple, ours) per utt"]) > 0.999
     assert (tmp_path / "exp" / "step-1" / "eval" / "vox1-O" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("script, folder", [("benchmarks/benchmark.py", REAL_MINI),
+                                            ("benchmarks/bench_vox1_eval.py", VOX1_META),
+                                            ("benchmarks/bench_manifest.py", REAL_MINI)])
+def test_missing_shared_data_is_one_line_naming_the_folder(script, folder, tmp_path):
+    """Run from a copy of the checkout with no ../shared/data beside it."""
+    copy = tmp_path / "checkout"
+    (copy / "benchmarks").mkdir(parents=True)
+    (copy / script).write_text((ROOT / script).read_text())
+    args = ["--work", str(tmp_path / "work")] if "bench_" in script else []
+    result = subprocess.run([sys.executable, script, *args], cwd=copy, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    missing = tmp_path / "shared" / "data" / folder.name
+    assert len(lines) == 1 and lines[0].startswith(f"{missing}: ") and "not found" in lines[0], result.stderr

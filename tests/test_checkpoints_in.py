@@ -12,16 +12,14 @@ import os
 import re
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from asv.config import UpstreamConfig
+from asv.models import build_upstream
+
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from config import UpstreamConfig  # noqa: E402
-from models import build_upstream  # noqa: E402
 
 SR = 16000
 HF_CLASSES = {"wavlm": (transformers.WavLMConfig, transformers.WavLMModel),

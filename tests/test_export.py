@@ -4,17 +4,15 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from evaluate_asv import export_model  # noqa: E402
-from models.export import shortest_input  # noqa: E402
-from test_extract import load_checkpoint, make_checkpoint, run  # noqa: E402
+from asv.models import min_input_samples
+from asv.models.export import check_export_path, export_program, save_program
+from conftest import REPO as ROOT
+from test_extract import load_checkpoint, make_checkpoint, run
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 
@@ -22,12 +20,16 @@ SMALL_WAVLM = dict(encoder_num_layers=2, encoder_embed_dim=32, encoder_num_heads
                    encoder_pos_conv_kernel=8, encoder_pos_conv_groups=2,
                    # the real convolution geometry (hop 320, receptive field 400 samples) with 32 channels
                    extractor_conv_layer_config=[[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2)
-MODELS = {
-    "fbank_xvector": ([], None),
-    "fbank_ecapa": (["downstream.name=ecapa", "downstream.channels=64", "downstream.embed_dim=64"], None),
+MODELS = {  # name: (overrides, upstream.arch, config file; None: every key at its default, then the overrides)
+    "logmel_xvector_bn": ([], None, "configs/demo.yaml"),
+    # a downstream section belongs to its architecture: ECAPA starts from the defaults, not demo.yaml's x-vector keys
+    "logmel_ecapa": (["upstream.name=logmel", "upstream.n_mels=40", "downstream.name=ecapa", "downstream.channels=64",
+                      "downstream.embed_dim=64"], None, None),
     # a trainable upstream, so model.pt carries its (random) weights and every load gets the same model
-    "wavlm_xvector": (["upstream.name=wavlm_base_plus", "upstream.random_init=true", "upstream.trainable=true"],
-                      SMALL_WAVLM),
+    "wavlm_xvector_bn": (["upstream.name=wavlm_base_plus", "upstream.n_mels=80", "upstream.random_init=true",
+                          "upstream.trainable=true"], SMALL_WAVLM, "configs/demo.yaml"),
+    "logmel_superb_xvector": (["upstream.name=logmel", "downstream.hidden_size=32", "downstream.aggregation_size=48",
+                               "downstream.embed_dim=16"], None, None),  # base.yaml's downstream
 }
 # run in a subprocess whose cwd is a temporary folder and whose sys.path holds no trace of the repository
 LOAD_PT2 = """
@@ -54,19 +56,29 @@ def batch(min_samples: int):
     return wav, lengths
 
 
+def export_in_process(ckpt, files) -> dict:
+    """What --export does, through the library: one program, saved as each file."""
+    cfg, upstream, encoder = load_checkpoint(ckpt)
+    program, meta = export_program(upstream, encoder, {"sample_rate": cfg.data.sample_rate})
+    for path in files:
+        with open(path, "wb") as f:
+            save_program(program, f, check_export_path(str(path)), meta)
+    return meta
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_exported_files_match_the_eager_model(name, tmp_path):
-    overrides, arch = MODELS[name]
-    ckpt = make_checkpoint(tmp_path / "run", overrides, arch)
+    overrides, arch, config = MODELS[name]
+    ckpt = make_checkpoint(tmp_path / "run", overrides, arch, config)
     cfg, upstream, encoder = load_checkpoint(ckpt)
+    min_samples = min_input_samples(upstream, encoder) + upstream.hop  # export asks for one frame more than eager
     files = [tmp_path / "model.pt2"] + ([tmp_path / "model.onnx"] if HAVE_ONNX else [])
-    if name == "fbank_xvector":  # one model through the command line, as a user runs it; the others in-process
+    if name == "logmel_xvector_bn":  # one model through the command line, as a user runs it; the others in-process
         printed = run("evaluate_asv.py", "--ckpt_dir", ckpt, "--export", *files).stdout
-        assert "at least 2800 samples, + lengths (B,) -> embeddings (B, 128)" in printed
+        assert f"at least {min_samples} samples, + lengths (B,) -> embeddings (B, 128)" in printed
     else:
-        export_model(cfg, ckpt, [str(f) for f in files])
+        export_in_process(ckpt, files)
     assert sorted(tmp_path.glob("model.*")) == sorted(files)  # one file each, nothing temporary left
-    min_samples = shortest_input(upstream, encoder)
     wav, lengths = batch(min_samples)
     with torch.no_grad():
         eager = encoder(*upstream(wav, lengths)).numpy()  # (3, E)
@@ -96,8 +108,12 @@ def test_exported_files_match_the_eager_model(name, tmp_path):
 
 
 def test_export_refuses_other_file_kinds_before_any_work(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "run")
-    cfg, _, _ = load_checkpoint(ckpt)
-    with pytest.raises(ValueError, match=r"model\.pt: --export writes \.pt2 \(torch\.export\) or \.onnx files"):
-        export_model(cfg, ckpt, [str(tmp_path / "model.pt2"), str(tmp_path / "model.pt")])
+    run_dir = tmp_path / "run"  # a checkpoint that cannot load: the file name must be refused first
+    (run_dir / "step-0").mkdir(parents=True)
+    (run_dir / "step-0" / "model.pt").write_bytes(b"not a checkpoint")
+    (run_dir / "config.yaml").write_text("upstream:\n  name: logmel\n")
+    result = run("evaluate_asv.py", "--ckpt_dir", run_dir / "step-0", "--export", tmp_path / "model.pt2",
+                 tmp_path / "model.pt", check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: {tmp_path / 'model.pt'}: --export writes .pt2 (torch.export) or .onnx files"
     assert not list(tmp_path.glob("model.*"))

@@ -1,8 +1,9 @@
-"""Faults a long training run meets: bad audio, a full disk, a kill mid-save, pruning, odd data.
+"""Faults a long training run meets: bad audio, a full disk, a kill mid-save, pruning, odd data, and the run
+folder's guards (a config fixed at creation, one training at a time, a kill between two writes repaired).
 
 Each test runs the real commands on a tiny synthetic corpus (tones + noise, 1.5 s files) and
 checks that the run either carries on or stops with one clear line, and that no checkpoint
-is lost or half-written.
+is lost or half-written. One corpus is prepared per module; a test that damages audio works on a copy.
 """
 import csv
 import json
@@ -14,23 +15,26 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from contextlib import redirect_stdout
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from config import load_config  # noqa: E402
-from evaluate_asv import model_meta  # noqa: E402
-from models import build_encoder, build_upstream, load_model_file  # noqa: E402
+import prepare_voxceleb
+import train_asv
+from asv.embedding import load_extractors
+from conftest import REPO as ROOT
 
 SR = 16000
 # tiny, quick settings on top of configs/demo.yaml
 QUICK = ["num_workers=0", "data.batch_size=8", "train.log_step=5", "train.eval_step=1000", "train.save_step=1000",
-         "train.keep_num_ckpts=0", "train.test_after_train=false"]
+         "train.keep_num_ckpts=0", "train.test_after_train=false", "train.log_with=none"]
 
 
 def run(*args, check=True, preexec_fn=None):
@@ -41,9 +45,13 @@ def run(*args, check=True, preexec_fn=None):
     return result
 
 
-def train(data, exp, *overrides, **kwargs):
-    return run("train_asv.py", "--config", "configs/demo.yaml", f"data.dir={data}", f"exp_dir={exp}", *QUICK,
-               *overrides, **kwargs)
+def train_cmd(data, exp, *overrides, amend=False):
+    return ["train_asv.py", "--config", "configs/demo.yaml", *(["--amend"] if amend else []), f"data.dir={data}",
+            f"exp_dir={exp}", *QUICK, *overrides]
+
+
+def train(data, exp, *overrides, amend=False, **kwargs):
+    return run(*train_cmd(data, exp, *overrides, amend=amend), **kwargs)
 
 
 def assert_one_line_error(result, *fragments):
@@ -57,9 +65,10 @@ def assert_one_line_error(result, *fragments):
     return lines[0]
 
 
-def make_corpus(root: Path, speakers: int = 12, single: str | None = None) -> Path:
-    """speakers x 2 sessions x 3 files of 1.5 s (a speaker-specific tone plus noise), prepared with
-    2 test and 2 validation speakers. `single`: a speaker with one file only (always a training speaker)."""
+def make_corpus(root: Path, speakers: int = 12, single: str | None = None, **prepare_args) -> Path:
+    """speakers x 2 sessions x 3 files of 1.5 s (a speaker-specific tone plus noise) in root/corpus, prepared
+    into root/data with 2 test and 2 validation speakers. `single`: a speaker with one file only (always a
+    training speaker)."""
     rng = np.random.default_rng(0)
     t = np.arange(int(1.5 * SR)) / SR
     for s in range(speakers):
@@ -72,10 +81,35 @@ def make_corpus(root: Path, speakers: int = 12, single: str | None = None) -> Pa
                     continue
                 x = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.2 * np.sin(2 * np.pi * 2.7 * f0 * t)
                 sf.write(folder / f"u{u}.wav", x + 0.05 * rng.standard_normal(t.size), SR, subtype="PCM_16")
-    data = root / "data"
-    run("prepare_voxceleb.py", "--corpus", root / "corpus", "--out", data, "--test-speakers", "2",
-        "--valid-speakers", "2")
+    return prepare(root / "corpus", root / "data", **prepare_args)
+
+
+def prepare(corpus: Path, data: Path, test_speakers=2, valid_speakers=2) -> Path:
+    with redirect_stdout(StringIO()):
+        prepare_voxceleb.main(["--corpus", str(corpus), "--out", str(data), "--test-speakers", str(test_speakers),
+                               "--valid-speakers", str(valid_speakers)])
     return data
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """The module's corpus (base/corpus) and its preparation (base/data): read-only, copy_of() to change them."""
+    root = tmp_path_factory.mktemp("base").resolve()
+    make_corpus(root)
+    return root
+
+
+@pytest.fixture
+def data(base) -> Path:
+    return base / "data"
+
+
+def copy_of(base: Path, dest: Path) -> Path:
+    """A copy of corpus and data whose manifest points at the copied audio; returns the data folder."""
+    shutil.copytree(base, dest)
+    manifest = dest / "data" / "utterances.csv"
+    manifest.write_text(manifest.read_text().replace(f"{base}/corpus/", f"{dest.resolve()}/corpus/"))
+    return dest / "data"
 
 
 def manifest(data: Path) -> list[dict]:
@@ -93,6 +127,7 @@ def poison(data: Path, speakers, kind: str) -> list[str]:
     'nan': one NaN sample."""
     paths = [r["path"] for r in manifest(data) if r["speaker"] in speakers]
     for path in paths:
+        assert not str(path).startswith(str(ROOT.parent / "shared"))
         x, sr = sf.read(path, dtype="float32")
         if kind == "huge":
             x = x * np.float32(1e30)
@@ -112,17 +147,27 @@ def steps(exp: Path) -> list[str]:
 
 
 def intact(ckpt: Path, step: int):
-    """A complete checkpoint of `step` whose model.pt loads as evaluate_asv.py loads it (the run's config)."""
-    assert json.loads((ckpt / "train_state.json").read_text())["step"] == step
-    cfg = load_config(str(ckpt.parent / "config.yaml"))
-    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
-    load_model_file(str(ckpt / "model.pt"), build_encoder(cfg, upstream), upstream, model_meta(cfg))
+    """A complete checkpoint of `step` (the registered train state says so) whose model.pt loads as
+    evaluate_asv.py loads it."""
+    assert torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)["step"] == step
+    load_extractors([ckpt])
+
+
+def history(exp: Path) -> dict[int, dict]:
+    lines = (exp / "valid_history.jsonl").read_text().splitlines()
+    return {e["step"]: e for e in map(json.loads, lines)}
+
+
+def best_of(entries: dict[int, dict], metric: str) -> int:
+    """The documented ranking, written out: the metric, minDCF 0.01 and 0.05, the larger score margin, the later step."""
+    return min(entries, key=lambda s: (entries[s][metric], entries[s]["min_dcf_0.01"], entries[s]["min_dcf_0.05"],
+                                       -entries[s]["score_margin"], -s))
 
 
 # ---------------------------------------------------------------- 1. non-finite loss
 
-def test_nan_loss_steps_are_skipped_and_validation_stays_finite(tmp_path):
-    data = make_corpus(tmp_path)
+def test_nan_loss_steps_are_skipped_and_validation_stays_finite(base, tmp_path):
+    data = copy_of(base, tmp_path / "copy")
     poison(data, speakers_of(data, "train")[:1], "huge")  # 6 of 48 training files: most batches hold one
     exp = tmp_path / "exp"
     out = train(data, exp, "train.total_steps=20", "train.eval_step=10").stdout
@@ -140,8 +185,8 @@ def test_nan_loss_steps_are_skipped_and_validation_stays_finite(tmp_path):
     assert (exp / "best" / "model.pt").is_file()
 
 
-def test_nan_loss_in_a_row_stops_with_the_last_good_checkpoint(tmp_path):
-    data = make_corpus(tmp_path)
+def test_nan_loss_in_a_row_stops_with_the_last_good_checkpoint(base, tmp_path):
+    data = copy_of(base, tmp_path / "copy")
     exp = tmp_path / "exp"
     train(data, exp, "train.total_steps=5")
     poison(data, speakers_of(data, "train"), "huge")  # every training file: every step is NaN from now on
@@ -155,8 +200,7 @@ def test_nan_loss_in_a_row_stops_with_the_last_good_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- 2. full disk
 
-def test_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(tmp_path):
-    data = make_corpus(tmp_path)
+def test_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(data, tmp_path):
     exp = tmp_path / "exp"
     train(data, exp, "train.total_steps=5")
     sizes = {p.name: p.stat().st_size for p in (exp / "step-5").iterdir() if p.is_file()}
@@ -182,8 +226,7 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(tmp_path):
 
 # ---------------------------------------------------------------- 3. killed while saving
 
-def test_half_written_checkpoint_is_never_resumed_and_is_removed(tmp_path):
-    data = make_corpus(tmp_path)
+def test_half_written_checkpoint_is_never_resumed_and_is_removed(data, tmp_path):
     exp = tmp_path / "exp"
     train(data, exp, "train.total_steps=20", "train.save_step=10")
     half = exp / "step-30.tmp"  # what a kill during save(30) leaves: junk and a truncated model.pt
@@ -197,21 +240,48 @@ def test_half_written_checkpoint_is_never_resumed_and_is_removed(tmp_path):
     intact(exp / "step-30", 30)
 
 
+def test_a_kill_between_the_rename_and_best_is_repaired_by_the_rerun(data, tmp_path):
+    exp = tmp_path / "exp"
+    cmd = ["train.total_steps=20", "train.save_step=10", "train.eval_step=10"]
+    train(data, exp, *cmd)
+    full = history(exp)
+    assert sorted(full) == [10, 20]
+    # step-20 was renamed into place, then the kill: its history line and the `best` link never came
+    (exp / "valid_history.jsonl").write_text(json.dumps(full[10]) + "\n")
+    (exp / "best").unlink()
+    (exp / "best").symlink_to("step-999")  # and a link that names no folder at all
+    out = train(data, exp, *cmd).stdout  # the same command
+    assert f"resumed from {exp / 'step-20'} at step 20" in out
+    assert history(exp) == full  # rebuilt from step-20/eval/valid/metrics.json
+    assert os.readlink(exp / "best") == f"step-{best_of(full, 'eer')}" and (exp / "best" / "model.pt").is_file()
+
+
+def test_min_dcf_metric_with_one_kept_checkpoint_never_leaves_best_dangling(data, tmp_path):
+    exp = tmp_path / "exp"
+    keep = ["train.keep_num_ckpts=1", "train.save_step=5", "train.eval_step=5", "train.valid_metric=min_dcf_0.01"]
+    for total in (15, 25):  # a second session on the same run: pruning goes on across it
+        train(data, exp, f"train.total_steps={total}", *keep)
+        entries = history(exp)
+        assert sorted(entries) == list(range(5, total + 1, 5))  # pruned checkpoints keep their history line
+        best = best_of(entries, "min_dcf_0.01")
+        assert os.readlink(exp / "best") == f"step-{best}"
+        assert (exp / "best" / "model.pt").is_file()  # resolves to a complete checkpoint
+        assert set(steps(exp)) == {f"step-{total}", f"step-{best}"}
+
+
 # ---------------------------------------------------------------- 4. keep_num_ckpts
 
 def kept_checkpoints_are_newest_and_best(exp: Path, newest: int):
-    """Only step-<newest> and the best checkpoint remain; `best` resolves to the lowest valid EER so far."""
-    log = (exp / "train.log").read_text()
-    eers = {int(s): float(e) for s, e in re.findall(r"^step (\d+) \| valid EER ([\d.]+)%", log, re.M)}
-    best = min(eers, key=lambda s: (eers[s], s))  # the first of equal values stays the best
+    """Only step-<newest> and the best checkpoint remain; `best` resolves to the best validation so far."""
+    best = best_of(history(exp), "eer")
     assert os.readlink(exp / "best") == f"step-{best}"
     assert (exp / "best" / "model.pt").is_file()  # resolves to a complete checkpoint
     assert set(steps(exp)) == {f"step-{newest}", f"step-{best}"}
     return best
 
 
-def test_keep_num_ckpts_keeps_the_newest_and_the_best(tmp_path):
-    data = make_corpus(tmp_path)
+def test_keep_num_ckpts_keeps_the_newest_and_the_best(base, tmp_path):
+    data = copy_of(base, tmp_path / "copy")
     exp = tmp_path / "exp"
     keep = ["train.keep_num_ckpts=1", "train.save_step=5", "train.eval_step=5"]
     train(data, exp, "train.total_steps=10", *keep)
@@ -248,10 +318,25 @@ def test_no_training_utterances_and_a_single_utterance_speaker(tmp_path):
     assert_one_line_error(result, empty / "utterances.csv", "no training utterances")
 
 
+def test_without_a_valid_list_every_checkpoint_is_tested(base, tmp_path):
+    """Prepared with --valid-speakers 0 (SUPERB's protocol): no validation, no `best`, every checkpoint tested."""
+    data = prepare(base / "corpus", tmp_path / "superb", valid_speakers=0)
+    exp = tmp_path / "exp"
+    out = train(data, exp, "train.total_steps=10", "train.save_step=5", "train.eval_step=5",
+                "train.test_after_train=true").stdout
+    assert "no validation and no `best`" in out and "valid EER" not in out
+    assert not (exp / "best").exists() and not (exp / "valid_history.jsonl").exists()
+    for step in (5, 10):
+        assert not (exp / f"step-{step}" / "eval" / "valid").exists()
+        assert json.loads((exp / f"step-{step}" / "eval" / "test" / "metrics.json").read_text())["num_trials"] > 0
+    report = run("report.py", exp, "--protocol", "superb", "--no-plots").stdout
+    assert "BEST ON TEST (SUPERB protocol" in report
+
+
 # ---------------------------------------------------------------- 6. NaN samples in a file
 
-def test_nan_audio_file_ends_the_run_naming_the_file(tmp_path):
-    data = make_corpus(tmp_path)
+def test_nan_audio_file_ends_the_run_naming_the_file(base, tmp_path):
+    data = copy_of(base, tmp_path / "copy")
     exp = tmp_path / "exp"
     train(data, exp, "train.total_steps=5")
     bad = poison(data, speakers_of(data, "train")[:1], "nan")
@@ -264,10 +349,78 @@ def test_nan_audio_file_ends_the_run_naming_the_file(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs a GPU")
-def test_fp16_skips_nan_steps(tmp_path):
+def test_fp16_skips_nan_steps(base, tmp_path):
     """Under fp16 the grad scaler must see every step (its update()), skipped ones included: else the
     next step's unscale_() fails ("already been called on this optimizer since the last update()")."""
-    data = make_corpus(tmp_path)
+    data = copy_of(base, tmp_path / "copy")
     poison(data, speakers_of(data, "train")[:1], "huge")
     out = train(data, tmp_path / "exp", "train.total_steps=20", "train.mixed_precision=fp16").stdout
     assert "skipped" in out and 20 in log_lines(out)
+
+
+# ---------------------------------------------------------------- 7. the run folder's guards
+
+def test_values_that_cannot_be_meant_are_one_line_errors(data, tmp_path, monkeypatch):
+    exp = tmp_path / "exp"
+    for override, fragment in (("train.total_steps=0", "'train.total_steps' must be >= 1, got 0"),
+                               ("data.batch_size=0", "'data.batch_size' must be >= 1, got 0"),
+                               ("optim.lr=-1", "'optim.lr' must be > 0"),
+                               ("train.valid_metric=auc", "'train.valid_metric' must be one of eer")):
+        # main() in this process (the config is refused before anything starts): the exit message is the line
+        monkeypatch.setattr(sys, "argv", train_cmd(data, exp, override))
+        with pytest.raises(SystemExit) as exit_:
+            train_asv.main()
+        assert isinstance(exit_.value.code, str) and exit_.value.code.startswith("error: ")
+        assert fragment in exit_.value.code and "\n" not in exit_.value.code
+    assert not exp.exists()  # refused before anything was written
+    assert_one_line_error(train(data, exp, "train.total_steps=0", check=False), "'train.total_steps' must be >= 1")
+
+
+def test_a_refused_rerun_leaves_the_run_untouched_and_amend_records_the_change(data, tmp_path):
+    exp = tmp_path / "exp"
+    train(data, exp, "train.total_steps=5")
+    before = {p.name: p.read_bytes() for p in exp.iterdir() if p.is_file() and p.name != ".lock"}
+    refused = train(data, exp, "train.total_steps=10", "optim.lr=5e-4", check=False)
+    assert_one_line_error(refused, f"{exp} was trained with another config", "optim.lr: 0.001 -> 0.0005", "--amend")
+    assert {p.name: p.read_bytes() for p in exp.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert steps(exp) == ["step-5"]
+
+    out = train(data, exp, "train.total_steps=10", "optim.lr=5e-4", amend=True).stdout
+    assert f"resumed from {exp / 'step-5'} at step 5" in out and "lr 5.0e-04" in log_lines(out)[10]
+    assert yaml.safe_load((exp / "config.yaml").read_text())["optim"]["lr"] == 5e-4
+    (entry,) = map(json.loads, (exp / "config_history.jsonl").read_text().splitlines())
+    assert entry["at_step"] == 5 and entry["amended"] is True
+    assert entry["changes"] == {"optim.lr": [0.001, 0.0005], "train.total_steps": [5, 10]}
+    # a change that leaves the weights alone (more steps) needs no --amend, and is recorded too
+    train(data, exp, "train.total_steps=15", "optim.lr=5e-4")
+    last = json.loads((exp / "config_history.jsonl").read_text().splitlines()[-1])
+    assert last["amended"] is False and last["changes"] == {"train.total_steps": [10, 15]}
+
+
+def test_auto_resume_false_into_a_used_folder_is_refused(data, tmp_path):
+    exp = tmp_path / "exp"
+    train(data, exp, "train.total_steps=5")
+    result = train(data, exp, "train.total_steps=5", "train.auto_resume=false", check=False)
+    assert_one_line_error(result, f"{exp} holds checkpoints of an earlier run (up to step-5)", "auto_resume=false")
+    assert steps(exp) == ["step-5"]
+    intact(exp / "step-5", 5)
+
+
+def test_a_second_training_on_the_same_folder_is_refused_while_the_first_runs(data, tmp_path):
+    exp = tmp_path / "exp"
+    first = subprocess.Popen([sys.executable, *train_cmd(data, exp, "train.total_steps=100000", "train.log_step=1")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not re.search(r"^step 1 \|", (exp / "train.log").read_text() if (exp / "train.log").exists() else "",
+                            re.M):
+            assert first.poll() is None and time.time() < deadline, first.stdout.read()
+            time.sleep(0.2)
+        second = train(data, exp, "train.total_steps=5", check=False)
+        assert_one_line_error(second, f"{exp} is in use by process {first.pid}")
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # a dead process holds no lock: the folder is usable again at once
+    assert "step 5 | loss" in train(data, exp, "train.total_steps=5").stdout

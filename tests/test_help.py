@@ -1,6 +1,6 @@
 """`--help` on every script lists every option with its default (and every config key where overrides apply)."""
 import argparse
-import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from config import reference_rows  # noqa: E402
+from asv.config import reference_rows
+from conftest import REPO as ROOT
 
 SCRIPTS = ["prepare_voxceleb.py", "train_asv.py", "evaluate_asv.py", "report.py",
            *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.py"))]
@@ -24,7 +22,11 @@ class Captured(Exception):
 
 def parser_of(script: str, monkeypatch) -> argparse.ArgumentParser:
     """The script's own parser, caught when its main() asks it to parse."""
-    module = importlib.import_module(Path(script).stem)
+    name = "script_" + Path(script).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / script)
+    module = importlib.util.module_from_spec(spec)  # loaded from its file: a script is not a package module
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
     found = {}
 
     def grab(self, *args, **kwargs):

@@ -2,14 +2,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import report  # noqa: E402
+import report
+from conftest import REPO
 
 # step: {list: (eer %, minDCF 0.01, minDCF 0.05)}. Step 200 is best on "valid", step 300 best on both test lists.
 FAKE = {
@@ -72,7 +70,7 @@ def test_summary_uses_the_checkpoint_chosen_on_validation(tmp_path):
     for name in ("vox1_o", "vox1_h"):
         assert summary_row(run, name, 200) in text
         assert summary_row(run, name, 300) not in text
-    assert "Chosen checkpoint: step 200 (`best` symlink)." in text
+    assert "Chosen checkpoint: step 200 (`best` link, ranked on validation)." in text
     assert "| **200** (chosen) | 2.00 | 2.10 | 0.2100 | 0.1100 |" in text
     # Every evaluated checkpoint is listed, in numeric step order.
     vox1_o = text[text.index("### vox1_o"):]
@@ -104,8 +102,33 @@ def test_no_selection_possible_is_said(tmp_path):
     run = make_run(tmp_path / "run", best=None, data=data)
     assert run_report(run).returncode == 0
     text = (run / "report.md").read_text()
-    assert "No checkpoint chosen: no `best` symlink and no valid list with 'eer'." in text
+    assert "No checkpoint chosen: no `best` link and no valid results with 'eer'." in text
     assert f"| {run} | vox1_o | none | - | - | - | - |" in text
+
+
+def test_validation_history_outlives_pruned_checkpoints(tmp_path):
+    """valid_history.jsonl keeps the validation of pruned checkpoints; half-replaced eval folders are not lists."""
+    run = make_run(tmp_path / "run", best=None, data={300: FAKE[300]})
+    history = [{"step": s, "eer": FAKE[s]["valid"][0], "min_dcf_0.01": FAKE[s]["valid"][1],
+                "min_dcf_0.05": FAKE[s]["valid"][2]} for s in (100, 200)]
+    (run / "valid_history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history) + '{"step": 4')
+    (run / "step-300" / "eval" / "vox1_o.tmp").mkdir()  # an interrupted write_eval_set
+    (run / "step-300" / "eval" / "vox1_o.tmp" / "metrics.json").write_text(json.dumps({"eer": 99.0}))
+    result = run_report(run)
+    assert result.returncode == 0, result.stderr
+    text = (run / "report.md").read_text()
+    assert "step 200 (lowest valid eer)" in text  # chosen from the history: its folder is gone
+    assert f"| {run} | vox1_o | 200 | 2.00 | - | - | - |" in text
+    assert "vox1_o.tmp" not in text and "| 100 | 3.00 | - |" not in text  # no test results at 100
+
+
+def test_superb_protocol_reports_the_best_on_test_and_says_so(tmp_path):
+    run = make_run(tmp_path / "run")
+    assert run_report(run, "--protocol", "superb").returncode == 0
+    text = (run / "report.md").read_text()
+    assert "## Summary: BEST ON TEST (SUPERB protocol" in text
+    assert summary_row(run, "vox1_o", 300) in text and summary_row(run, "vox1_h", 300) in text
+    assert "No checkpoint chosen: SUPERB protocol" in text
 
 
 def test_two_runs_in_one_report(tmp_path):

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO as ROOT
+from test_faults import make_corpus
+
 QUICK = ["train.log_step=5", "train.eval_step=10", "train.save_step=10", "num_workers=0", "data.batch_size=16",
          "train.total_steps=10", "train.test_after_train=false"]
 
@@ -22,10 +24,8 @@ def train_cmd(data, exp, *overrides):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True)
-    return out
+    """A tiny prepared corpus (12 tone speakers, 2 of them for validation)."""
+    return make_corpus(tmp_path_factory.mktemp("tracking"))
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -57,7 +57,7 @@ def test_tensorboard_by_default_logs_what_the_log_prints(demo, tmp_path):
 
 def test_layer_weights_of_a_multi_layer_upstream_are_logged(demo, tmp_path):
     exp = tmp_path / "exp"
-    subprocess.run(train_cmd(demo, exp, "upstream.name=wavlm_base", "upstream.random_init=true",
+    subprocess.run(train_cmd(demo, exp, "upstream.name=wavlm_base", "upstream.n_mels=80", "upstream.random_init=true",
                              "upstream.arch={encoder_num_layers: 2, encoder_embed_dim: 32, encoder_num_heads: 2, "
                              "encoder_ff_interm_features: 64, encoder_pos_conv_kernel: 8, encoder_pos_conv_groups: 2, extractor_conv_layer_config: [[32, 10, 5], [32, 3, 2], "
                              "[32, 3, 2], [32, 3, 2], [32, 3, 2], [32, 2, 2], [32, 2, 2]]}",

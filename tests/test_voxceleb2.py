@@ -17,11 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_MINI = REPO.parent / "shared" / "data" / "real-mini"
-sys.path.insert(0, str(REPO))
-import prepare_voxceleb as prep  # noqa: E402
-from data import AudioError, load_audio  # noqa: E402
+import prepare_voxceleb as prep
+from asv.audio import AudioError, load_audio
+from conftest import REAL_MINI, REPO, need
 
 SR = 16000
 LIBRI = ["1688", "1998", "2033", "2414", "2609", "3005"]  # 16 kHz read speech, one speaker each
@@ -45,6 +43,7 @@ def encode_m4a(path, audio, faststart=False):
 def vox2(tmp_path_factory):
     """ROOT/dev/aac: 6 speakers x 2 videos x 2 utterances of 1.6-2.5 s, and one corrupt file.
     Returns (root, {id: the source samples})."""
+    need(REAL_MINI)
     root = tmp_path_factory.mktemp("vox2") / "VoxCeleb2"
     sources = {}
     for s, speaker in enumerate(LIBRI):
@@ -67,9 +66,9 @@ def prepare(*args):
 
 @pytest.fixture(scope="module")
 def prepared(vox2, tmp_path_factory):
-    """prepare --voxceleb2 ROOT alone: (output folder, its stdout)."""
+    """prepare --voxceleb2 ROOT alone, 2 valid speakers (auto would give none here): (output folder, its stdout)."""
     out = tmp_path_factory.mktemp("prepared") / "data"
-    return out, prepare("--voxceleb2", vox2[0], "--out", out)
+    return out, prepare("--voxceleb2", vox2[0], "--out", out, "--valid-speakers", 2)
 
 
 def manifest(out):
@@ -78,8 +77,8 @@ def manifest(out):
 
 
 def trials(out, name, rows):
-    """A trial list's rows, checked: manifest paths, and the label says 'same speaker'."""
-    speaker = {r["path"]: r["speaker"] for r in rows}
+    """A trial list's rows, checked: utterance ids of the manifest, and the label says 'same speaker'."""
+    speaker = {r["id"]: r["speaker"] for r in rows}
     lines = [line.split() for line in (out / "trials" / f"{name}.txt").read_text().splitlines()]
     assert lines
     for label, enroll, test in lines:
@@ -112,8 +111,8 @@ def test_voxceleb2_alone(vox2, prepared):
     assert Counter(split_of.values()) == {"train": 2, "valid": 2, "test": 2}
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["test.txt", "valid.txt"]
     for name in ("test", "valid"):
-        paths = {p for t in trials(out, name, rows) for p in t[1:]}
-        assert {split_of[r["speaker"]] for r in rows if r["path"] in paths} == {name}
+        ids = {u for t in trials(out, name, rows) for u in t[1:]}
+        assert {split_of[u.split("/")[0]] for u in ids} == {name}
     assert skipped(out)[str(aac / CORRUPT)].startswith("unreadable: Invalid data found")
 
 
@@ -127,7 +126,7 @@ def test_voxceleb2_layouts(tmp_path):
 
 def test_voxceleb2_argument_errors(vox2, tmp_path, capsys):
     for argv, problem in ((["--voxceleb2", "a", "--corpus", "b"], "--voxceleb2 combines with --voxceleb1 only"),
-                          ([], "one of --voxceleb1, --voxceleb2, --corpus or --demo is required")):
+                          ([], "error: one of --voxceleb1, --voxceleb2, --corpus")):  # ... is required
         with pytest.raises(SystemExit):
             prep.parse_args([*argv, "--out", str(tmp_path)])
         assert problem in capsys.readouterr().err
@@ -182,7 +181,7 @@ def test_load_audio_reads_m4a(vox2):
 def test_bad_m4a_is_a_one_line_audio_error(vox2, tmp_path):
     corrupt = vox2[0] / "dev" / "aac" / CORRUPT
     for path, problem in ((corrupt, "unreadable audio (Invalid data found"),
-                          (tmp_path / "missing.m4a", "unreadable audio (No such file")):
+                          (tmp_path / "missing.m4a", "no such file")):
         with pytest.raises(AudioError) as error:
             load_audio(str(path), SR)
         assert str(error.value).startswith(f"{path}: {problem}") and "\n" not in str(error.value)
@@ -215,16 +214,19 @@ def test_convert_to_flac_is_resumable(vox2, tmp_path):
         assert r["path"] == str(flac_dir.resolve() / r["id"].replace(".m4a", ".flac"))
         info = sf.info(r["path"])
         assert (info.format, info.samplerate, info.frames) == ("FLAC", SR, round(float(r["duration"]) * SR))
-    for name in ("test", "valid"):
-        assert all(p.endswith(".flac") for t in trials(out, name, rows) for p in t[1:])
+    assert all(u.endswith(".m4a") for t in trials(out, "test", rows) for u in t[1:])  # ids, not the FLAC paths
     first = rows[0]
     assert correlation(load_audio(first["path"], SR).numpy(), load_audio(str(aac / first["id"]), SR).numpy()) > 0.999
     reasons = skipped(out)
     assert reasons[str(cut.resolve())].startswith(("unreadable audio", "truncated"))
     assert reasons[str((aac / CORRUPT).resolve())].startswith("unreadable")
 
-    # a re-run after losing one FLAC file decodes that one only
+    # the same command on the finished preparation: nothing to do, nothing decoded
     mtimes = {p: p.stat().st_mtime_ns for p in flac_dir.rglob("*.flac")}
+    assert "nothing to do" in prepare("--voxceleb2", root, "--out", out, "--convert-to", flac_dir)
+    # a run killed while converting left no preparation and one FLAC file short: the same command
+    # decodes that one only
+    shutil.rmtree(out)
     Path(first["path"]).unlink()
     stdout = prepare("--voxceleb2", root, "--out", out, "--convert-to", flac_dir)
     assert "converted 1 m4a files" in stdout and "23 converted by an earlier run" in stdout
@@ -246,7 +248,7 @@ def test_training_reads_m4a(prepared, tmp_path):
     assert metrics["num_trials"] == len((out / "trials" / "test.txt").read_text().splitlines())
 
 
-def test_bench_manifest_tiny(tmp_path):
+def test_bench_manifest_tiny(real_mini, tmp_path):
     """The manifest benchmark runs at a tiny size and prints its table (no timing assertions)."""
     result = subprocess.run([sys.executable, "benchmarks/bench_manifest.py", "--work", str(tmp_path), "--files", "1104",
                              "--sources", "2", "--workers", "1", "2"], cwd=REPO, capture_output=True, text=True,
@@ -259,3 +261,4 @@ def test_bench_manifest_tiny(tmp_path):
     for row in rows:
         assert float(row[3].replace(",", "")) > 0  # files/s
     assert "prepared 1104 utterances of 6 speakers" in result.stdout
+    assert "--overwrite" in result.stdout  # a second run on another tree size redoes the preparation

@@ -1,0 +1,96 @@
+"""What the side-by-side benchmarks (benchmarks/compare_*.py) share: running a stage as a subprocess while
+sampling the memory of its whole process tree, and the corpus view the s3prl peer runner reads.
+
+Benchmarks are verbs and never import one another; what two of them need lives here.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import soundfile as sf
+
+
+def tree_pss_kib(root_pid: int) -> int:
+    """Summed PSS (KiB) of root_pid and all its descendants (by parent pid, so setsid'd stages count too).
+
+    PSS splits shared pages between the processes that map them, so forked loader workers and the
+    fork before each `sox` exec are not counted twice, as RSS would count them."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+        except OSError:
+            pass
+    return total
+
+
+def run_measured(name: str, cmd: list, logs: Path, env: dict | None = None, cwd: Path | None = None,
+                 tag: str = "measure") -> dict:
+    """Run cmd (a list) with its output in logs/<name>.log; returns wall s and peak PSS MB of the whole tree
+    (sampled every 0.5 s). Exits with the log's tail when the command fails."""
+    log = logs / f"{name}.log"
+    print(f"[{tag}] {name}: {' '.join(map(str, cmd))}", flush=True)
+    t0, peak = time.perf_counter(), 0
+    with open(log, "w") as f:
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
+                                env={**os.environ, **(env or {})})
+        while proc.poll() is None:
+            peak = max(peak, tree_pss_kib(proc.pid))
+            time.sleep(0.5)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"[{tag}] {name} failed (rc {proc.returncode}); {log}:\n" + "".join(open(log).readlines()[-30:]))
+    print(f"[{tag}] {name}: {wall:.0f} s, peak PSS {peak / 1024:.0f} MB", flush=True)
+    return {"wall": wall, "pss": peak / 1024, "cmd": " ".join(map(str, cmd)), "env": env or {}}
+
+
+def peer_view(data: Path, view: Path, trials: Path | None = None) -> Path:
+    """The s3prl peer runner's view of one of our data folders: view/wav/<spk>/<session>/<utt>.wav for every
+    utterance (WAV linked, FLAC re-wrapped losslessly as WAV: the peer reads .wav only) and view/trials.txt,
+    `trials` (default: the data folder's test list) with its utterance ids mapped to those files."""
+    shutil.rmtree(view, ignore_errors=True)
+    with open(data / "utterances.csv", newline="") as f:
+        utts = list(csv.DictReader(f))
+    mapped = {}
+    for u in utts:
+        src = data / u["path"]  # relative to the data folder, or absolute
+        rel = str(Path(u["id"]).with_suffix(".wav"))
+        dst = view / "wav" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.suffix.lower() == ".wav":
+            dst.symlink_to(src.resolve())
+        else:
+            info = sf.info(str(src))
+            sf.write(str(dst), sf.read(str(src), dtype="float64")[0], info.samplerate, subtype=info.subtype)
+        mapped[u["id"]] = rel
+    lines = [line.split() for line in open(trials or data / "trials" / "test.txt") if line.strip()]
+    (view / "trials.txt").write_text("".join(f"{label} {mapped[a]} {mapped[b]}\n" for label, a, b in lines))
+    return view / "trials.txt"
+
+
+def peer_stages(summary: Path) -> dict[str, tuple[float, int]]:
+    """{stage: (wall s, peak PSS MiB of its process group)} from the peer runner's summary.txt."""
+    stages = {}
+    for line in open(summary):
+        if m := re.match(r"(prep|s3prl_\S+)\s+(\S+)\s+(\d+)MiB\s+(\d+)MiB", line):
+            h, mi, s = (["0", "0"] + m[2].split(":"))[-3:]  # /usr/bin/time's [h:]m:s
+            stages[m[1]] = (3600 * float(h) + 60 * float(mi) + float(s), int(m[4]))
+    return stages

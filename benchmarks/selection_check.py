@@ -1,0 +1,65 @@
+"""Does the checkpoint chosen on validation speakers hold up on the test trials? A corpus treated as a user's.
+
+    python benchmarks/selection_check.py --work /tmp/selection --seeds 0 1 2 --steps 400
+
+Prepares ../shared/data/real-mini with prepare_voxceleb.py's defaults (validation speakers held out by its
+auto rule, every pair of their utterances a validation trial), trains configs/demo.yaml's recipe once per
+seed, keeping a checkpoint every --every steps, evaluates every checkpoint on the test list, and prints per
+seed: the step `best` points at (ranked on validation), its test EER, and the lowest test EER of any
+checkpoint (which no fair selection could know), then their means and spread over seeds.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
+
+
+def run(*args):
+    subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def one_seed(data: Path, work: Path, seed: int, steps: int, every: int) -> dict:
+    exp = work / f"seed{seed}"
+    run("train_asv.py", "--config", "configs/demo.yaml", f"data.dir={data}", f"exp_dir={exp}", f"train.seed={seed}",
+        f"train.total_steps={steps}", f"train.eval_step={every}", f"train.save_step={every}", "train.keep_num_ckpts=0",
+        "train.test_after_train=false", "train.log_with=none")
+    run("evaluate_asv.py", "--ckpt_dir", *sorted(exp.glob("step-*")))
+    test = {int(p.parent.parent.parent.name[5:]): json.loads(p.read_text())["eer"]
+            for p in exp.glob("step-*/eval/test/metrics.json")}
+    chosen = int((exp / "best").resolve().name[5:])
+    return {"chosen": chosen, "chosen_eer": test[chosen], "best_on_test": min(test, key=test.get),
+            "best_eer": min(test.values()), "last_eer": test[max(test)]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/selection"), help="working folder (default: %(default)s)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
+    ap.add_argument("--steps", type=int, default=400, help="training steps per seed (default: %(default)s)")
+    ap.add_argument("--every", type=int, default=50, help="a validated checkpoint every N steps (default: %(default)s)")
+    args = ap.parse_args()
+    if not REAL_MINI.is_dir():
+        sys.exit(f"{REAL_MINI} not found: the shared data sits in ../shared/data beside the checkout")
+    work = args.work.resolve()
+    data = work / "data"
+    run("prepare_voxceleb.py", "--corpus", REAL_MINI, "--out", data)
+    rows = [one_seed(data, work, seed, args.steps, args.every) for seed in args.seeds]
+    print(f"| seed | chosen on validation | its test EER % | best step on test | its test EER % | last step's EER % |")
+    print("|---|---|---|---|---|---|")
+    for seed, r in zip(args.seeds, rows):
+        print(f"| {seed} | {r['chosen']} | {r['chosen_eer']:.2f} | {r['best_on_test']} | {r['best_eer']:.2f} | "
+              f"{r['last_eer']:.2f} |")
+    for key, label in (("chosen_eer", "chosen on validation"), ("best_eer", "best on test (unfair)"),
+                       ("last_eer", "last step")):
+        values = [r[key] for r in rows]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"{label}: test EER {statistics.mean(values):.2f} ± {spread:.2f} %")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The Python API (asv/api.py): its docstring's notebook example run exactly as written on a tiny trained run,
+files and arrays embedding alike, evaluation's scores and chunking, bad input in one line, enrolments saved and
+loaded, AS-norm, evaluate_asv.py --pair as a user of it, and `import asv` beside a user's own models/ and config.py."""
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asv
+import asv.embedding
+from asv import api
+from asv.audio import load_audio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A folder laid out as README's first line leaves it: data/demo (the demo corpus) and exp/demo (configs/demo.yaml,
+    20 steps, validated at 10 and 20, best tested and calibrated)."""
+    home = tmp_path_factory.mktemp("notebook")
+    run("prepare_voxceleb.py", "--demo", "--out", home / "data" / "demo")
+    run("train_asv.py", "--config", "configs/demo.yaml", f"data.dir={home / 'data' / 'demo'}",
+        f"exp_dir={home / 'exp' / 'demo'}", "num_workers=0", "data.batch_size=16", "train.total_steps=20",
+        "train.eval_step=10", "train.save_step=10", "train.log_step=10")
+    return home
+
+
+@pytest.fixture(scope="module")
+def model(home):
+    return asv.load(home / "exp" / "demo")
+
+
+def corpus_file(home, utt: str) -> str:
+    return str(home / "data" / "demo" / "corpus" / utt)
+
+
+def notebook_example() -> str:
+    """The indented block after '::' in asv/api.py's docstring, as a user would paste it."""
+    block = []
+    for line in api.__doc__.split("::\n", 1)[1].splitlines():
+        if line and not line.startswith("    "):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block))
+
+
+def test_notebook_example(home, monkeypatch, capsys):
+    monkeypatch.chdir(home)  # the example's relative paths: exp/demo, data/demo
+    scope = {}
+    exec(compile(notebook_example(), "asv/api.py (docstring)", "exec"), scope)
+    dim = scope["model"].embed_dim
+    assert scope["emb"].shape == (2, dim) and scope["same"].shape == (1, dim)
+    np.testing.assert_allclose(scope["same"], scope["emb"][:1], atol=1e-5)  # alone vs batched with b
+    result = scope["result"]
+    assert result.accept and result.score >= result.threshold and result.threshold_name == "eer"
+    assert result.llr is not None and "EER threshold" in result.description  # best was calibrated after training
+    assert [name for name, _ in scope["ranked"]][0] == "alice" and len(scope["ranked"]) == 2
+    matrix = scope["matrix"]
+    assert matrix.shape == (4, 4) and scope["cross"].shape == (4, 2)
+    np.testing.assert_array_equal(matrix, matrix.T)
+    np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-5)
+    assert (home / "enrolled.npz").is_file() and not list(home.glob("*.tmp"))
+    assert capsys.readouterr().out.count("\n") == 2  # the two prints ran
+
+
+def test_load_a_run_or_a_checkpoint(home, tmp_path):
+    run_dir = home / "exp" / "demo"
+    assert asv.load(run_dir).checkpoint == run_dir / "best"
+    assert asv.load(run_dir / "step-10").checkpoint == run_dir / "step-10"
+    unvalidated = tmp_path / "run"
+    unvalidated.mkdir()
+    (unvalidated / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    for folder, message in ((unvalidated, "no `best` checkpoint yet"), (tmp_path, "not a checkpoint folder")):
+        with pytest.raises(ValueError, match=message):
+            asv.load(folder)
+
+
+def test_a_file_and_its_array_embed_the_same(home, model):
+    path = corpus_file(home, "spk05/sess1/utt2.wav")
+    wav = load_audio(path, model.sample_rate)  # (T,) float32 tensor
+    by_file = model.embed(path)
+    np.testing.assert_array_equal(by_file, model.embed(wav))
+    np.testing.assert_array_equal(by_file, model.embed(wav.numpy().astype(np.float64)))  # numpy, any float dtype
+    mixed = model.embed([wav, path, corpus_file(home, "spk05/sess0/utt0.wav")])
+    np.testing.assert_allclose(mixed[:2], np.repeat(by_file, 2, axis=0), atol=1e-5)
+    folder = model.embed(home / "data" / "demo" / "corpus" / "spk05" / "sess1")  # every file, in sorted order
+    assert folder.shape == (4, model.embed_dim)
+    np.testing.assert_allclose(folder[2], by_file[0], atol=1e-5)
+    short = model.embed(wav[:50])  # shorter than the model's minimum: repeated, as evaluation does
+    assert short.shape == (1, model.embed_dim) and np.isfinite(short).all()
+
+
+def test_scores_are_evaluations(home, model):
+    """The API scores a trial as evaluate_asv.py scored it at the end of training (best/eval/test/scores.txt)."""
+    scores = home / "exp" / "demo" / "best" / "eval" / "test" / "scores.txt"
+    enroll, test, score, _ = scores.read_text().splitlines()[0].split()
+    assert model.score(corpus_file(home, enroll), corpus_file(home, test)) == pytest.approx(float(score), abs=2e-6)
+
+
+def test_eval_chunk_secs_bounds_the_upstream(home, monkeypatch):
+    seen = []
+
+    def spy(upstream, wavs, lengths, chunk_samples):
+        seen.append(chunk_samples)
+        return real(upstream, wavs, lengths, chunk_samples)
+
+    real = asv.embedding.run_chunked
+    monkeypatch.setattr(asv.embedding, "run_chunked", spy)
+    chunked = asv.load(home / "exp" / "demo", overrides=["data.eval_chunk_secs=0.5"])
+    chunked.embed(corpus_file(home, "spk05/sess1/utt2.wav"))
+    assert seen == [8000]
+
+
+def test_bad_input_is_one_line(home, tmp_path):
+    model = asv.load(home / "exp" / "demo")  # its own: nobody enrolled yet
+    path = corpus_file(home, "spk05/sess1/utt2.wav")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    cases = [
+        (lambda: model.embed([]), "no audio given: an empty list"),
+        (lambda: model.embed(tmp_path / "missing.wav"), r"missing\.wav: no such file"),
+        (lambda: model.embed([path, tmp_path / "missing.wav"]), r"missing\.wav: no such file"),
+        (lambda: model.embed(np.ones((2, 16000), np.float32)), r"a 2-D array of shape \(2, 16000\)"),
+        (lambda: model.embed([path, np.ones((1, 16000))]), r"item 1: a 2-D array"),
+        (lambda: model.embed(np.ones(16000, np.int16)), "int16 samples"),
+        (lambda: model.embed(np.zeros(16000, np.float32)), "silent waveform"),
+        (lambda: model.embed(np.array([np.nan, 1.0])), "NaN or inf"),
+        (lambda: model.embed([path, 3]), "item 1: expected an audio file, a folder or a waveform, got int"),
+        (lambda: model.score([path, path], path), "a: expected one audio file or waveform, got a list of 2"),
+        (lambda: model.score(path, tmp_path), "b: expected one audio file or waveform, got the folder"),
+        (lambda: model.verify("nobody", path), "speaker 'nobody' is not enrolled"),
+        (lambda: model.identify(path), "no enrolled speakers"),
+        (lambda: model.enroll("", [path]), "speaker name must be a non-empty string"),
+        (lambda: model.load_enrolled(tmp_path / "missing.npz"), r"missing\.npz: no such file"),
+        (lambda: model.load_enrolled(bad), r"bad\.npz: not a file save_enrolled wrote"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value), str(error.value)
+    model.enroll("x", path)
+    with pytest.raises(ValueError, match="threshold 'far:2'"):  # refused before the test file is embedded
+        model.verify("x", tmp_path / "missing.wav", "far:2")
+
+
+def test_enrolled_speakers_saved_and_loaded(home, model, tmp_path):
+    spk = "spk06/sess{}/utt0.wav"
+    enrolled = model.enroll("dana", [corpus_file(home, spk.format(s)) for s in range(3)])
+    assert enrolled.shape == (model.embed_dim,) and np.linalg.norm(enrolled) == pytest.approx(1.0, abs=1e-6)
+    unit = model.embed([corpus_file(home, spk.format(s)) for s in range(3)])
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    np.testing.assert_allclose(enrolled, unit.mean(0) / np.linalg.norm(unit.mean(0)), atol=1e-6)
+
+    model.save_enrolled(tmp_path / "people.npz")
+    again = asv.load(home / "exp" / "demo")
+    assert again.load_enrolled(tmp_path / "people.npz") == list(model.enrolled)
+    np.testing.assert_array_equal(again.enrolled["dana"], enrolled)
+    other = asv.load(home / "exp" / "demo" / "step-10")  # another checkpoint: another embedding space
+    with pytest.raises(ValueError, match="enrolled with other weights"):
+        other.load_enrolled(tmp_path / "people.npz")
+
+
+def test_asnorm_scores_and_raw_decisions(home, model):
+    normed = asv.load(home / "exp" / "demo", overrides=["score.asnorm=true", "score.cohort_size=40"])
+    a, b = corpus_file(home, "spk05/sess0/utt0.wav"), corpus_file(home, "spk05/sess2/utt3.wav")
+    result = normed.compare(a, b, threshold=0.5)
+    assert result.score == pytest.approx(model.score(a, b), abs=1e-6)  # decided on the raw cosine
+    assert result.asnorm == pytest.approx(normed.score(a, b), abs=1e-5) and result.asnorm != result.score
+    matrix = normed.score_matrix([a, b], [a, b])
+    np.testing.assert_allclose(matrix, matrix.T, atol=1e-6)
+    assert matrix[0, 1] == pytest.approx(result.asnorm, abs=1e-5)
+
+
+def test_pair_prints_the_apis_comparison(home, model):
+    a, b = corpus_file(home, "spk05/sess0/utt0.wav"), corpus_file(home, "spk07/sess1/utt1.wav")
+    out = run("evaluate_asv.py", "--ckpt_dir", home / "exp" / "demo" / "best", "--pair", a, b)
+    expected = model.compare(a, b)
+    assert (f"cosine score {expected.score:.4f} | calibrated LLR {expected.llr:.3f} | "
+            f"threshold {expected.threshold:.4f}") in out
+    assert out.rstrip().endswith("same speaker" if expected.accept else "different speakers")
+
+
+def test_import_beside_a_users_own_models_and_config(home, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('the user models package was imported')\n")
+    (tmp_path / "config.py").write_text("raise ImportError('the user config.py was imported')\n")
+    code = (f"import asv; m = asv.load({str(home / 'exp' / 'demo')!r}); "
+            f"print(m.embed({corpus_file(home, 'spk05/sess0/utt0.wav')!r}).shape)")
+    assert re.fullmatch(r"\(1, \d+\)\n", run("-c", code, cwd=tmp_path))
