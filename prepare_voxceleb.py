@@ -25,6 +25,7 @@ existing preparation made with other arguments is replaced only with --overwrite
 """
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -34,7 +35,6 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 from asv.audio import AUDIO_EXTENSIONS, AudioError, header_frames, header_subtype, load_audio, progress
@@ -69,7 +69,7 @@ def name_problem(name: str) -> str | None:
 
 def scan_tree(root, skipped: dict):
     """{id: path} for every speaker/session/utterance.<audio> under root (ids use '/'); everything
-    else that is not a hidden file goes into `skipped` (path -> reason)."""
+    else that is not hidden goes into `skipped` (path -> reason)."""
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise SystemExit(f"{root}: corpus folder not found")
@@ -90,22 +90,27 @@ def scan_tree(root, skipped: dict):
         except OSError:
             return False
 
-    for speaker in entries(root):
-        for session in entries(speaker.path) if is_a(speaker, "dir") else []:
-            for utt in entries(session.path) if is_a(session, "dir") else []:
-                if utt.name.startswith("."):
-                    continue
+    def visible(folder):  # hidden entries (.git, .DS_Store) are not part of a corpus
+        return [e for e in entries(folder) if not e.name.startswith(".")]
+
+    for speaker in visible(root):
+        if not is_a(speaker, "dir"):
+            skipped[speaker.path] = "not inside a speaker/session/ folder"
+        for session in visible(speaker.path) if is_a(speaker, "dir") else []:
+            for utt in visible(session.path) if is_a(session, "dir") else []:
                 problem = name_problem(os.path.relpath(utt.path, root))
                 if not problem and not is_a(utt, "file"):
                     problem = ("broken link or link loop" if utt.is_symlink() else None if is_a(utt, "dir")
                                else "not a file")
                 if not problem and not utt.name.lower().endswith(AUDIO_EXTENSIONS):
                     problem = f"not an audio file this reads ({', '.join(AUDIO_EXTENSIONS)})"
-                if problem and not (is_a(utt, "dir") and not utt.is_symlink()):
+                if is_a(utt, "dir") and not utt.is_symlink():
+                    problem = "a folder below speaker/session/: its files are not read"
+                if problem:
                     skipped[utt.path] = problem
-                elif not problem:
+                else:
                     found[f"{speaker.name}/{session.name}/{utt.name}"] = utt.path
-            if not is_a(session, "dir") and not session.name.startswith("."):
+            if not is_a(session, "dir"):
                 skipped[session.path] = "not inside a speaker/session/ folder"
     return found
 
@@ -428,30 +433,33 @@ def parse_args(argv=None):
 
 
 def record_of(args) -> dict:
-    """The arguments that define a preparation (paths absolute), as prepare.json keeps them."""
-    keep = ("voxceleb1", "voxceleb2", "corpus", "kaldi", "demo", "convert_to", "trials", "test_speakers",
-            "valid_speakers", "max_valid_utts", "min_secs", "max_trials", "seed")
+    """The arguments that define a preparation (paths absolute, trial lists by content), as prepare.json keeps them."""
+    keep = ("voxceleb1", "voxceleb2", "corpus", "kaldi", "demo", "convert_to", "test_speakers", "valid_speakers",
+            "max_valid_utts", "min_secs", "max_trials", "seed")
     absolute = {"voxceleb1", "voxceleb2", "corpus", "kaldi", "convert_to"}
     record = {k: os.path.abspath(getattr(args, k)) if k in absolute and getattr(args, k) else getattr(args, k)
               for k in keep}
-    record["trials"] = [os.path.abspath(t) for t in args.trials or []]
+    record["trials"] = {os.path.abspath(t): hashlib.sha256(Path(t).read_bytes()).hexdigest()[:16]
+                        for t in args.trials or [] if os.path.isfile(t)}
     return record
 
 
-def check_existing(out: Path, record: dict, overwrite: bool) -> bool:
-    """True when `out` already holds this very preparation (nothing to do); refuses another one."""
+def existing(out: Path, record: dict, overwrite: bool) -> dict | None:
+    """What `out` holds: None (nothing, or --overwrite), or the prepare.json of a preparation made with these
+    very arguments (the caller then checks the corpus did not change). Refuses any other content."""
     recover_dir(out)
     if not out.exists() or not any(out.iterdir()):
-        return False
+        return None
     saved = out / "prepare.json"
-    if saved.is_file() and json.loads(saved.read_text()).get("arguments") == record and not overwrite:
-        return True
-    if not overwrite:
-        what = "another preparation" if saved.is_file() else "files that are not a preparation"
+    previous = json.loads(saved.read_text()) if saved.is_file() else None
+    if overwrite:
+        if previous is None and not (out / "utterances.csv").is_file():
+            raise SystemExit(f"{out} holds files that are not a preparation: --overwrite replaces preparations only")
+        return None
+    if previous is None or previous.get("arguments") != record:
+        what = "another preparation" if previous else "files that are not a preparation"
         raise SystemExit(f"{out} holds {what}: choose another --out, or pass --overwrite to replace it")
-    if not saved.is_file() and not (out / "utterances.csv").is_file():
-        raise SystemExit(f"{out} holds files that are not a preparation: --overwrite replaces preparations only")
-    return False
+    return previous
 
 
 def split_speakers(args, by_speaker, test_speakers, rng):
@@ -471,18 +479,8 @@ def split_speakers(args, by_speaker, test_speakers, rng):
     return choose_speakers(by_speaker, train_pool, count, "valid", rng) if count else set()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = args.out.resolve()
-    record = record_of(args)
-    if check_existing(out, record, args.overwrite):
-        print(f"{out} already holds this preparation (same arguments): nothing to do (--overwrite redoes it)")
-        return
-    build = out.with_name(f".{out.name}.building")  # swapped in whole at the end
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir(parents=True)
-    rng = random.Random(args.seed)
-    skipped_paths = {}  # path -> reason, for what never became an utterance id
+def gather_files(args, out: Path, build: Path, skipped_paths: dict):
+    """The corpus: ({id: path}, {id: speaker}, roots, the --convert-to folder); what it skips goes in skipped_paths."""
     if args.demo:
         make_demo_corpus(build / "corpus", seed=args.seed)
         roots = [build / "corpus"]
@@ -510,8 +508,32 @@ def main(argv=None):
     if not files:
         raise SystemExit(f"{roots[0]}: no speaker/session/utterance files ({', '.join(AUDIO_EXTENSIONS)}) found")
     speaker = speaker or {utt: speaker_of(utt) for utt in files}  # a tree's ids begin with their speaker
-    trial_files = args.trials or (official_trial_files(args.voxceleb1) if args.voxceleb1 else [])
+    return files, speaker, roots, convert_dir
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = args.out.resolve()
+    record = record_of(args)
+    previous = existing(out, record, args.overwrite)
+    if previous and args.demo:  # generated from the seed: the same arguments make the same corpus
+        print(f"{out} already holds this preparation (same arguments): nothing to do (--overwrite redoes it)")
+        return
+    build = out.with_name(f".{out.name}.building")  # swapped in whole at the end
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    skipped_paths = {}  # path -> reason, for what never became an utterance id
+    files, speaker, roots, convert_dir = gather_files(args, out, build, skipped_paths)
+    if previous:
+        shutil.rmtree(build)
+        if previous.get("corpus_files") == len(files):
+            print(f"{out} already holds this preparation (same arguments, {len(files)} files): nothing to do "
+                  "(--overwrite redoes it)")
+            return
+        raise SystemExit(f"{out} was prepared from {previous.get('corpus_files')} files, the corpus now has "
+                         f"{len(files)}: pass --overwrite to prepare it again")
+    rng = random.Random(args.seed)
+    trial_files = args.trials or (official_trial_files(args.voxceleb1) if args.voxceleb1 else [])
     usable, skipped = read_headers(files, args.min_secs, args.workers)
     if convert_dir:
         flac, failed = convert_m4a(files, usable, convert_dir, min(args.workers, os.cpu_count()))
@@ -540,7 +562,8 @@ def main(argv=None):
     stored = {utt: stored_path(files[utt], build if args.demo else out) for utt in usable}  # the demo's: inside
     skipped_lines = sorted(skipped_paths.items()) + [(files[u], r) for u, r in sorted(skipped.items())] + dropped
     per_split = Counter(split[speaker[utt]] for utt in usable)
-    record_out = {"arguments": record, "utterances": len(usable), "speakers": len(by_speaker), **per_split,
+    record_out = {"arguments": record, "corpus_files": len(files), "utterances": len(usable),
+                  "speakers": len(by_speaker), **per_split,
                   "skipped": len(skipped_lines), "trials": {n: len(t) for n, t in trial_lists.items()}}
     write_outputs(build, usable, stored, split, trial_lists, skipped_lines, record_out, speaker)
     replace_dir(build, out)

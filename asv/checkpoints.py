@@ -125,13 +125,15 @@ def settle(exp, metric: str, keep: int) -> int | None:
     if keep > 0:  # the newest `keep`, and always the best
         for old in checkpoints[:-keep]:
             if best is None or step_of(old) != best["step"]:
-                shutil.rmtree(old)
+                doomed = old.with_name(old.name + ".del")  # renamed first: a half-deleted step-N never counts
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
     return best["step"] if best else None
 
 
 def clear_partial_saves(exp):
-    """step-N.tmp folders are saves a kill interrupted: never resumed from."""
-    for tmp in Path(exp).glob("step-*.tmp"):
+    """step-N.tmp folders are saves a kill interrupted (never resumed from); step-N.del, prunings it interrupted."""
+    for tmp in [*Path(exp).glob("step-*.tmp"), *Path(exp).glob("step-*.del")]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -165,6 +165,13 @@ CHOICES = {  # string keys with a closed set of values (upstream.name: models.up
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.valid_metric": ("eer", "min_dcf_0.01", "min_dcf_0.05"),
 }
+UPSTREAM_KEYS = {  # upstream keys that only some upstreams read: name -> does it apply to upstream `name`
+    "n_mels": lambda name: name in ("fbank", "logmel"),
+    "n_mfcc": lambda name: name == "mfcc",
+    "ckpt": lambda name: name not in ("fbank", "mfcc", "logmel"),
+    "random_init": lambda name: name not in ("fbank", "mfcc", "logmel"),
+    "arch": lambda name: name not in ("fbank", "mfcc", "logmel"),
+}
 AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "train.log_step", "train.eval_step",
                 "train.save_step", "train.gradient_accumulate", "loss.sub_centers", "score.cohort_size", "score.top_k")
 NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts", "train.seed",
@@ -218,6 +225,10 @@ def _merge(obj, updates: dict, prefix: str = "", owner: str = ""):
                 current = _downstream(current, value)
                 setattr(obj, key, current)
                 continue
+            if key == "upstream" and value.get("name", current.name) != current.name:
+                for field_name, applies in UPSTREAM_KEYS.items():  # the previous upstream's own keys go
+                    if not applies(value["name"]):
+                        setattr(current, field_name, getattr(UpstreamConfig(), field_name))
             _merge(current, value, full + ".")
         else:
             value = _coerce(value, hints[key], full)
@@ -228,14 +239,17 @@ def _merge(obj, updates: dict, prefix: str = "", owner: str = ""):
 
 
 def _downstream(current, updates: dict):
-    """The downstream section: a new name starts from that architecture's defaults; every other key must be its own."""
+    """The downstream section: a new name starts from that architecture's defaults, keeping the values set
+    earlier (a YAML, say) for keys it shares with the previous one; the previous one's own keys are dropped.
+    Every key given together with, or after, the name must be the chosen architecture's own."""
     name = updates.get("name", current.name)
     if not isinstance(name, str):
         raise ConfigError(f"config key 'downstream.name' must be a string, got {name!r}")
     options = downstream_options(name) if name != current.name else current
-    if name != current.name:  # keys set for the previous architecture must apply to the new one too
+    if name != current.name:
+        own = {f.name for f in dataclasses.fields(options)} - {"name"}
         carried = {k: v for k, v in dataclasses.asdict(current).items()
-                   if k != "name" and v != getattr(downstream_options(current.name), k)}
+                   if k in own and v != getattr(downstream_options(current.name), k)}
         _merge(options, carried, "downstream.", f"downstream.name={name}")
     _merge(options, {k: v for k, v in updates.items() if k != "name"}, "downstream.", f"downstream.name={name}")
     return options
@@ -309,12 +323,10 @@ def _check(cfg: Config):
         raise ConfigError(f"featurizer.layer_selections must be layer numbers >= 0, got {layers}")
     cfg.featurizer.layer_selections = sorted(set(layers))  # as s3prl's Featurizer: order and repeats mean nothing
     u = cfg.upstream
-    ssl = u.name not in ("fbank", "mfcc", "logmel")
-    for key, applies in (("n_mels", u.name in ("fbank", "logmel")), ("n_mfcc", u.name == "mfcc"),
-                         ("ckpt", ssl), ("random_init", ssl), ("arch", ssl)):
-        if not applies and getattr(u, key) != getattr(UpstreamConfig(), key):
+    for key, applies in UPSTREAM_KEYS.items():
+        if not applies(u.name) and getattr(u, key) != getattr(UpstreamConfig(), key):
             raise ConfigError(f"upstream.{key} does not apply to upstream.name={u.name}")
-    if not ssl and any(cfg.featurizer.layer_selections):
+    if u.name in ("fbank", "mfcc", "logmel") and any(cfg.featurizer.layer_selections):
         raise ConfigError(f"featurizer.layer_selections: upstream {u.name} has a single layer, 0")
 
 

@@ -3,6 +3,8 @@ repairing what a kill at any point of a save leaves behind."""
 import json
 import os
 import shutil
+from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -228,6 +230,22 @@ def test_settle_after_a_kill_mid_prune(tmp_path):
     settle(tmp_path, "eer", keep=0)
     assert settle(tmp_path, "eer", keep=1) == 100
     assert steps(tmp_path) == [100, 400]
+
+
+def test_a_half_deleted_checkpoint_never_counts(tmp_path):
+    """A kill inside rmtree leaves part of a folder: pruning renames it to step-N.del first, so what is left of it
+    is never taken for a checkpoint, and the next run's clear_partial_saves removes it."""
+    for s, eer in ((100, 2.0), (200, 1.0), (300, 4.0)):
+        save(tmp_path, s, metrics(eer))
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "model.pt").unlink()  # part of the folder is gone, then the process dies
+        raise KeyboardInterrupt
+
+    with mock.patch("shutil.rmtree", killed_midway), pytest.raises(KeyboardInterrupt):
+        settle(tmp_path, "eer", keep=1)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-200", "step-300"]
+    clear_partial_saves(tmp_path)
+    assert not list(tmp_path.glob("*.del"))
 
 
 def test_settle_is_idempotent(tmp_path):

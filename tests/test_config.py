@@ -231,18 +231,24 @@ def test_changing_the_name_carries_over_only_the_keys_set(tmp_path):
     assert cfg.downstream == DOWNSTREAMS["ecapa"].Options(embed_dim=256, channels=1024)  # scale, pooling: ecapa's
     # xvector_bn's own defaults (proj_dim 512, pooling stats) are not carried
     assert load_config(path, ["downstream.name=ecapa"]).downstream.pooling == "attentive"
-    # a key set away from its default that the new architecture lacks is refused, naming it
+    # a key the new architecture lacks is dropped with the old architecture; given after the name, refused
     path = yaml_file(tmp_path, "downstream:\n  name: xvector_bn\n  proj_dim: 128\n", "proj.yaml")
-    msg = error("downstream.name=ecapa", path=path)
+    assert not hasattr(load_config(path, ["downstream.name=ecapa"]).downstream, "proj_dim")
+    msg = error("downstream.name=ecapa", "downstream.proj_dim=128", path=path)
     assert "'downstream.proj_dim'" in msg and "downstream.name=ecapa" in msg
     # a key set explicitly to the old default is not carried: the new architecture's default wins
     path = yaml_file(tmp_path, "downstream:\n  name: xvector_bn\n  embed_dim: 512\n", "same.yaml")
     assert load_config(path, ["downstream.name=ecapa"]).downstream.embed_dim == DOWNSTREAMS["ecapa"].Options().embed_dim
 
 
-def test_demo_with_another_downstream():
-    """configs/demo.yaml sets proj_dim (xvector_bn only): switching to ecapa must say so; embed_dim carries."""
-    assert "'downstream.proj_dim'" in error("downstream.name=ecapa", path=REPO / "configs/demo.yaml")
+def test_demo_with_another_downstream_or_upstream():
+    """Switching architecture on the command line over a YAML: shared keys carry, the old one's own keys go."""
+    cfg = load_config(str(REPO / "configs/demo.yaml"), ["downstream.name=ecapa"])
+    assert (cfg.downstream.channels, cfg.downstream.embed_dim) == (128, 128) and not hasattr(cfg.downstream, "proj_dim")
+    cfg = load_config(str(REPO / "configs/demo.yaml"), ["upstream.name=wavlm_base_plus", "upstream.random_init=true"])
+    assert cfg.upstream.n_mels == 80  # demo's 40 bands belonged to logmel
+    assert "upstream.n_mels does not apply" in error("upstream.name=wavlm_base_plus", "upstream.n_mels=40",
+                                                     path=REPO / "configs/demo.yaml")
     cfg = load_config(str(REPO / "configs/strong.yaml"), ["downstream.name=xvector_bn"])
     assert (cfg.downstream.channels, cfg.downstream.embed_dim) == (1024, 256)
 

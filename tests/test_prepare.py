@@ -211,7 +211,7 @@ def test_corpus_with_trials_refused_then_overwritten(corpus, tmp_path, capsys):
                       ["0", "spk03/sess0/u0.flac", "spk07/sess1/u1.wav"],
                       ["0", "spk07/sess0/u0.flac", "spk09/sess0/u1.wav"]]
     check_trial_list(out / "trials" / "valid.txt", rows, balanced=False)
-    assert json.loads((out / "prepare.json").read_text())["arguments"]["trials"] == [str(trial_file)]
+    assert list(json.loads((out / "prepare.json").read_text())["arguments"]["trials"]) == [str(trial_file)]
 
 
 def test_same_arguments_are_a_no_op(corpus, tmp_path, capsys):
@@ -219,8 +219,16 @@ def test_same_arguments_are_a_no_op(corpus, tmp_path, capsys):
     prepare("--corpus", corpus, "--out", out, "--seed", 3)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     printed = prepare("--corpus", corpus, "--out", out, "--workers", 1, "--seed", 3, capsys=capsys)
-    assert "already holds this preparation (same arguments): nothing to do" in printed  # --workers changes nothing
+    assert "already holds this preparation (same arguments" in printed  # --workers changes nothing
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    extra = corpus / "spk00" / "sess0" / "new.wav"  # the corpus gained a file: same arguments are no longer enough
+    shutil.copy(next(corpus.glob("spk00/sess0/*.wav")), extra)
+    try:
+        with pytest.raises(SystemExit, match="prepared from .* files, the corpus now has .*--overwrite"):
+            prepare("--corpus", corpus, "--out", out, "--seed", 3)
+    finally:
+        extra.unlink()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before and not list(tmp_path.glob(".out*"))
     prepare("--corpus", corpus, "--out", out, "--seed", 3, "--overwrite")  # redone on request
     assert (out / "utterances.csv").stat().st_mtime_ns != before[out / "utterances.csv"]
 
@@ -552,3 +560,21 @@ def test_all_pair_trials_unit():
     assert [t[1:] for t in trials] == list(combinations(chosen, 2))
     assert all(t[0] == (t[1][0] == t[2][0]) for t in trials)
     assert len(prep.all_pair_trials(by_speaker, 100, random.Random(0))) == 9 * 8 // 2  # fewer than asked: all
+
+
+def test_what_is_not_speaker_session_utterance_is_listed_and_hidden_entries_ignored(corpus, tmp_path):
+    mine = tmp_path / "corpus"
+    shutil.copytree(corpus, mine)
+    (mine / "README.txt").write_text("about this corpus")  # a file at the corpus root
+    nested = mine / "spk00" / "sess0" / "extra"
+    nested.mkdir()
+    shutil.copy(next(mine.glob("spk00/sess0/*.wav")), nested / "deep.wav")  # a folder below the session
+    (mine / ".git" / "objects").mkdir(parents=True)  # hidden: not a speaker
+    (mine / "spk00" / ".DS_Store").write_text("")
+    out = tmp_path / "out"
+    prepare("--corpus", mine, "--out", out)
+    reasons = dict(line.split("\t") for line in (out / "skipped.txt").read_text().splitlines())
+    assert reasons[str(mine / "README.txt")] == "not inside a speaker/session/ folder"
+    assert reasons[str(nested)].startswith("a folder below speaker/session/")
+    assert not any(".git" in p or ".DS_Store" in p for p in reasons)
+    assert ".git" not in (out / "speakers.txt").read_text()
