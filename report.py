@@ -1,34 +1,49 @@
-"""Markdown report of one or more training runs, from their metrics files only (never loads a model).
+"""Markdown report of one or more training runs, from their files only (never loads a model).
 
-    python report.py exp/<run> [exp/<run2> ...] [--out FILE]
+    python report.py exp/<run> [exp/<run2> ...] [--out FILE] [--format png pdf svg]
 
-Reads exp/<run>/step-<N>/eval/<list>/metrics.json (and metrics_asnorm.json when present).
+Reads exp/<run>/step-<N>/eval/<list>/metrics.json (and metrics_asnorm.json when present) and the
+validation history exp/<run>/valid_history.jsonl, which outlives pruned checkpoints.
 The list named "valid" holds validation speakers; every other list is a test list.
 The headline numbers come from the checkpoint chosen on validation: the `best` symlink,
 else the step with the best validation metric. The best step *on test* is shown for
 reference only: picking it would tune on the test set.
 
-For the chosen checkpoint it also reads step-<N>/eval/<list>/scores.txt (and scores_asnorm.txt)
-and step-<N>/layer_weights.json, and, when matplotlib is importable, saves under exp/<run>/:
-eer_vs_step.png (every checkpoint), det_<list>.png (DET curve, raw and AS-norm, EER marked),
-scores_<list>.png (target vs non-target score histogram, EER threshold marked) and, when the
-upstream has several layers, layer_weights.png. The layer weights are also printed as a line.
+The summary gives each test list's EER with a bootstrap confidence interval over speakers
+(from the chosen checkpoint's scores.txt; speakers from the data folder's utterances.csv when
+config.yaml's data.dir is readable, else the utterance ids' first path component), minDCF, and
+actDCF / Cllr / min Cllr when evaluation wrote them. Several runs also get a table of the
+config keys that differ between them.
+
+Plots (when matplotlib is importable), in each --format, under exp/<run>/: eer_vs_step (validation
+history and test EER of every evaluated checkpoint), det_<list> (DET curve of the chosen
+checkpoint, raw and AS-norm, EER and minDCF points marked), scores_<list> (target vs non-target
+histogram), and, when the upstream has several layers, layer_weights (the chosen checkpoint's) and
+layer_weights_vs_step (every checkpoint on disk). Several runs add, beside the --out file,
+<out>_det_<list> (every run's DET curve on one plot) and <out>_eer_vs_step.
 """
 import argparse
+import csv
+import functools
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import yaml
 
-from asv import metrics
+from asv import metrics, plots
 from asv.checkpoints import best_entry, best_step, read_history, step_of
-
-VALID = "valid"
+from asv.plots import VALID, ppf  # noqa: F401  (report.ppf: the name the tests and older notebooks use)
 COLUMNS = [("eer", "EER %"), ("min_dcf_0.01", "minDCF 0.01"), ("min_dcf_0.05", "minDCF 0.05")]
+# Written by evaluation when the checkpoint has a calibration (min Cllr always): shown when present.
+CALIBRATION_COLUMNS = [("act_dcf_0.01", "actDCF 0.01"), ("act_dcf_0.05", "actDCF 0.05"), ("cllr", "Cllr"),
+                       ("min_cllr", "min Cllr")]
 ASNORM_COLUMNS = [("asnorm_" + key, "AS-norm " + header) for key, header in COLUMNS]
+CI_SEED = 0
+# Config keys that name where a run lies, not how it was trained: never a difference worth a row.
+LOCATION_KEYS = ("exp_dir",)
 
 
 def warn(message):
@@ -36,9 +51,11 @@ def warn(message):
 
 
 def fmt(key, value):
-    if not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "-"
-    return f"{value:.2f}" if key.endswith("eer") else f"{value:.4f}"
+    if key.endswith("eer"):
+        return f"{value:.2f}"
+    return f"{value:.3f}" if key.endswith("cllr") else f"{value:.4f}"
 
 
 def load_json(path):
@@ -57,16 +74,26 @@ def load_json(path):
     return data
 
 
-def valid_metric(run):
-    """train.valid_metric from config.yaml; eer when absent."""
+def read_config(run):
+    """exp/<run>/config.yaml as a dict, or None with a one-line warning (the report goes on without it)."""
     path = run / "config.yaml"
-    if not path.exists():
-        return "eer"
+    if not path.is_file():
+        warn(f"missing {path}: validation metric eer assumed, config not compared")
+        return None
     try:
-        return ((yaml.safe_load(path.read_text()) or {}).get("train") or {}).get("valid_metric", "eer")
-    except (OSError, yaml.YAMLError, AttributeError) as e:
-        warn(f"cannot read {path}, using valid_metric=eer: {e}")
-        return "eer"
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        warn(f"cannot read {path}, skipped: {' '.join(str(e).split())}")
+        return None
+    if not isinstance(config, dict):
+        warn(f"{path} does not hold a mapping of sections, skipped")
+        return None
+    return config
+
+
+def section(config, name):
+    value = (config or {}).get(name)
+    return value if isinstance(value, dict) else {}
 
 
 def collect(run):
@@ -83,23 +110,32 @@ def collect(run):
             asnorm = load_json(eval_dir / "metrics_asnorm.json") or {}
             metrics.update({"asnorm_" + key: value for key, value in asnorm.items()})
         evals.setdefault(step, {})[eval_dir.name] = metrics
-    for entry in read_history(run):  # pruned checkpoints keep their validation line
+
+    def bad_line(path, number, line):
+        warn(f"{path}:{number} is not a JSON validation record, skipped: {line[:60]!r}")
+
+    for entry in read_history(run, on_bad=bad_line):  # pruned checkpoints keep their validation line
         evals.setdefault(entry["step"], {})[VALID] = entry
     return dict(sorted(evals.items()))
 
 
-def choose_step(run, evals, protocol="valid"):
+def choose_step(run, evals, protocol, metric):
     """(step, how it was chosen); step is None when nothing tells us."""
     if protocol == "superb":
         return None, "SUPERB protocol: every checkpoint is tested, the best on each test list is reported"
     step = best_step(run)
     if step is not None:
         return step, "`best` link, ranked on validation" + ("" if step in evals else "; that step has no metrics.json")
-    metric = valid_metric(run)
     best = best_entry([{"step": s, **lists[VALID]} for s, lists in evals.items() if VALID in lists], metric)
     if best is None:
         return None, f"no `best` link and no {VALID} results with '{metric}'"
     return best["step"], f"lowest {VALID} {metric}"
+
+
+def best_on_test(evals, name):
+    """The step with the lowest EER on test list `name` (SUPERB's stage 4; not a fair selection)."""
+    scored = [s for s in evals if isinstance(evals[s].get(name, {}).get("eer"), (int, float))]
+    return min(scored, key=lambda s: (evals[s][name]["eer"], -s)) if scored else None
 
 
 def table(header, rows):
@@ -107,69 +143,59 @@ def table(header, rows):
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
-def list_names(evals):
-    """The test lists: every evaluated list except the validation one."""
-    return sorted({name for lists in evals.values() for name in lists if name != VALID})
+list_names = plots.test_lists
 
 
-def run_section(run, evals, chosen, how, plots=(), weights=None, notes=()):
-    """Markdown lines for one run: how the step was chosen, its layer weights and plots,
-    then every checkpoint per test list."""
-    lines = [f"## {run}", "", f"Chosen checkpoint: step {chosen} ({how})." if chosen is not None
-             else f"No checkpoint chosen: {how}.", ""]
-    weights_line = layer_weights_line(weights)
-    if weights_line:
-        lines += [weights_line, ""]
-    if plots:
-        lines += ["Plots:", ""] + [f"- {path}" for path in plots] + [""]
-    for note in notes:
-        lines += [note, ""]
-    for name in list_names(evals):
-        steps = [s for s in evals if name in evals[s]]
-        columns = COLUMNS + [c for c in ASNORM_COLUMNS if any(c[0] in evals[s][name] for s in steps)]
-        rows = [[f"**{s}** (chosen)" if s == chosen else s, fmt("eer", evals[s].get(VALID, {}).get("eer"))]
-                + [fmt(key, evals[s][name].get(key)) for key, _ in columns] for s in steps]
-        lines += [f"### {name}", ""] + table(["step", f"{VALID} EER %"] + [h for _, h in columns], rows)
-        on_test = [s for s in steps if isinstance(evals[s][name].get("eer"), (int, float))]
-        if on_test:
-            s = min(on_test, key=lambda s: evals[s][name]["eer"])
-            lines += ["", f"best on test (for reference only, not a fair selection): "
-                          f"step {s}, EER {evals[s][name]['eer']:.2f}%"]
-        lines.append("")
-    return lines
+def columns_for(results):
+    """COLUMNS, then the calibration and AS-norm columns that some of `results` (metrics dicts) hold."""
+    return COLUMNS + [c for c in CALIBRATION_COLUMNS + ASNORM_COLUMNS if any(c[0] in r for r in results)]
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not importable."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
+# ---------------------------------------------------------------------------- one run's files
+
+@dataclass
+class Run:
+    """What the report knows of one run folder."""
+    path: Path
+    label: str                  # the shortest name that tells it from the other runs (legends, column heads)
+    color: str                  # its colour on every comparison plot
+    config: dict | None
+    evals: dict                 # {step: {list: metrics}}
+    chosen: int | None
+    how: str
+    picks: dict                 # {test list: the step the summary reports}
+    curves: dict = field(default_factory=dict)   # {test list: raw / AS-norm scores at picks[list]}
+    weights: dict = field(default_factory=dict)  # {step: layer weights} of the checkpoints on disk
+    ci: dict = field(default_factory=dict)       # {test list: (low, high) EER fractions}
+    ci_sources: set = field(default_factory=set)  # where the speakers of the bootstrap came from
+    plots: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+def load_run(path, label, color, protocol, read_scores_files):
+    """A Run, or None (said on stderr) when the folder has no evaluated checkpoint."""
+    evals = collect(path) if path.is_dir() else {}
+    if not evals:
+        print(f"{path}: no evaluated checkpoints (no step-<N>/eval/<list>/metrics.json), skipped", file=sys.stderr)
         return None
-    return plt
+    config = read_config(path)
+    chosen, how = choose_step(path, evals, protocol, section(config, "train").get("valid_metric", "eer"))
+    picks = {name: chosen if protocol == "valid" else best_on_test(evals, name) for name in list_names(evals)}
+    run = Run(path, label, color, config, evals, chosen, how, picks, weights=layer_weight_history(path))
+    if read_scores_files:
+        run.curves = {name: chosen_curves(path, step, name, evals.get(step, {}))
+                      for name, step in picks.items() if step is not None}
+    return run
 
 
-def save(plt, fig, path):
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot(plt, run, evals, chosen):
-    """Save exp/<run>/eer_vs_step.png and return its path."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in [VALID] + list_names(evals):
-        points = [(s, lists[name]["eer"]) for s, lists in evals.items()
-                  if isinstance(lists.get(name, {}).get("eer"), (int, float))]
-        if points:
-            ax.plot(*zip(*points), marker="o", linestyle="--" if name == VALID else "-", label=name)
-    if chosen is not None:
-        ax.axvline(chosen, color="gray", linestyle=":", label=f"chosen (step {chosen})")
-    ax.set(xlabel="step", ylabel="EER %", title=str(run))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save(plt, fig, run / "eer_vs_step.png")
+def short_names(paths):
+    """The fewest trailing path components that tell the runs apart (run1, or exp1/run1 beside exp2/run1)."""
+    parts = [p.resolve().parts for p in paths]
+    for k in range(1, max(map(len, parts), default=0) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 def read_layer_weights(run, step):
@@ -186,6 +212,16 @@ def read_layer_weights(run, step):
         warn(f"{path} does not hold a list of finite numbers, skipped")
         return None
     return [float(w) for w in weights]
+
+
+def layer_weight_history(run):
+    """{step: layer weights} of every step-N folder on disk that holds a readable layer_weights.json."""
+    found = {}
+    for folder in run.glob("step-*"):
+        step = step_of(folder)
+        if step is not None and folder.is_dir() and (weights := read_layer_weights(run, step)) is not None:
+            found[step] = weights
+    return dict(sorted(found.items()))
 
 
 def layer_weights_line(weights):
@@ -219,71 +255,6 @@ def read_scores(path):
     return scores, labels.astype(np.int8)
 
 
-def ppf(p):
-    """Inverse standard normal CDF (probit), elementwise; stdlib NormalDist, so no scipy.
-
-    Probabilities are clipped to [1e-9, 1 - 1e-9]: the DET sweep's end points (rates of 0 and 1)
-    land at about -/+6, far outside the plotted axes, instead of at -/+inf.
-    """
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-9, 1 - 1e-9)
-    return np.vectorize(NormalDist().inv_cdf, otypes=[np.float64])(p)
-
-
-DET_TICKS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99]
-
-
-def det_limits(curves):
-    """(low, high) rate shown on both DET axes: down to about one error in the smaller class, at least 0.01%."""
-    smallest = min(1 / min(np.count_nonzero(c["labels"]), np.count_nonzero(c["labels"] == 0)) for c in curves)
-    low = max(t for t in DET_TICKS if t <= max(smallest, DET_TICKS[0]))
-    high = 0.5 if max(c["eer"] for c in curves) < 0.3 else 0.99
-    return low, high
-
-
-def tick_label(rate):
-    return f"{100 * rate:g}"
-
-
-def plot_det(plt, path, title, curves):
-    """DET curve(s) on probit axes with their EER points; `curves` as from chosen_curves."""
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    for c, color in zip(curves, ["C0", "C1"]):
-        fpr, fnr = metrics.det_curve_points(c["scores"], c["labels"])
-        ax.plot(ppf(fpr), ppf(fnr), color=color, label=f"{c['kind']} (EER {100 * c['eer']:.2f}%)")
-        ax.plot(ppf(c["eer"]), ppf(c["eer"]), "o", color=color, markersize=6)
-    low, high = det_limits(curves)
-    # Below 0.1% the 2-5 ticks crowd together on a probit axis: keep the decades only.
-    ticks = [t for t in DET_TICKS if low <= t <= high and (low >= 1e-3 or t >= 0.01 or t in (1e-4, 1e-3))]
-    ax.plot(ppf([low, high]), ppf([low, high]), color="gray", linestyle=":", linewidth=1, label="miss = false alarm")
-    ax.set(xlim=ppf([low, high]), ylim=ppf([low, high]), xticks=ppf(ticks), yticks=ppf(ticks),
-           xticklabels=[tick_label(t) for t in ticks], yticklabels=[tick_label(t) for t in ticks],
-           xlabel="false alarm rate (%)", ylabel="miss rate (%)", title=title)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    return save(plt, fig, path)
-
-
-def plot_histograms(plt, path, title, curves):
-    """Target vs non-target score histograms, one panel per score kind, EER threshold marked."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
-    for ax, c in zip(axes[0], curves):
-        target = c["labels"] == 1
-        bins = np.linspace(c["scores"].min(), c["scores"].max(), 81)
-        ax.hist(c["scores"][~target], bins, density=True, histtype="stepfilled", alpha=0.5, color="C3",
-                label=f"non-target ({np.count_nonzero(~target):,})")
-        ax.hist(c["scores"][target], bins, density=True, histtype="stepfilled", alpha=0.5, color="C2",
-                label=f"target ({np.count_nonzero(target):,})")
-        ax.axvline(c["threshold"], color="black", linestyle="--",
-                   label=f"EER threshold {c['threshold']:.3f} (EER {100 * c['eer']:.2f}%)")
-        ax.set(xlabel=f"{c['kind']} score", ylabel="density", title=f"{c['kind']} scores")
-        ax.margins(y=0.4)  # headroom above the bars for the legend
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(title)
-    return save(plt, fig, path)
-
-
 def chosen_curves(run, step, name, lists):
     """The raw and AS-norm scores of list `name` at `step` that exist and read, with their EER and threshold.
 
@@ -301,99 +272,260 @@ def chosen_curves(run, step, name, lists):
             eer = eer / 100
         else:
             eer, threshold = metrics.compute_eer(scores, labels)
-        curves.append({"kind": kind, "scores": scores, "labels": labels, "eer": eer, "threshold": threshold})
+        curves.append({"kind": kind, "label": kind, "path": path, "step": step, "scores": scores,
+                       "labels": labels, "eer": eer, "threshold": threshold})
     return curves
 
 
-def plot_chosen(plt, run, evals, chosen, weights):
-    """DET and score-histogram plots per test list of the chosen step, and the layer-weight bars.
+# ---------------------------------------------------------------------------- EER confidence interval
 
-    Returns (paths written, Markdown notes about test lists without scores).
-    """
-    paths, missing = [], []
-    lists = evals.get(chosen, {})
-    label = run.resolve().name or str(run)
-    for name in sorted(n for n in lists if n != VALID):
-        curves = chosen_curves(run, chosen, name, lists)
-        if not curves:
-            missing.append(name)
+@functools.lru_cache(maxsize=8)
+def manifest_speakers(data_dir):
+    """{utterance id: speaker} from data_dir/utterances.csv, or None when it cannot be read."""
+    path = Path(data_dir) / "utterances.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return {row["id"]: row["speaker"] for row in csv.DictReader(f)}
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
+        return None
+
+
+def trial_speakers(path, config):
+    """(enroll speakers, test speakers, where they came from) of a scores file's trials, or None when the
+    speakers cannot be known: the manifest of the config's data.dir when it names every utterance (Kaldi
+    corpora too), else the first path component of the ids (VoxCeleb layout: id10270/5r0dWxy17C8/00001.wav)."""
+    try:
+        ids = np.loadtxt(path, usecols=(0, 1), dtype=str, ndmin=2, comments=None)
+    except (OSError, ValueError):
+        return None
+    data_dir = section(config, "data").get("dir")
+    manifest = manifest_speakers(str(data_dir)) if isinstance(data_dir, str) and data_dir else None
+    if manifest is not None and all(i in manifest for i in np.unique(ids)):
+        speakers = np.vectorize(manifest.__getitem__, otypes=[object])(ids)
+        return speakers[:, 0], speakers[:, 1], f"{Path(data_dir) / 'utterances.csv'}"
+    if np.char.find(ids, "/").min() > 0:
+        speakers = np.char.partition(ids, "/")[..., 0]
+        return speakers[:, 0], speakers[:, 1], "the first path component of the utterance ids"
+    return None
+
+
+def add_confidence_intervals(run, level, resamples):
+    """run.ci from the raw scores of each reported test list; a note where there is none."""
+    for name, curves in run.curves.items():
+        raw = next((c for c in curves if c["kind"] == "raw"), None)
+        if raw is None:
             continue
-        title = f"{label}: {name}, step {chosen}"
-        paths.append(plot_det(plt, run / f"det_{name}.png", "DET " + title, curves))
-        paths.append(plot_histograms(plt, run / f"scores_{name}.png", "Scores " + title, curves))
-    if weights and len(weights) > 1:
-        fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(weights) + 2), 3.5))
-        ax.bar(range(len(weights)), weights, color="C0")
-        ax.axhline(1 / len(weights), color="gray", linestyle="--", label=f"uniform (1/{len(weights)})")
-        ax.set(xlabel="upstream layer (0 = CNN features / transformer input)", ylabel="softmax weight",
-               title=f"Layer weights {label}, step {chosen}")
-        if len(weights) <= 40:
-            ax.set_xticks(range(len(weights)))
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend()
-        paths.append(save(plt, fig, run / "layer_weights.png"))
-    notes = [f"No readable scores.txt at step {chosen} for {', '.join(missing)}: "
-             "no DET curve or score histogram."] if missing else []
-    return paths, notes
+        speakers = trial_speakers(raw["path"], run.config)
+        if speakers is None or len(speakers[0]) != len(raw["scores"]):
+            run.notes.append(f"No EER confidence interval for {name}: the speakers of {raw['path']} are not known "
+                             "(no readable utterances.csv at the config's data.dir, and ids without a speaker folder).")
+            continue
+        if len(raw["scores"]) * resamples > 1e8:  # ~0.1 s a resample per 500k trials: say why we are waiting
+            print(f"{run.label} {name}: bootstrapping the EER over speakers ({len(raw['scores']):,} trials, "
+                  f"{resamples} resamples; --ci-resamples sets how many)...", file=sys.stderr)
+        try:
+            run.ci[name] = metrics.eer_confidence_interval(raw["scores"], raw["labels"], speakers[0], speakers[1],
+                                                           level=level, n=resamples, seed=CI_SEED)
+        except ValueError as e:
+            run.notes.append(f"No EER confidence interval for {name}: {e}.")
+            continue
+        run.ci_sources.add(speakers[2])
 
 
-def best_on_test(evals, name):
-    """The step with the lowest EER on test list `name` (SUPERB's stage 4; not a fair selection)."""
-    scored = [s for s in evals if isinstance(evals[s].get(name, {}).get("eer"), (int, float))]
-    return min(scored, key=lambda s: (evals[s][name]["eer"], -s)) if scored else None
+# ---------------------------------------------------------------------------- tables
+
+def summary_lines(runs, protocol, level, resamples):
+    """The summary table (one row per run and test list) and what its EER interval is."""
+    picked = [(run, name, step, run.evals.get(step, {})) for run in runs for name, step in run.picks.items()]
+    columns = columns_for([lists.get(name, {}) for _, name, _, lists in picked])
+    with_ci = any(run.ci for run in runs)
+    rows = []
+    for run, name, step, lists in picked:
+        test = lists.get(name, {})
+        eer = fmt("eer", test.get("eer"))
+        if name in run.ci and eer != "-":
+            low, high = run.ci[name]
+            eer += f" [{100 * low:.2f}, {100 * high:.2f}]"
+        rows.append([run.path, name, "none" if step is None else step, fmt("eer", lists.get(VALID, {}).get("eer")),
+                     eer] + [fmt(key, test.get(key)) for key, _ in columns[1:]])
+    header = ["run", "list", "chosen step", f"{VALID} EER %", "EER % [CI]" if with_ci else "EER %"]
+    title = ("checkpoint chosen on validation" if protocol == "valid" else
+             "BEST ON TEST (SUPERB protocol: each list's best checkpoint, chosen on the test trials themselves)")
+    lines = [f"## Summary: {title}", ""]
+    lines += (table(header + [h for _, h in columns[1:]], rows) if rows else ["No test lists evaluated."]) + [""]
+    if with_ci:
+        sources = {}
+        for run in runs:
+            for source in sorted(run.ci_sources):
+                sources.setdefault(source, []).append(run.label)
+        lines += [f"EER [low, high]: {100 * level:g}% confidence interval from a bootstrap over speakers "
+                  f"({resamples} resamples of each list's speakers with all their trials, percentile interval, "
+                  f"seed {CI_SEED}), on the reported checkpoint's scores.txt; speakers from "
+                  + "; ".join(f"{src} ({', '.join(labels)})" for src, labels in sources.items()) + ".", ""]
+    return lines
 
 
-def main(argv=None):
+def run_section(run):
+    """Markdown lines for one run: how the step was chosen, its layer weights and plots, then every
+    checkpoint per test list and the validation history."""
+    lines = [f"## {run.path}", "", f"Chosen checkpoint: step {run.chosen} ({run.how})." if run.chosen is not None
+             else f"No checkpoint chosen: {run.how}.", ""]
+    weights_line = layer_weights_line(run.weights.get(run.chosen))
+    if weights_line:
+        lines += [weights_line, ""]
+    if run.plots:
+        lines += ["Plots:", ""] + [f"- {path}" for path in run.plots] + [""]
+    for note in run.notes:
+        lines += [note, ""]
+    evals = run.evals
+    for name in list_names(evals):
+        steps = [s for s in evals if name in evals[s]]
+        columns = columns_for([evals[s][name] for s in steps])
+        rows = [[f"**{s}** (chosen)" if s == run.chosen else s, fmt("eer", evals[s].get(VALID, {}).get("eer"))]
+                + [fmt(key, evals[s][name].get(key)) for key, _ in columns] for s in steps]
+        lines += [f"### {name}", ""] + table(["step", f"{VALID} EER %"] + [h for _, h in columns], rows)
+        on_test = [s for s in steps if isinstance(evals[s][name].get("eer"), (int, float))]
+        if on_test:
+            s = min(on_test, key=lambda s: evals[s][name]["eer"])
+            lines += ["", f"best on test (for reference only, not a fair selection): "
+                          f"step {s}, EER {evals[s][name]['eer']:.2f}%"]
+        lines.append("")
+    return lines + history_lines(run)
+
+
+def history_lines(run):
+    """The validation history (valid_history.jsonl), pruned checkpoints included and marked."""
+    steps = [s for s in run.evals if VALID in run.evals[s]]
+    if not steps:
+        return []
+    rows = [[f"**{s}** (chosen)" if s == run.chosen else s]
+            + [fmt(key, run.evals[s][VALID].get(key)) for key, _ in COLUMNS]
+            + ["on disk" if (run.path / f"step-{s}").is_dir() else "pruned"] for s in steps]
+    return [f"### {VALID} (validation history)", ""] + table(["step"] + [h for _, h in COLUMNS] + ["checkpoint"],
+                                                             rows) + [""]
+
+
+def flatten(tree, prefix=""):
+    """{"train": {"seed": 0}} -> {"train.seed": 0}; an empty mapping stays a value ({})."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+ABSENT = object()
+
+
+def config_value(value, exp_dir):
+    """A config value as a table cell; a path inside the run's own folder is written relative to it,
+    so train.init_from=exp/a/step-100 and exp/b/step-100 compare equal (the same place in each run)."""
+    if value is ABSENT:
+        return "(absent)"
+    if isinstance(value, str):
+        if isinstance(exp_dir, str) and exp_dir and value.startswith(exp_dir.rstrip("/") + "/"):
+            value = "<exp_dir>" + value[len(exp_dir.rstrip("/")):]
+        return value.replace("|", "\\|")
+    return json.dumps(value).replace("|", "\\|")
+
+
+def data_fingerprint(run):
+    try:
+        return json.loads((run.path / "run.json").read_text()).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def config_lines(runs):
+    """The config keys that differ between the runs (those with a readable config.yaml), one column per run."""
+    compared = [run for run in runs if run.config is not None]
+    if len(runs) < 2:
+        return []
+    lines = ["## Config differences", ""]
+    if len(compared) < 2:
+        return lines + ["Fewer than two runs have a readable config.yaml: nothing to compare.", ""]
+    flats = [flatten(run.config) for run in compared]
+    keys = list(dict.fromkeys(key for flat in flats for key in flat))
+    left_out = [f"{key} (where each run lies)" for key in LOCATION_KEYS if key in keys]
+    fingerprints = {data_fingerprint(run) for run in compared}
+    rows = []
+    for key in keys:
+        cells = [config_value(flat.get(key, ABSENT), run.config.get("exp_dir")) for flat, run in zip(flats, compared)]
+        if key in LOCATION_KEYS or len(set(cells)) == 1:
+            continue
+        if key == "data.dir" and len(fingerprints) == 1 and None not in fingerprints:
+            left_out.append("data.dir (the same data in another place: run.json's data fingerprints agree)")
+            continue
+        rows.append([key] + cells)
+    lines += table(["key"] + [run.label for run in compared], rows) if rows else ["The runs' configs agree."]
+    lines.append("")
+    if left_out:
+        lines += ["Left out: " + "; ".join(left_out) + ".", ""]
+    missing = [str(run.path) for run in runs if run.config is None]
+    if missing:
+        lines += [f"Not compared (no readable config.yaml): {', '.join(missing)}.", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------- the verb
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories, e.g. exp/<run>")
     parser.add_argument("--out", type=Path, default=None,
                         help="Markdown file to write; None means exp/<run>/report.md for one run, "
-                             "report.md in the current directory for several")
+                             "report.md in the current directory for several (their comparison plots beside it)")
     parser.add_argument("--protocol", choices=("valid", "superb"), default="valid",
                         help="valid: the checkpoint chosen on validation speakers (honest); superb: SUPERB's stage 3+4, "
                              "every checkpoint tested and the best one ON THE TEST LIST reported, labelled so")
+    parser.add_argument("--format", nargs="+", choices=plots.FORMATS, default=["png"],
+                        help="file format(s) of every plot, e.g. --format pdf svg for a paper")
+    parser.add_argument("--ci-level", type=float, default=0.95, help="level of the EER confidence interval")
+    parser.add_argument("--ci-resamples", type=int, default=1000,
+                        help="speaker bootstrap resamples of the EER confidence interval (0: no interval)")
     parser.add_argument("--no-plots", action="store_true",
-                        help="write no PNG (eer_vs_step, det_<list>, scores_<list>, layer_weights); "
-                             "tables and the layer-weight line still come out")
+                        help="write no plot files; tables and the layer-weight line still come out")
     args = parser.parse_args(argv)
+    if not 0 < args.ci_level < 1 or args.ci_resamples < 0:
+        parser.error("--ci-level must be in (0, 1) and --ci-resamples >= 0")
+    args.format = list(dict.fromkeys(args.format))
+    return args
 
-    plt = None if args.no_plots else pyplot()
-    summary, sections = [], []
-    for run in args.runs:
-        evals = collect(run) if run.is_dir() else {}
-        if not evals:
-            print(f"{run}: no evaluated checkpoints (no step-<N>/eval/<list>/metrics.json), skipped",
-                  file=sys.stderr)
-            continue
-        chosen, how = choose_step(run, evals, args.protocol)
-        weights = read_layer_weights(run, chosen)
-        plots, notes = [], []
-        if plt is not None:
-            plots.append(plot(plt, run, evals, chosen))
-            if chosen is not None:
-                chosen_plots, notes = plot_chosen(plt, run, evals, chosen, weights)
-                plots += chosen_plots
-        sections += run_section(run, evals, chosen, how, plots, weights, notes)
-        for name in list_names(evals):
-            step = chosen if args.protocol == "valid" else best_on_test(evals, name)
-            picked = evals.get(step, {})
-            summary.append((run, name, step, picked.get(VALID, {}), picked.get(name, {})))
-    if not sections:
+
+def main(argv=None):
+    args = parse_args(argv)
+    plt = None if args.no_plots else plots.pyplot()
+    found = [run for run in args.runs if run.is_dir()]
+    labels = dict(zip(found, short_names(found)))
+    runs = [load_run(path, labels.get(path, str(path)), f"C{i % 10}", args.protocol,
+                     plt is not None or args.ci_resamples > 0) for i, path in enumerate(args.runs)]
+    runs = [run for run in runs if run is not None]
+    if not runs:
         print("error: no run had any evaluated checkpoint", file=sys.stderr)
         return 1
-
-    # AS-norm columns only when some chosen checkpoint has AS-norm numbers.
-    columns = COLUMNS + [c for c in ASNORM_COLUMNS if any(c[0] in row[-1] for row in summary)]
-    rows = [[run, name, "none" if chosen is None else chosen, fmt("eer", valid.get("eer"))]
-            + [fmt(key, test.get(key)) for key, _ in columns] for run, name, chosen, valid, test in summary]
-    header = ["run", "list", "chosen step", f"{VALID} EER %"] + [h for _, h in columns]
-    title = ("checkpoint chosen on validation" if args.protocol == "valid" else
-             "BEST ON TEST (SUPERB protocol: each list's best checkpoint, chosen on the test trials themselves)")
-    lines = ["# ASV report", "", f"## Summary: {title}", ""]
-    lines += (table(header, rows) if rows else ["No test lists evaluated."]) + [""] + sections
-    text = "\n".join(lines)
     out = args.out or (args.runs[0] / "report.md" if len(args.runs) == 1 else Path("report.md"))
+    if args.ci_resamples > 0:
+        for run in runs:
+            add_confidence_intervals(run, args.ci_level, args.ci_resamples)
+    compared, compared_notes = [], []
+    if plt is not None:
+        for run in runs:
+            run.plots, notes = plots.run_plots(plt, run, args.format)
+            run.notes = notes + run.notes
+        if len(runs) > 1:
+            stem = out.parent / out.stem
+            compared, compared_notes = plots.comparison_plots(plt, runs, stem, args.format, args.protocol)
+    lines = ["# ASV report", ""] + summary_lines(runs, args.protocol, args.ci_level, args.ci_resamples)
+    lines += config_lines(runs)
+    if compared:
+        lines += ["## Comparison plots", ""] + [f"- {path}" for path in compared] + [""]
+        lines += [note for note in compared_notes for note in (note, "")]
+    for run in runs:
+        lines += run_section(run)
+    text = "\n".join(lines)
     out.write_text(text)
     print(text)
     print(f"wrote {out}")

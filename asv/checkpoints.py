@@ -44,19 +44,25 @@ def complete_checkpoints(exp) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def read_history(exp) -> list[dict]:
-    """The validation history, oldest first; a torn last line (a kill mid-write) is ignored."""
+def read_history(exp, on_bad=None) -> list[dict]:
+    """The validation history, oldest first; a torn last line (a kill mid-write) is ignored.
+
+    on_bad(path, line number, line): called for each line that is not a JSON object with an integer
+    step (the report names them; training, which tears lines itself when killed, passes nothing).
+    """
     path = Path(exp) / HISTORY
     if not path.is_file():
         return []
     entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            entry = None
         if isinstance(entry, dict) and isinstance(entry.get("step"), int):
             entries.append(entry)
+        elif on_bad is not None and line.strip():
+            on_bad(path, number, line)
     return sorted({e["step"]: e for e in entries}.values(), key=lambda e: e["step"])
 
 

@@ -25,8 +25,8 @@ from .config import Config
 from .data import Trials, UtteranceDataset, collate_padded, length_batches
 from .feature_cache import FeatureCache, PassThrough, StoredHidden, collate_hidden
 from .fileio import atomic_write, recover_dir, replace_dir, write_text
-from .models import (Extractor, asnorm_scores, build_encoder, build_upstream, cohort_stats, cosine_scores,
-                     load_model_file, min_input_samples, model_meta, run_chunked)
+from .models import (Extractor, SpeakerEncoder, asnorm_scores, build_encoder, build_upstream, cohort_stats,
+                     cosine_scores, load_model_file, min_input_samples, model_meta, run_chunked)
 from .runfolder import run_config
 
 
@@ -116,7 +116,9 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
     groups: dict[int, list[int]] = {}  # id(upstream) -> indices of the encoders that read it
     for i, u in enumerate(upstreams):
         groups.setdefault(id(u), []).append(i)
-    tables = [np.zeros((num_utts, accelerator.unwrap_model(e).downstream.embed_dim), np.float32) for e in encoders]
+    # unwrap only what training wrapped (DDP): unwrap_model imports torch._dynamo, ~3 s of every evaluation
+    plain = [e if isinstance(e, SpeakerEncoder) else accelerator.unwrap_model(e) for e in encoders]
+    tables = [np.zeros((num_utts, e.downstream.embed_dim), np.float32) for e in plain]
     done = np.zeros(num_utts, dtype=bool)
     total = len(loader) if max_batches < 0 else min(len(loader), max_batches)
     bar = progress(loader, total=total, desc="embedding", unit="batch", enabled=accelerator.is_main_process)

@@ -1,6 +1,6 @@
 """Side by side with the real s3prl 0.4.18 where SUPERB spends its time: a frozen WavLM Base+ upstream.
 
-    python benchmarks/compare_ssl.py --work /tmp/ssl_cmp --corpus demo
+    python benchmarks/compare_ssl.py --work /tmp/ssl_cmp --corpus demo --eval-utts 40 --threads 1 --bf16
 
 One checkpoint file for both toolkits: a random-weight WavLM Base+ in microsoft/unilm's format
 (benchmarks/make_ssl_checkpoint.py, ~380 MB, written into --work), read by s3prl's `wavlm_local` upstream
@@ -21,6 +21,9 @@ Measured in one run, each stage a subprocess (wall time and the peak PSS of its 
   one training step of each toolkit (data, upstream, downstream, optimizer; no loader workers);
   --bf16: one more training run of ours under train.mixed_precision=bf16 (an extra row, not the recipe).
 Prints a Markdown table (also WORK/table.md) with the command that made it and the machine's load.
+--threads applies to both toolkits alike: on a CPU that other jobs share, torch's default (a thread per core)
+makes every parallel region wait for a busy core, which slowed batch-1 WavLM 5x in our measurements.
+About 20 minutes on 2 CPU cores with the demo corpus and the defaults otherwise (real-mini: ~2.5x that).
 """
 from __future__ import annotations
 

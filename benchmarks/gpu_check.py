@@ -293,7 +293,8 @@ def check_fp16(sizes: dict, data: Path, work: Path, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+        "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     parser.add_argument("--cpu-smoke", action="store_true", help="every part at tiny sizes on the CPU (seconds)")
     args = parser.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():

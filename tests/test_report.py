@@ -1,10 +1,14 @@
 """Checks of report.py on a fake exp/ tree: the headline numbers come from the checkpoint chosen on validation."""
 import json
+import re
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 import report
 from conftest import REPO
@@ -56,9 +60,12 @@ def run_report(*args, cwd=REPO, plots=False):
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True)
 
 
-def summary_row(run, name, step):
+def summary_row(run, name, step, ci=False):
+    """The summary's row; ci: as a regex, the EER followed by its confidence interval `[low, high]`."""
     eer, dcf1, dcf5 = FAKE[step][name]
-    return f"| {run} | {name} | {step} | {FAKE[step]['valid'][0]:.2f} | {eer:.2f} | {dcf1:.4f} | {dcf5:.4f} |"
+    head = f"| {run} | {name} | {step} | {FAKE[step]['valid'][0]:.2f} | {eer:.2f}"
+    tail = f" | {dcf1:.4f} | {dcf5:.4f} |"
+    return re.escape(head) + r" \[\d+\.\d\d, \d+\.\d\d\]" + re.escape(tail) if ci else head + tail
 
 
 def test_summary_uses_the_checkpoint_chosen_on_validation(tmp_path):
@@ -174,7 +181,7 @@ def test_without_matplotlib_tables_still_come_out(tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert out.count("(install matplotlib for plots)") == 1
     text = (run / "report.md").read_text()
-    assert summary_row(run, "vox1_o", 200) in text
+    assert re.search(summary_row(run, "vox1_o", 200, ci=True), text)  # the interval needs no matplotlib
     assert weights_line(WEIGHTS[200]) in text
     assert "Plots:" not in text and not list(run.glob("*.png"))
 
@@ -201,7 +208,7 @@ def test_chosen_checkpoint_plots_and_layer_weights(tmp_path, monkeypatch):
     assert sorted(read) == sorted([evals / "vox1_h" / "scores.txt", evals / "vox1_o" / "scores.txt",
                                    evals / "vox1_o" / "scores_asnorm.txt"])  # the chosen step only
     pngs = ["eer_vs_step.png", "det_vox1_h.png", "scores_vox1_h.png", "det_vox1_o.png", "scores_vox1_o.png",
-            "layer_weights.png"]
+            "layer_weights.png", "layer_weights_vs_step.png"]
     assert sorted(p.name for p in run.glob("*.png")) == sorted(pngs)
     text = (run / "report.md").read_text()
     for name in pngs:
@@ -291,3 +298,315 @@ def test_help_lists_options_with_defaults():
     result = run_report("--help")
     assert result.returncode == 0
     assert "--out" in result.stdout and "--no-plots" in result.stdout and "default" in result.stdout
+
+
+# ---------------------------------------------------------------------------- comparing runs (issue 14)
+# Runs whose metrics.json agree with their scores.txt (computed from them), VoxCeleb-layout ids
+# (speaker/video/utterance), a validation history longer than the checkpoints kept (step 100 pruned).
+
+STEPS = (100, 200, 300)
+PRUNED = 100
+
+
+def speaker_trials(seed, shift, num_speakers=24, per_speaker=4):
+    """(enroll ids, test ids, scores, labels): every same-speaker pair, three times as many other pairs;
+    each speaker shifts its scores a little, so trials of one speaker are not independent."""
+    rng = np.random.default_rng(seed)
+    utts = [f"id{s:05d}/v{u % 2}/{u:05d}.wav" for s in range(num_speakers) for u in range(per_speaker)]
+    pairs = [(a, b) for i, a in enumerate(utts) for b in utts[i + 1:] if a[:7] == b[:7]]
+    targets = len(pairs)
+    while len(pairs) < 4 * targets:
+        a, b = rng.choice(len(utts), 2, replace=False)
+        if utts[a][:7] != utts[b][:7]:
+            pairs.append((utts[a], utts[b]))
+    labels = np.r_[np.ones(targets, int), np.zeros(len(pairs) - targets, int)]
+    offset = rng.normal(0, 0.08, num_speakers)
+    scores = (np.where(labels == 1, rng.normal(0.5 + shift, 0.15, len(labels)), rng.normal(0.1, 0.15, len(labels)))
+              + offset[[int(a[2:7]) for a, _ in pairs]])
+    return [a for a, _ in pairs], [b for _, b in pairs], scores, labels
+
+
+def write_trials(folder, enroll, test, scores, labels, extra=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scores.txt").write_text("".join(f"{a} {b} {s:.6f} {y}\n" for a, b, s, y in zip(enroll, test, scores,
+                                                                                             labels)))
+    m = report.metrics.compute_metrics(scores, labels)
+    (folder / "metrics.json").write_text(json.dumps({**m, **(extra or {})}))
+    return m
+
+
+def make_scored_run(path, config, seed=0, shift=0.0, layers=13, calibration=None):
+    """A run folder as training and evaluation leave it: config.yaml, run.json, valid_history.jsonl (three
+    validations), step-200 and step-300 (step-100 pruned) with eval/{valid,vox1_o}, layer_weights.json, best."""
+    history = []
+    for step in STEPS:
+        valid = {"step": step, "eer": 4.0 - step / 200 + seed, "min_dcf_0.01": 0.5, "min_dcf_0.05": 0.3}
+        history.append(valid)
+        if step == PRUNED:
+            continue
+        d = path / f"step-{step}"
+        (d / "eval" / "valid").mkdir(parents=True)
+        (d / "eval" / "valid" / "metrics.json").write_text(json.dumps({k: v for k, v in valid.items() if k != "step"}))
+        write_trials(d / "eval" / "vox1_o", *speaker_trials(seed * 1000 + step, shift + step / 1000), extra=calibration)
+        logits = np.sin(np.arange(layers) * (1 + step / 100 + seed)) if layers > 1 else np.zeros(1)
+        (d / "layer_weights.json").write_text(json.dumps((np.exp(logits) / np.exp(logits).sum()).tolist()))
+    (path / "valid_history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in history))
+    (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (path / "run.json").write_text(json.dumps({"created": "2024-01-01 00:00:00", "data_fingerprint": "abc123"}))
+    (path / "best").symlink_to("step-300")
+    return path
+
+
+def base_config(path, data_dir):
+    return {"exp_dir": str(path), "num_workers": 2,
+            "data": {"dir": str(data_dir), "batch_size": 10},
+            "upstream": {"name": "wavlm_base_plus", "arch": {}},
+            "optim": {"name": "adamw", "lr": 1e-4},
+            "train": {"seed": 0, "valid_metric": "eer", "init_from": f"{path}/step-100/model.pt"}}
+
+
+def write_manifest(data_dir, speaker_of):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{u},{u},{spk},3.0,16000,test\n" for u, spk in speaker_of.items())
+    (data_dir / "utterances.csv").write_text("id,path,speaker,duration,sample_rate,split\n" + rows)
+
+
+def three_runs(root):
+    """lr3e-4, seed1 and fbank: each differs from base_config in its own key(s) (fbank: upstream.name, and
+    n_mels only it has).
+    data.dir is written two ways for the same folder (same data fingerprint); exp_dir and init_from follow
+    each run's folder. Only fbank is single-layer; seed1's checkpoints carry calibration numbers."""
+    data = root / "data"
+    enroll, test, _, _ = speaker_trials(0, 0.0)
+    write_manifest(data, {u: u.split("/")[0] for u in set(enroll) | set(test)})
+    (root / "data_link").symlink_to(data)
+    runs = {}
+    for name, seed, shift, change in [("lr3e-4", 0, 0.1, {"optim": {"lr": 3e-4}}),
+                                      ("seed1", 1, -0.1, {"train": {"seed": 1}}),
+                                      ("fbank", 0, -0.2, {"upstream": {"name": "fbank", "n_mels": 80}})]:
+        path = root / "exp" / name
+        config = base_config(path, data if name != "seed1" else root / "data_link")
+        for section_name, values in change.items():
+            config[section_name] = {**config[section_name], **values}
+        calibration = {"act_dcf_0.01": 0.61, "act_dcf_0.05": 0.42, "cllr": 0.377, "min_cllr": 0.25} \
+            if name == "seed1" else None
+        runs[name] = make_scored_run(path, config, seed, shift, layers=1 if name == "fbank" else 13,
+                                     calibration=calibration)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One report of three_runs in svg (text stays text: run names can be searched), each figure kept for
+    inspection: {file stem: Figure} (the last run's where runs share a stem)."""
+    pytest.importorskip("matplotlib")
+    root = tmp_path_factory.mktemp("compare")
+    runs = three_runs(root)
+    figures, real_save = {}, report.plots.save
+
+    def keep(fig, stem, formats=("png",)):
+        figures[Path(stem).name] = fig
+        return real_save(fig, stem, formats)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report.plots, "save", keep)
+        assert report.main([str(runs[n]) for n in ("lr3e-4", "seed1", "fbank")]
+                           + ["--out", str(root / "cmp.md"), "--format", "svg"]) == 0
+    return {"root": root, "runs": runs, "figures": figures, "text": (root / "cmp.md").read_text()}
+
+
+def test_three_runs_share_one_det_plot_per_list(compared):
+    root, figures = compared["root"], compared["figures"]
+    assert sorted(p.name for p in root.glob("cmp_*")) == ["cmp_det_vox1_o.svg", "cmp_eer_vs_step.svg"]
+    ax = figures["cmp_det_vox1_o"].axes[0]
+    curves = [line for line in ax.get_lines() if len(line.get_xdata()) > 10]
+    assert len(curves) == 3  # one per run, and nothing else that long
+    for name in ("lr3e-4", "seed1", "fbank"):
+        label = next(line.get_label() for line in curves if line.get_label().startswith(name))
+        eer = json.loads((compared["runs"][name] / "step-300" / "eval" / "vox1_o" / "metrics.json").read_text())["eer"]
+        assert label == f"{name}, step 300 (EER {eer:.2f}%)"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "EER" in legend and "minDCF, P_target=0.01" in legend and "minDCF, P_target=0.05" in legend
+    svg = (root / "cmp_det_vox1_o.svg").read_text()
+    assert all(name in svg for name in ("lr3e-4, step 300", "seed1, step 300", "fbank, step 300"))
+    assert "## Comparison plots" in compared["text"] and f"- {root / 'cmp_det_vox1_o.svg'}" in compared["text"]
+    assert not list(root.rglob("*.png"))  # only the formats asked for
+
+
+def test_config_difference_table_lists_exactly_the_differing_keys(compared):
+    text = compared["text"]
+    block = text[text.index("## Config differences"):].split("\n\n")[1].splitlines()
+    assert block[0] == "| key | lr3e-4 | seed1 | fbank |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in block[2:]}
+    assert sorted(rows) == ["optim.lr", "train.seed", "upstream.n_mels", "upstream.name"]
+    assert rows["upstream.n_mels"] == "| upstream.n_mels | (absent) | (absent) | 80 |"
+    assert rows["optim.lr"] == "| optim.lr | 0.0003 | 0.0001 | 0.0001 |"
+    assert "Left out: exp_dir (where each run lies); data.dir (the same data in another place" in text
+
+
+def test_eer_confidence_interval_over_speakers(compared):
+    text, runs = compared["text"], compared["runs"]
+    for name in ("lr3e-4", "seed1", "fbank"):
+        eer = json.loads((runs[name] / "step-300" / "eval" / "vox1_o" / "metrics.json").read_text())["eer"]
+        row = re.search(re.escape(f"| {runs[name]} | vox1_o | 300 |")
+                        + r" [\d.]+ \| ([\d.]+) \[([\d.]+), ([\d.]+)\] \|", text)
+        assert row and row[1] == f"{eer:.2f}"
+        low, high = float(row[2]), float(row[3])
+        assert low <= eer <= high and high - low > 0.1
+    assert text.count("bootstrap over speakers") == 1
+    assert "95% confidence interval from a bootstrap over speakers (1000 resamples" in text
+    assert f"{Path(str(compared['root'] / 'data')) / 'utterances.csv'}" in text  # the manifest, preferred
+    # the same seed, the same interval; the numbers are the library's
+    again = compared["root"] / "again.md"
+    assert report.main([str(runs["seed1"]), "--out", str(again), "--no-plots"]) == 0
+    row = re.search(r"\| vox1_o \| 300 \| [\d.]+ \| [\d.]+ \[[\d., ]+\]", again.read_text())[0]
+    assert row in text
+    scores, labels = report.read_scores(runs["seed1"] / "step-300" / "eval" / "vox1_o" / "scores.txt")
+    ids = np.loadtxt(runs["seed1"] / "step-300" / "eval" / "vox1_o" / "scores.txt", usecols=(0, 1), dtype=str)
+    spk = np.char.partition(ids, "/")[..., 0]
+    low, high = report.metrics.eer_confidence_interval(scores, labels, spk[:, 0], spk[:, 1])
+    assert f"[{100 * low:.2f}, {100 * high:.2f}]" in row
+
+
+def test_calibration_columns_when_present(compared):
+    text = compared["text"]
+    summary = text[:text.index("## Config differences")]
+    assert "| minDCF 0.05 | actDCF 0.01 | actDCF 0.05 | Cllr | min Cllr |" in summary
+    seed1 = next(line for line in summary.splitlines() if "/seed1 |" in line)
+    fbank = next(line for line in summary.splitlines() if "/fbank |" in line)
+    assert seed1.endswith("| 0.6100 | 0.4200 | 0.377 | 0.250 |") and fbank.endswith("| - | - | - | - |")
+    section = text[text.index(f"## {compared['runs']['seed1']}"):]
+    assert "| Cllr | min Cllr |" in section.split("### vox1_o")[1].split("###")[0]
+
+
+def test_history_shows_pruned_steps_with_test_points(compared):
+    figures, runs = compared["figures"], compared["runs"]
+    for fig in (figures["eer_vs_step"], figures["cmp_eer_vs_step"]):
+        lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+        valid = next(line for label, line in lines.items() if label.endswith("valid"))
+        test = next(line for label, line in lines.items() if label.endswith("vox1_o"))
+        assert list(valid.get_xdata()) == list(STEPS)  # step 100 is pruned, its validation is still there
+        assert list(test.get_xdata()) == [200, 300]
+    section = compared["text"][compared["text"].index(f"## {runs['fbank']}"):]
+    assert "### valid (validation history)" in section
+    assert re.search(r"\| 100 \| [\d.]+ \| 0\.5000 \| 0\.3000 \| pruned \|", section)
+    assert "| **300** (chosen) |" in section and "| on disk |" in section
+
+
+def test_layer_weights_over_training_only_for_multi_layer_runs(compared):
+    runs, figures = compared["runs"], compared["figures"]
+    for name in ("lr3e-4", "seed1"):
+        assert (runs[name] / "layer_weights_vs_step.svg").exists()
+    assert not list(runs["fbank"].glob("layer_weights*"))
+    ax = figures["layer_weights_vs_step"].axes[0]  # the last multi-layer run drawn: seed1
+    layers = [line for line in ax.get_lines() if line.get_label().startswith("layer ")]
+    assert len(layers) == 13
+    assert all(list(line.get_xdata()) == [200, 300] for line in layers)  # the checkpoints on disk, nothing else
+    saved = json.loads((runs["seed1"] / "step-300" / "layer_weights.json").read_text())
+    assert np.allclose([line.get_ydata()[-1] for line in layers], saved)
+
+
+def det_curve(seed, shift=0.0, label="run"):
+    _, _, scores, labels = speaker_trials(seed, shift)
+    return {"scores": scores, "labels": labels, "eer": report.metrics.compute_eer(scores, labels)[0], "label": label}
+
+
+def test_det_plot_marks_the_min_dcf_operating_points():
+    """Each minDCF marker sits where the threshold reaching minDCF puts the error rates (on the axis edge when
+    a rate is 0, which a probit axis cannot show); the EER marker at (EER, EER)."""
+    plt = report.plots.pyplot() or pytest.skip("matplotlib not installed")
+    for curve in (det_curve(3), det_curve(4, -0.3)):
+        fig = report.plots.det_figure(plt, [curve], "DET")
+        ax = fig.axes[0]
+        marks = {line.get_marker(): line for line in ax.get_lines() if len(line.get_xdata()) == 1}
+        for p, marker in [(0.01, "s"), (0.05, "^")]:
+            min_dcf, threshold = report.metrics.compute_min_dcf(curve["scores"], curve["labels"], p)
+            fa, miss = report.plots.operating_point(curve["scores"], curve["labels"], threshold)
+            assert (p * miss + (1 - p) * fa) / min(p, 1 - p) == pytest.approx(min_dcf)
+            expected = np.clip(report.plots.ppf([fa, miss]), *ax.get_xlim())
+            assert np.allclose(np.ravel(marks[marker].get_data()), expected)
+        assert np.allclose(np.ravel(marks["o"].get_data()), report.plots.ppf([curve["eer"]] * 2))
+        plt.close(fig)
+
+
+def test_det_tick_labels_never_collide():
+    """Tick positions at least a label's width apart on the probit axis, for every axis range the report
+    draws, and, drawn at the report's figure size, no two tick labels overlapping on either axis."""
+    plots = report.plots
+    ranges = [(low, high) for low in plots.DET_TICKS if low <= 0.01 for high in (0.5, 0.99)]
+    for low, high in ranges:
+        ticks = plots.det_ticks(low, high)
+        assert len(ticks) >= 4 and all(low <= t <= high for t in ticks)
+        assert np.diff(plots.ppf(ticks)).min() >= plots.det_min_gap(low, high) - 1e-12
+        assert plots.det_min_gap(low, high) > 0.1  # a real gap, not a zero that lets everything through
+    plt = plots.pyplot() or pytest.skip("matplotlib not installed")
+    fig = plots.det_figure(plt, [det_curve(1)], "DET")
+    renderer = fig.canvas.get_renderer()
+    for low, high in ranges:
+        plots.det_axes(fig.axes[0], low, high)
+        fig.canvas.draw()
+        for labels in (fig.axes[0].get_xticklabels(), fig.axes[0].get_yticklabels()):
+            boxes = [t.get_window_extent(renderer) for t in labels if t.get_text()]
+            assert len(boxes) >= 4
+            assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), (low, high)
+    plt.close(fig)
+
+
+def test_every_format_asked_for_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = {200: {"valid": FAKE[200]["valid"], "vox1_o": FAKE[200]["vox1_o"]}}
+    run = make_run(tmp_path / "run", data=data, scores=True)
+    assert report.main([str(run), "--format", "pdf", "svg", "pdf"]) == 0  # each format once
+    names = sorted(p.name for p in run.iterdir() if p.is_file() and p.suffix not in (".yaml", ".md"))
+    assert names == sorted(f"{stem}.{fmt}" for stem in ("eer_vs_step", "det_vox1_o", "scores_vox1_o")
+                           for fmt in ("pdf", "svg"))
+    assert (run / "det_vox1_o.svg").read_text().lstrip().startswith("<?xml")
+    assert (run / "det_vox1_o.pdf").read_bytes()[:5] == b"%PDF-"
+    result = run_report(run, "--format", "eps")
+    assert result.returncode != 0 and "invalid choice" in result.stderr
+
+
+def test_speakers_from_the_manifest_when_ids_name_no_speaker(tmp_path):
+    """Kaldi-style ids (no speaker folder): the data folder's utterances.csv gives the speakers; without it
+    there is no interval, and the report says why."""
+    enroll, test, scores, labels = speaker_trials(5, 0.0)
+    kaldi = {u: f"utt{i:04d}" for i, u in enumerate(sorted(set(enroll) | set(test)))}
+    run = tmp_path / "run"
+    write_trials(run / "step-10" / "eval" / "test", [kaldi[u] for u in enroll], [kaldi[u] for u in test],
+                 scores, labels)
+    data = tmp_path / "data"
+    write_manifest(data, {k: u.split("/")[0] for u, k in kaldi.items()})
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"dir": str(data)}}))
+    (run / "best").symlink_to("step-10")
+    assert report.main([str(run), "--no-plots"]) == 0
+    text = (run / "report.md").read_text()
+    assert re.search(r"\| test \| 10 \| - \| [\d.]+ \[[\d.]+, [\d.]+\] \|", text)
+    assert f"speakers from {data / 'utterances.csv'} (run)." in text
+
+    (data / "utterances.csv").unlink()
+    report.manifest_speakers.cache_clear()
+    assert report.main([str(run), "--no-plots"]) == 0
+    text = (run / "report.md").read_text()
+    assert "No EER confidence interval for test: the speakers of" in text and "bootstrap" not in text
+
+
+def test_bad_inputs_warn_in_one_line_and_the_report_comes_out(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    runs = three_runs(tmp_path)
+    (runs["lr3e-4"] / "config.yaml").unlink()
+    bad_scores = runs["seed1"] / "step-300" / "eval" / "vox1_o" / "scores.txt"
+    bad_scores.write_text("a b not-a-number 1\n")
+    history = runs["fbank"] / "valid_history.jsonl"
+    history.write_text(history.read_text() + "this is not json\n")
+    out = tmp_path / "r.md"
+    args = [str(runs[n]) for n in ("lr3e-4", "seed1", "fbank")] + ["--out", str(out), "--format", "svg"]
+    assert report.main(args) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, warnings
+    assert f"missing {runs['lr3e-4'] / 'config.yaml'}" in warnings[0]
+    assert str(bad_scores) in warnings[1] and f"{history}:4 is not a JSON validation record" in warnings[2]
+    text = out.read_text()
+    assert "Not compared (no readable config.yaml): " + str(runs["lr3e-4"]) in text
+    assert "| key | seed1 | fbank |" in text
+    assert "vox1_o: no readable scores.txt for seed1, not on its DET plot." in text
+    assert (tmp_path / "r_det_vox1_o.svg").exists()
