@@ -23,7 +23,7 @@ Measured in one run, each stage a subprocess (wall time and the peak PSS of its 
 Prints a Markdown table (also WORK/table.md) with the command that made it and the machine's load.
 --threads applies to both toolkits alike: on a CPU that other jobs share, torch's default (a thread per core)
 makes every parallel region wait for a busy core, which slowed batch-1 WavLM 5x in our measurements.
-About 20 minutes on 2 CPU cores with the demo corpus and the defaults otherwise (real-mini: ~2.5x that).
+About 20 minutes on 2 CPU cores with the demo corpus (real-mini, whose crops are 8 s: longer, not measured).
 """
 from __future__ import annotations
 
