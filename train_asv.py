@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors import SafetensorError
 
-from asv.audio import AudioError, progress
+from asv.audio import progress
 from asv.augment import Augmenter, spec_augment
 from asv.checkpoints import (clear_partial_saves, complete_checkpoints, read_history, record_validation, settle,
                              truncate_history, best_entry, rank_key)

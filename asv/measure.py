@@ -1,5 +1,5 @@
-"""What the side-by-side benchmarks (benchmarks/compare_*.py) share: running a stage as a subprocess while
-sampling the memory of its whole process tree, and the corpus view the s3prl peer runner reads.
+"""What the benchmarks share: running a stage as a subprocess while sampling the memory of its whole process
+tree, the corpus view the s3prl peer runner reads, and GPU utilisation sampled while a block runs.
 
 Benchmarks are verbs and never import one another; what two of them need lives here.
 """
@@ -9,8 +9,10 @@ import csv
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,3 +96,47 @@ def peer_stages(summary: Path) -> dict[str, tuple[float, int]]:
             h, mi, s = (["0", "0"] + m[2].split(":"))[-3:]  # /usr/bin/time's [h:]m:s
             stages[m[1]] = (3600 * float(h) + 60 * float(mi) + float(s), int(m[4]))
     return stages
+
+
+def gpu_percent() -> int | None:
+    """The first GPU's utilisation now: torch.cuda.utilization() (needs pynvml), else nvidia-smi."""
+    import torch  # here: the subprocess-driving benchmarks need no torch
+
+    try:
+        return int(torch.cuda.utilization())
+    except Exception:  # pynvml missing or NVML refusing: ask nvidia-smi
+        if not shutil.which("nvidia-smi"):
+            return None
+        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True).stdout.strip()
+        return int(out) if out.isdigit() else None
+
+
+class GpuUtilisation:
+    """GPU utilisation sampled every 0.2 s in a thread while the block runs (nothing on the CPU)."""
+
+    def __init__(self, device):
+        self.samples, self.stop, self.thread = [], threading.Event(), None
+        self.enabled = device.type == "cuda"
+
+    def __enter__(self):
+        if self.enabled:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.2):
+            value = gpu_percent()
+            if value is not None:
+                self.samples.append(value)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread:
+            self.thread.join()
+
+    def text(self) -> str:
+        if not self.samples:
+            return "GPU util n/a" + (" (CPU)" if not self.enabled else " (no NVML, no nvidia-smi)")
+        return f"GPU util mean {statistics.mean(self.samples):.0f}% (max {max(self.samples)}%)"

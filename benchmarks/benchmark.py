@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from asv.audio import load_audio
 from asv.config import load_config
 from asv.data import TrainBatchSampler, TrainDataset, collate_padded, length_batches, read_manifest
 from asv.embedding import build_models, embed, eval_loader
+from asv.measure import GpuUtilisation
 from asv.models import MarginSoftmax, cosine_scores, min_input_samples
 from asv.models.pooling import StatsPool
 from asv.training import make_optimizer
@@ -102,35 +102,6 @@ class PeakMemory:
             self.stop.set()
             self.thread.join()
             self.mb = max(self.peak, rss_bytes()) / 2**20
-
-
-class GpuUtilisation:
-    """nvidia-smi utilization.gpu sampled every 0.2 s in a thread while the block runs (None without it)."""
-
-    def __enter__(self):
-        self.samples, self.stop = [], threading.Event()
-        self.thread = None
-        if shutil.which("nvidia-smi"):
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.stop.wait(0.2):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split()
-            if out and out[0].isdigit():
-                self.samples.append(int(out[0]))  # first GPU: the one a single-process run uses
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.thread:
-            self.thread.join()
-
-    def text(self) -> str:
-        if not self.samples:
-            return "n/a"
-        return f"mean {statistics.mean(self.samples):.0f}% / max {max(self.samples)}% ({len(self.samples)} samples)"
 
 
 def median_time(fn, runs: int) -> tuple[float, object]:
@@ -252,7 +223,7 @@ def bench_training(name, cfg, data_dir, device, steps: int, loader_batches: int,
 
     real_step()  # warm-up: worker start-up
     sync(device)
-    with GpuUtilisation() as util:
+    with GpuUtilisation(device) as util:
         tic = time.perf_counter()
         for _ in range(steps):
             real_step()
@@ -528,7 +499,7 @@ def bench_precision(batch: int, secs: float, steps: int, gpu_rows: list):
     for precision in ("no", "bf16"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--precision-child", precision,
                "--child-batch", str(batch), "--child-secs", str(secs), "--child-steps", str(steps)]
-        with GpuUtilisation() as util:
+        with GpuUtilisation(torch.device("cuda")) as util:  # only run on a GPU machine
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"

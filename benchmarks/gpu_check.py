@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +40,7 @@ from asv.config import load_config  # noqa: E402
 from asv.data import TrainBatchSampler, TrainDataset, collate_padded, read_manifest  # noqa: E402
 from asv.demo import make_demo_speaker  # noqa: E402
 from asv.embedding import build_models, embed, eval_loader  # noqa: E402
+from asv.measure import GpuUtilisation  # noqa: E402
 from asv.models import MarginSoftmax, min_input_samples  # noqa: E402
 from asv.training import make_optimizer  # noqa: E402
 
@@ -73,48 +71,6 @@ def reset_peak(device):
 
 def peak_memory(device) -> str:
     return f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "peak n/a (CPU)"
-
-
-def gpu_percent() -> int | None:
-    """The first GPU's utilisation now: torch.cuda.utilization() (needs pynvml), else nvidia-smi."""
-    try:
-        return int(torch.cuda.utilization())
-    except Exception:  # pynvml missing or NVML refusing: ask nvidia-smi
-        if not shutil.which("nvidia-smi"):
-            return None
-        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True).stdout.strip()
-        return int(out) if out.isdigit() else None
-
-
-class Utilisation:
-    """GPU utilisation sampled every 0.2 s in a thread while the block runs (nothing on the CPU)."""
-
-    def __init__(self, device):
-        self.samples, self.stop, self.thread = [], threading.Event(), None
-        self.enabled = device.type == "cuda"
-
-    def __enter__(self):
-        if self.enabled:
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.stop.wait(0.2):
-            value = gpu_percent()
-            if value is not None:
-                self.samples.append(value)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.thread:
-            self.thread.join()
-
-    def text(self) -> str:
-        if not self.samples:
-            return "GPU util n/a" + (" (CPU)" if not self.enabled else " (no NVML, no nvidia-smi)")
-        return f"GPU util mean {statistics.mean(self.samples):.0f}% (max {max(self.samples)}%)"
 
 
 # ---------------------------------------------------------------------------- models and data
@@ -184,7 +140,7 @@ def check_training(name: str, sizes: dict, data: Path, device):
             train_step(parts, micro, precision, device, cfg.train.gradient_clipping)
         sync(device)
         reset_peak(device)
-        with Utilisation(device) as util:
+        with GpuUtilisation(device) as util:
             tic = time.perf_counter()
             for _ in range(sizes["steps"]):
                 train_step(parts, micro, precision, device, cfg.train.gradient_clipping)
@@ -223,7 +179,7 @@ def check_loader(sizes: dict, data: Path, device):
 
     step()  # warm-up: worker start-up
     waited = 0.0
-    with Utilisation(device) as util:
+    with GpuUtilisation(device) as util:
         tic = time.perf_counter()
         for _ in range(sizes["steps"]):
             step()

@@ -49,7 +49,7 @@ def main():
     data = work / "data"
     run("prepare_voxceleb.py", "--corpus", REAL_MINI, "--out", data)
     rows = [one_seed(data, work, seed, args.steps, args.every) for seed in args.seeds]
-    print(f"| seed | chosen on validation | its test EER % | best step on test | its test EER % | last step's EER % |")
+    print("| seed | chosen on validation | its test EER % | best step on test | its test EER % | last step's EER % |")
     print("|---|---|---|---|---|---|")
     for seed, r in zip(args.seeds, rows):
         print(f"| {seed} | {r['chosen']} | {r['chosen_eer']:.2f} | {r['best_on_test']} | {r['best_eer']:.2f} | "

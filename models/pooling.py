@@ -42,6 +42,11 @@ class StatsPool(nn.Module):
             std = torch.sqrt((square_sum / n - mean * mean).clamp(min=1e-6))
         return torch.cat([mean, std], dim=1)
 
+    def one(self, x: torch.Tensor) -> torch.Tensor:
+        """One utterance without padding: (C, T) -> (2C,)."""
+        std = x.std(-1, unbiased=self.unbiased) if x.shape[-1] > 1 else torch.zeros_like(x[:, 0])
+        return torch.cat([x.mean(-1), std if self.unbiased else std.clamp(min=1e-3)])
+
 
 def masked_mean_std(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6):
     """x (B, C, T), weights w (B, 1|C, T) summing to 1 over time (0 on padding) -> mean, std (B, C)."""

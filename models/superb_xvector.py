@@ -9,9 +9,13 @@
 
 The parameter names and shapes are s3prl's (`tdnns.module.0.kernel.weight`, `affine.linear1.weight`,
 ...), so an s3prl state dict loads as it is; tests/test_superb_parity.py checks the outputs against
-ones recorded from s3prl itself. One thing is computed differently and gives the same numbers: each
-TDNN layer is s3prl's Linear applied through a dilated conv1d rather than over unfolded copies of
-its input (no context-times-larger temporary).
+ones recorded from s3prl itself. Two things are computed differently and give the same numbers:
+- each TDNN layer is s3prl's Linear applied as one matrix product per context frame on shifted views
+  of its input, rather than over unfolded copies of it (no context-times-larger temporary);
+- a padded batch is packed first: the valid frames of every utterance one after another, run through
+  the projector and the TDNNs as one sequence. The output frames whose context straddles two
+  utterances are dropped, which are exactly the ones the padded computation drops (its last 14 per
+  utterance), so no work is spent on padding: a quarter of a SUPERB training step on real-mini.
 """
 from __future__ import annotations
 
@@ -19,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .pooling import StatsPool
+from .pooling import StatsPool, frame_mask
 
 CONTEXTS = (5, 3, 3, 1, 1)
 DILATIONS = (1, 2, 3, 1, 1)
@@ -29,7 +32,7 @@ CHANNELS = 512  # fixed inside s3prl's XVectorBackbone
 
 
 class TDNN(nn.Module):
-    """y_t = ReLU(W [x_{t-c}, ..., x_{t+c}] + b): a Linear over `context` frames `dilation` apart."""
+    """y_t = ReLU(W [x_{t}, x_{t+d}, ..., x_{t+(c-1)d}] + b): a Linear over `context` frames `dilation` apart."""
 
     def __init__(self, input_size: int, output_size: int, context: int, dilation: int):
         super().__init__()
@@ -38,10 +41,17 @@ class TDNN(nn.Module):
         self.kernel = nn.Linear(input_size * context, output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, D, T) -> (B, out, T - (context - 1) * dilation)."""
-        out, _ = self.kernel.weight.shape
-        weight = self.kernel.weight.view(out, self.context, -1).transpose(1, 2)  # (out, D, context) for conv1d
-        return torch.relu(F.conv1d(x, weight, self.kernel.bias, dilation=self.dilation))
+        """x (D, L) frames of one (packed) sequence -> (out, L - (context - 1) * dilation).
+
+        One matrix product per context frame, on shifted views of x: on CPU the backward of these
+        products takes less than half the time of a dilated conv1d's, for the same numbers."""
+        out = self.kernel.out_features
+        weight = self.kernel.weight.view(out, self.context, -1)  # (out, context, D)
+        n = x.shape[1] - (self.context - 1) * self.dilation
+        y = torch.addmm(self.kernel.bias[:, None], weight[:, 0], x[:, :n])
+        for k in range(1, self.context):
+            y = y + weight[:, k] @ x[:, k * self.dilation:k * self.dilation + n]
+        return torch.relu(y)
 
 
 class Backbone(nn.Module):
@@ -54,6 +64,7 @@ class Backbone(nn.Module):
                                       for i, (c, d) in enumerate(zip(CONTEXTS, DILATIONS))])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(D, L) -> (aggregation_size, L - 14)."""
         return self.module(x)
 
 
@@ -89,8 +100,12 @@ class SuperbXvector(nn.Module):
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """feats (B, T, D), lengths (B,) valid frames -> (B, embed_dim)."""
-        if feats.shape[1] <= self.context:
-            raise ValueError(f"input of {feats.shape[1]} frames is shorter than the x-vector context "
+        lengths = lengths.clamp(max=feats.shape[1])
+        if int(lengths.min()) <= self.context:
+            raise ValueError(f"input of {int(lengths.min())} frames is shorter than the x-vector context "
                              f"({self.context + 1} frames)")
-        x = self.tdnns(self.projector(feats).transpose(1, 2))  # (B, aggregation_size, T - 14)
-        return self.affine(self.pooling(x, lengths - self.context))
+        packed = feats[frame_mask(lengths, feats.shape[1])]  # (L, D): every row's valid frames, in order
+        x = self.tdnns(self.projector(packed).T)  # (aggregation_size, L - 14)
+        valid = (lengths - self.context).tolist()  # output frames of each row whose context lies inside it
+        pieces = torch.split(x, [n for v in valid for n in (v, self.context)][:-1], dim=1)[::2]  # per row
+        return self.affine(torch.stack([self.pooling.one(p) for p in pieces]))

@@ -1,0 +1,42 @@
+"""README's "A new downstream" example, run as written: one file, one row in DOWNSTREAMS, and the config
+then takes the new architecture's own keys and refuses the others."""
+import re
+import sys
+import types
+
+import pytest
+import torch
+
+from asv import models
+from asv.config import ConfigError, load_config
+from asv.models import DOWNSTREAMS, build_encoder, build_upstream
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def mean_std(monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("**A new downstream**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    module = types.ModuleType("asv.models.mean_pool")
+    module.__package__ = "asv.models"  # the example's `from .pooling import StatsPool` resolves as in models/
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    monkeypatch.setitem(DOWNSTREAMS, "mean_std", module.MeanStd)
+    return module.MeanStd
+
+
+def test_readme_downstream_example_plugs_in(mean_std):
+    cfg = load_config(str(REPO / "configs/demo.yaml"), ["downstream.name=mean_std", "downstream.embed_dim=16"])
+    assert cfg.downstream == mean_std.Options(embed_dim=16)
+    upstream = build_upstream(cfg.upstream, cfg.data.sample_rate)
+    encoder = build_encoder(upstream, cfg.downstream).eval()
+    wavs, lengths = torch.randn(2, 16000), torch.tensor([16000, 12000])
+    with torch.no_grad():
+        embs = encoder(*upstream(wavs, lengths))
+        alone = encoder(*upstream(wavs[1:, :12000], lengths[1:]))
+    assert embs.shape == (2, 16)
+    torch.testing.assert_close(embs[1:], alone, atol=1e-5, rtol=1e-5)  # padding changes nothing
+    with pytest.raises(ConfigError, match="'downstream.channels' does not apply to downstream.name=mean_std"):
+        load_config(None, ["downstream.name=mean_std", "downstream.channels=64"])
+    assert "mean_std" in models.DOWNSTREAMS
