@@ -58,37 +58,30 @@ def fmt(key, value):
     return f"{value:.3f}" if key.endswith("cllr") else f"{value:.4f}"
 
 
-def load_json(path):
-    """The dict in `path`, or None with a one-line warning naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        warn(f"missing {path}, skipped")
+def read_mapping(path, parse, what: str, missing: str):
+    """The dict `parse` makes of the file's text, or None with a one-line warning naming the file."""
+    if not path.is_file():
+        warn(f"missing {path}{missing}")
         return None
-    except (OSError, ValueError) as e:
-        warn(f"cannot read {path}, skipped: {e}")
+    try:
+        data = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        warn(f"cannot read {path}, skipped: {' '.join(str(e).split())}")
         return None
     if not isinstance(data, dict):
-        warn(f"{path} does not hold a JSON object, skipped")
+        warn(f"{path} does not hold {what}, skipped")
         return None
     return data
 
 
+def load_json(path):
+    return read_mapping(path, json.loads, "a JSON object", ", skipped")
+
+
 def read_config(run):
-    """exp/<run>/config.yaml as a dict, or None with a one-line warning (the report goes on without it)."""
-    path = run / "config.yaml"
-    if not path.is_file():
-        warn(f"missing {path}: validation metric eer assumed, config not compared")
-        return None
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        warn(f"cannot read {path}, skipped: {' '.join(str(e).split())}")
-        return None
-    if not isinstance(config, dict):
-        warn(f"{path} does not hold a mapping of sections, skipped")
-        return None
-    return config
+    """exp/<run>/config.yaml as a dict, or None (the report goes on without it)."""
+    return read_mapping(run / "config.yaml", yaml.safe_load, "a mapping of sections",
+                        ": validation metric eer assumed, config not compared")
 
 
 def section(config, name):

@@ -1,5 +1,6 @@
-"""README's "A new downstream" example, run as written: one file, one row in DOWNSTREAMS, and the config
-then takes the new architecture's own keys and refuses the others."""
+"""README's code, kept true: the "A new downstream" example runs as written (one file, one row in DOWNSTREAMS, and
+the config then takes the new architecture's own keys and refuses the others), and the Python API example is
+the one tests/test_api.py runs."""
 import re
 import sys
 import types
@@ -40,3 +41,14 @@ def test_readme_downstream_example_plugs_in(mean_std):
     with pytest.raises(ConfigError, match="'downstream.channels' does not apply to downstream.name=mean_std"):
         load_config(None, ["downstream.name=mean_std", "downstream.channels=64"])
     assert "mean_std" in models.DOWNSTREAMS
+
+
+def test_readme_api_example_is_the_one_the_api_test_runs():
+    from asv import api
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    shown = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    example = api.__doc__.split("::\n", 1)[1]
+    example = "\n".join(line[4:] if line.startswith("    ") else line for line in example.splitlines())
+    assert shown.strip() in example and shown.count("\n") > 15
