@@ -16,6 +16,7 @@ ones recorded from s3prl itself. Two things are computed differently and give th
   the projector and the TDNNs as one sequence. The output frames whose context straddles two
   utterances are dropped, which are exactly the ones the padded computation drops (its last 14 per
   utterance), so no work is spent on padding: a quarter of a SUPERB training step on real-mini.
+  A file exported with torch.export computes the padded batch instead (packing has data-dependent sizes).
 """
 from __future__ import annotations
 
@@ -41,16 +42,19 @@ class TDNN(nn.Module):
         self.kernel = nn.Linear(input_size * context, output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (D, L) frames of one (packed) sequence -> (out, L - (context - 1) * dilation).
+        """x (D, L) frames of one (packed) sequence, or (B, D, L) -> (..., out, L - (context - 1) * dilation).
 
         One matrix product per context frame, on shifted views of x: on CPU the backward of these
         products takes less than half the time of a dilated conv1d's, for the same numbers."""
         out = self.kernel.out_features
         weight = self.kernel.weight.view(out, self.context, -1)  # (out, context, D)
-        n = x.shape[1] - (self.context - 1) * self.dilation
-        y = torch.addmm(self.kernel.bias[:, None], weight[:, 0], x[:, :n])
+        n = x.shape[-1] - (self.context - 1) * self.dilation
+        if x.dim() == 2:
+            y = torch.addmm(self.kernel.bias[:, None], weight[:, 0], x[:, :n])
+        else:
+            y = self.kernel.bias[:, None] + weight[:, 0] @ x[..., :n]
         for k in range(1, self.context):
-            y = y + weight[:, k] @ x[:, k * self.dilation:k * self.dilation + n]
+            y = y + weight[:, k] @ x[..., k * self.dilation:k * self.dilation + n]
         return torch.relu(y)
 
 
@@ -101,6 +105,9 @@ class SuperbXvector(nn.Module):
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """feats (B, T, D), lengths (B,) valid frames -> (B, embed_dim)."""
         lengths = lengths.clamp(max=feats.shape[1])
+        if torch.compiler.is_exporting():  # packing has data-dependent sizes: the padded batch, same numbers
+            x = self.tdnns(self.projector(feats).transpose(1, 2))  # (B, aggregation_size, T - 14)
+            return self.affine(self.pooling(x, lengths - self.context))
         if int(lengths.min()) <= self.context:
             raise ValueError(f"input of {int(lengths.min())} frames is shorter than the x-vector context "
                              f"({self.context + 1} frames)")
