@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REAL_MINI, REPO as ROOT, VOX1_META
@@ -87,3 +88,19 @@ def test_missing_shared_data_is_one_line_naming_the_folder(script, folder, tmp_p
     lines = result.stderr.strip().splitlines()
     missing = tmp_path / "shared" / "data" / folder.name
     assert len(lines) == 1 and lines[0].startswith(f"{missing}: ") and "not found" in lines[0], result.stderr
+
+
+def test_calibration_check_reads_both_score_files(tmp_path):
+    """Overconfident raw scores (x 20) against the same scores unscaled: lower Cllr, never below min Cllr."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([1, 0], 500)
+    llrs = np.where(labels == 1, 1.0, -1.0) + rng.normal(size=labels.size)  # N(+-1, 1): the LLR is 2x these
+    for name, values in (("scores.txt", 20 * llrs), ("scores_calibrated.txt", llrs)):
+        (tmp_path / name).write_text("".join(f"a b {v:.6f} {l}\n" for v, l in zip(values, labels)))
+    out = run("benchmarks/calibration_check.py", tmp_path)
+    raw, calibrated, floor = (float(c) for c in out.strip().splitlines()[-1].strip("|").split("|")[2:5])
+    assert floor <= calibrated < raw
+    (tmp_path / "scores_calibrated.txt").unlink()
+    result = subprocess.run([sys.executable, "benchmarks/calibration_check.py", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.startswith(f"{tmp_path / 'scores_calibrated.txt'}: not found")

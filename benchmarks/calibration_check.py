@@ -1,0 +1,43 @@
+"""Does calibration help on the test trials? Cllr of the raw cosine scores (read as if they were LLRs), of
+the calibrated scores, and min Cllr (the best any monotonic calibration could do), for evaluated lists.
+
+    python benchmarks/calibration_check.py exp/demo/best/eval/test
+
+Each folder is one list's evaluation output (evaluate_asv.py writes scores.txt and, when the run has
+validation speakers, scores_calibrated.txt: `enroll test score label` per line). The calibration was fitted
+on the validation trials only, so the test Cllr is a fair measure of it.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from asv import metrics
+
+
+def read_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """scores.txt -> (scores (N,), labels (N,) int)."""
+    table = np.loadtxt(path, usecols=(2, 3), ndmin=2)
+    return table[:, 0], table[:, 1].astype(int)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", type=Path, nargs="+", help="evaluation folders, e.g. exp/demo/best/eval/test")
+    args = ap.parse_args()
+    print("| list | trials | Cllr, raw cosine | Cllr, calibrated | min Cllr |")
+    print("|---|---|---|---|---|")
+    for folder in args.folders:
+        raw, calibrated = folder / "scores.txt", folder / "scores_calibrated.txt"
+        for path in (raw, calibrated):
+            if not path.is_file():
+                sys.exit(f"{path}: not found (a run without validation speakers has no calibration)")
+        scores, labels = read_scores(raw)
+        llrs, _ = read_scores(calibrated)
+        print(f"| {folder} | {len(labels)} | {metrics.compute_cllr(scores, labels):.4f} | "
+              f"{metrics.compute_cllr(llrs, labels):.4f} | {metrics.compute_min_cllr(scores, labels):.4f} |")
+
+
+if __name__ == "__main__":
+    main()
