@@ -11,15 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from asv import metrics
-
-
-def read_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """scores.txt -> (scores (N,), labels (N,) int)."""
-    table = np.loadtxt(path, usecols=(2, 3), ndmin=2)
-    return table[:, 0], table[:, 1].astype(int)
+from asv.calibration import read_scores
 
 
 def main():
