@@ -26,8 +26,11 @@ def main():
         for path in (raw, calibrated):
             if not path.is_file():
                 sys.exit(f"{path}: not found (a run without validation speakers has no calibration)")
-        scores, labels = read_scores(raw)
-        llrs, _ = read_scores(calibrated)
+        try:
+            scores, labels = read_scores(raw)
+            llrs, _ = read_scores(calibrated)
+        except ValueError as e:  # one line naming the file
+            sys.exit(str(e))
         print(f"| {folder} | {len(labels)} | {metrics.compute_cllr(scores, labels):.4f} | "
               f"{metrics.compute_cllr(llrs, labels):.4f} | {metrics.compute_min_cllr(scores, labels):.4f} |")
 

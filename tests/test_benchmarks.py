@@ -104,3 +104,8 @@ def test_calibration_check_reads_both_score_files(tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/calibration_check.py", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode != 0 and result.stderr.startswith(f"{tmp_path / 'scores_calibrated.txt'}: not found")
+    (tmp_path / "scores_calibrated.txt").write_text("a b not-a-number 1\n")
+    result = subprocess.run([sys.executable, "benchmarks/calibration_check.py", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'scores_calibrated.txt'}: ")
