@@ -32,16 +32,16 @@ from accelerate import Accelerator, PartialState
 
 from asv.api import Model
 from asv.config import help_text
-from asv.calibration import THRESHOLD_FORMS, VALID_SCORES, has_validation_scores, resolve_threshold
-from asv.checkpoints import average_checkpoints
+from asv.metrics import THRESHOLD_FORMS, VALID_SCORES, has_validation_scores, resolve_threshold
+from asv.run import average_checkpoints
 from asv.data import read_audio_list, trial_lists
-from asv.embedding import audio_durations, embed_files, import_kaldiio, load_extractors, write_embeddings
-from asv.evaluation import evaluate_checkpoints, read_inputs, resolve_lists
-from asv.feature_cache import FeatureCache
-from asv.fileio import atomic_write
+from asv.embed import audio_durations, embed_files, import_kaldiio, load_extractors, write_embeddings
+from asv.embed import evaluate_checkpoints, read_inputs, resolve_lists
+from asv.embed import FeatureCache
+from asv.run import atomic_write
 from asv.models.export import check_export_path, export_program, save_program
-from asv.runfolder import run_config
-from asv.training import check_launch, one_line
+from asv.run import run_config
+from asv.train import check_launch, one_line
 
 
 def pair_threshold(ckpt: str, name: str) -> str | None:

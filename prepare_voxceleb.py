@@ -40,7 +40,7 @@ import soundfile as sf
 from asv.audio import AUDIO_EXTENSIONS, AudioError, header_frames, header_subtype, load_audio, progress
 from asv.data import read_kaldi_folder, read_trials, read_utt2spk, stored_path
 from asv.demo import make_demo_corpus
-from asv.fileio import atomic_write, recover_dir, replace_dir, write_json
+from asv.run import atomic_write, recover_dir, replace_dir, write_json
 
 # Official VoxCeleb1 trial lists (file stem -> list name); "2" = cleaned version.
 OFFICIAL_TRIALS = {

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from asv import metrics, plots
-from asv.checkpoints import best_entry, best_step, read_history, step_of
+from asv.run import best_entry, best_step, read_history, step_of
 from asv.plots import VALID, ppf  # noqa: F401  (report.ppf: the name the tests and older notebooks use)
 COLUMNS = [("eer", "EER %"), ("min_dcf_0.01", "minDCF 0.01"), ("min_dcf_0.05", "minDCF 0.05")]
 # Written by evaluation when the checkpoint has a calibration (min Cllr always): shown when present.

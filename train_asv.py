@@ -28,18 +28,18 @@ from safetensors import SafetensorError
 
 from asv.audio import progress
 from asv.augment import Augmenter, spec_augment
-from asv.checkpoints import (clear_partial_saves, complete_checkpoints, read_history, record_validation, settle,
+from asv.run import (clear_partial_saves, complete_checkpoints, read_history, record_validation, settle,
                              truncate_history, best_entry, rank_key)
 from asv.config import ConfigError, flatten, help_text, load_config
 from asv.data import TrainBatchSampler, TrainDataset, collate_padded, durations_after_effects, read_manifest, \
     read_trials, trial_lists
-from asv.embedding import (build_models, embed, eval_loader, load_extractors, meta_of, score_trials, trial_audio,
+from asv.embed import (build_models, embed, eval_loader, load_extractors, meta_of, score_trials, trial_audio,
                            scores_text, trial_rows, validation_metrics)
-from asv.evaluation import evaluate_checkpoints, resolve_lists
-from asv.fileio import write_json, write_text
+from asv.embed import evaluate_checkpoints, resolve_lists
+from asv.run import write_json, write_text
 from asv.models import MarginSoftmax, load_model_file, min_input_samples, save_model_file
-from asv.runfolder import RunLock, open_run
-from asv.training import (NonFiniteGuard, StepMeter, TrainState, check_launch, label_encoder, lr_at, make_optimizer,
+from asv.run import RunLock, open_run
+from asv.train import (NonFiniteGuard, StepMeter, TrainState, check_launch, label_encoder, lr_at, make_optimizer,
                           margin_at, one_line, trackers)
 
 

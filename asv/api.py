@@ -25,7 +25,7 @@ tests/test_api.py runs exactly this example::
     cross = model.score_matrix(files, [a, b])  # (4, 2)
     model.save_enrolled("enrolled.npz")  # later: model.load_enrolled("enrolled.npz")
 
-Embeddings come from asv.embedding's `eval_loader` and `embed`, the code evaluation runs: whole
+Embeddings come from asv.embed's `eval_loader` and `embed`, the code evaluation runs: whole
 recordings, length-sorted batches within data.eval_batch_secs, too-short ones repeated to the
 model's minimum, the upstream on data.eval_chunk_secs windows when set. So a file, the same file
 read with asv.audio.load_audio, and evaluate_asv.py all give one embedding. The API runs in this
@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibration import load_calibration, resolve_threshold
+from .metrics import load_calibration, resolve_threshold
 from .data import read_audio_list, read_manifest
-from .embedding import Extractors, audio_durations, cohort_paths, embed, eval_loader, load_extractors
-from .fileio import atomic_write
+from .embed import Extractors, audio_durations, cohort_paths, embed, eval_loader, load_extractors
+from .run import atomic_write
 from .models import asnorm_scores, cohort_stats, cosine_scores
 
 
@@ -137,7 +137,7 @@ class Model:
         return self.enrolled[speaker]
 
     def verify(self, speaker: str, test, threshold: str | float | None = "eer") -> Verification:
-        """Is `test` (a file or a waveform) the enrolled `speaker`? `threshold`: a name asv.calibration
+        """Is `test` (a file or a waveform) the enrolled `speaker`? `threshold`: a name asv.metrics
         resolves on this checkpoint's validation scores (eer, min_dcf:<p>, far:<rate>, frr:<rate>,
         bayes:<p>), a number on the raw cosine scale, or None (scores only)."""
         if speaker not in self.enrolled:
@@ -298,7 +298,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- one process, no Accelerator
 
 class _OneProcess:
-    """What asv.embedding.embed asks of an Accelerator, for this process alone on one device, full precision."""
+    """What asv.embed.embed asks of an Accelerator, for this process alone on one device, full precision."""
     is_main_process = True
 
     def __init__(self, device):

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .fileio import write_text
 from .models import DOWNSTREAMS, POOLINGS
 
 
@@ -385,9 +384,6 @@ def unsafe_changes(old: Config, new: Config) -> dict[str, tuple]:
             or (k == "train.total_steps" and schedule_uses_total)}
 
 
-def save_config(cfg: Config, path):
-    """Write the resolved config atomically; loading it back gives the same Config."""
-    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def reference_rows() -> list[tuple[str, str, str]]:

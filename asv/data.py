@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, progress
-from .effects import superb_effects
-from .fileio import write_text
+from .audio import superb_effects
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -352,6 +351,7 @@ def durations_after_effects(utts: list[Utterance], sample_rate: int, cache: Path
     loader = torch.utils.data.DataLoader(_EffectLengths([u.path for u in utts], sample_rate), batch_size=None,
                                          num_workers=num_workers)
     durations = [float(d) for d in progress(loader, len(utts), "trimming silence", "file", show_progress)]
+    from .run import write_text  # here, not at the top: asv.run imports this module
     write_text(cache, "".join(f"{u.id} {d!r}\n" for u, d in zip(utts, durations)))  # exact: a resume sees the same
     return durations
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .fileio import atomic_write
+from .run import atomic_write
 
 DEMO_SR = 16000
 # F1-F3 (Hz) of five vowels /a i u e o/ for an adult male vocal tract.

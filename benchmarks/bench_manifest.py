@@ -31,11 +31,10 @@ from pathlib import Path
 import av
 import numpy as np
 import soundfile as sf
+from common import REAL_MINI, ROOT
 
 from asv.audio import header_frames
 
-ROOT = Path(__file__).resolve().parent.parent
-REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
 SR = 16000
 VIDEOS, UTTS = 23, 8  # per speaker, per video
 

@@ -17,7 +17,7 @@
 4. evaluate_asv.py on every list, as a subprocess under /usr/bin/time -v: wall time, audio seconds
    per second, peak RSS; per-stage times from when its lines appear.
 5. In process, on a small random subset of the same utterances: the simple way (one utterance at a
-   time at full length, batch size 1, as s3prl does) against our batched path (asv.embedding.embed).
+   time at full length, batch size 1, as s3prl does) against our batched path (asv.embed.embed).
 """
 from __future__ import annotations
 
@@ -36,14 +36,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-
 from accelerate import Accelerator
+from common import ROOT, VOX1_META
 
 from asv.audio import load_audio
-from asv.embedding import embed, eval_loader, load_extractors
+from asv.embed import embed, eval_loader, load_extractors
 
-ROOT = Path(__file__).resolve().parent.parent
-META = ROOT.parent / "shared" / "data" / "voxceleb1-meta"
 SR = 16000
 # list name -> official file stem (prepare_voxceleb.py names lists from these stems, so we keep them)
 LIST_STEMS = {"vox1-O": "veri_test", "vox1-E": "list_test_all", "vox1-H": "list_test_hard"}
@@ -219,7 +217,7 @@ def parse_args():
     parser.add_argument("--lists", nargs="+", default=None,
                         help="vox1-O, vox1-E, vox1-H (original lists) or vox1-O-clean etc. (cleaned lists; "
                              "need veri_test2.txt etc. in --meta); default: all three, cleaned where available")
-    parser.add_argument("--meta", type=Path, default=META, help="VoxCeleb1 metadata folder")
+    parser.add_argument("--meta", type=Path, default=VOX1_META, help="VoxCeleb1 metadata folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the utterance sample")
     parser.add_argument("--plan", action="store_true",
                         help="only print the workload (utterances, hours, GB, trials) and exit")
@@ -381,7 +379,7 @@ def report(args, w: Workload, generated: tuple[int, float], timing: dict, cmp: d
             ("subset: utterances (audio s)", f"{cmp['utts']} ({cmp['secs']:.0f}) on {cmp['device']}, "
                                              f"best of {cmp['repeats']} alternating runs each"),
             ("subset: simple way, batch 1 (utt-s/s)", f"{simple_rate:.1f}"),
-            ("subset: ours, asv.embedding.embed (utt-s/s)", f"{batched_rate:.1f}"),
+            ("subset: ours, asv.embed.embed (utt-s/s)", f"{batched_rate:.1f}"),
             ("subset: ours / simple", f"{batched_rate / simple_rate:.2f}x"),
             ("full eval (incl. start-up, scoring) / simple", f"{w.secs / wall / simple_rate:.2f}x"),
             ("subset: min cosine(simple, ours) per utt", f"{cmp['min_cos']:.6f}"),

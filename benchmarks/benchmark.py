@@ -12,7 +12,7 @@ Runs on CUDA when present, else on the CPU, and prints Markdown tables:
    the model alone (synthetic batches already on the device) and both together; the slower of the
    first two is named as the bottleneck.
 2. evaluation throughput (audio seconds per second) on VoxCeleb1-test lengths: our length-sorted
-   batches (asv.embedding.embed) vs the simple way (one utterance at a time at full length), with
+   batches (asv.embed.embed) vs the simple way (one utterance at a time at full length), with
    peak memory.
 3. EER + both minDCFs on 1M trials: metrics.compute_metrics vs the way s3prl computes them (sklearn
    roc_curve, scipy brentq on an interpolated ROC, a Python loop over thresholds for minDCF).
@@ -40,22 +40,18 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-
 from accelerate import Accelerator
+from asv.models import MarginSoftmax, cosine_scores, min_input_samples
+from asv.models.pooling import StatsPool
+from common import REAL_MINI, ROOT, VOX1_META, GpuUtilisation
 
 from asv import metrics
 from asv.audio import load_audio
 from asv.config import load_config
 from asv.data import TrainBatchSampler, TrainDataset, collate_padded, length_batches, read_manifest
-from asv.embedding import build_models, embed, eval_loader
-from asv.measure import GpuUtilisation
-from asv.models import MarginSoftmax, cosine_scores, min_input_samples
-from asv.models.pooling import StatsPool
-from asv.training import make_optimizer
+from asv.embed import build_models, embed, eval_loader
+from asv.train import make_optimizer
 
-ROOT = Path(__file__).resolve().parent.parent
-REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
-META = ROOT.parent / "shared" / "data" / "voxceleb1-meta"
 WAVLM = ["upstream.name=wavlm_base_plus", "upstream.random_init=true", "upstream.trainable=false"]
 
 
@@ -255,7 +251,7 @@ def write_eval_files(folder: Path, count: int, seed: int, max_secs: float = 0.0)
     """`count` utterances with lengths drawn from the real VoxCeleb1 test set, as 16 kHz PCM16 files
     (cut to max_secs when > 0: --quick only)."""
     import gzip
-    with gzip.open(META / "vox1_test_duration.txt.gz", "rt") as f:
+    with gzip.open(VOX1_META / "vox1_test_duration.txt.gz", "rt") as f:
         rows = [line.split() for line in f]
     pick = np.random.default_rng(seed).choice(len(rows), count, replace=False)
     paths, secs = [], []
@@ -311,9 +307,9 @@ def bench_eval(name, cfg, paths, secs, accelerator):
                                        int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         sync(device)
 
-    runs = [("simple (batch 1, full length)", simple), (f"ours (asv.embedding.embed, {cfg.num_workers} workers)", ours)]
+    runs = [("simple (batch 1, full length)", simple), (f"ours (asv.embed.embed, {cfg.num_workers} workers)", ours)]
     if cfg.num_workers > 0:  # the same, decoding files in the main process
-        runs.append(("ours (asv.embedding.embed, 0 workers)", lambda: ours(workers=0)))
+        runs.append(("ours (asv.embed.embed, 0 workers)", lambda: ours(workers=0)))
     # bf16 pays only where the hardware has bf16 arithmetic (CUDA; CPUs with AVX512-BF16 or AMX)
     bf16_ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.cpu._is_avx512_bf16_supported()
     if bf16_ok:
@@ -534,7 +530,7 @@ def parse_args():
     parser.add_argument("--child-steps", type=int, default=10, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.precision_child:
-        for folder, what in ((args.corpus, "real speech folder (--corpus)"), (META, "VoxCeleb1 metadata folder")):
+        for folder, what in ((args.corpus, "real speech folder (--corpus)"), (VOX1_META, "VoxCeleb1 metadata folder")):
             if not folder.is_dir():
                 sys.exit(f"{folder}: {what} not found (the shared data sits in ../shared/data beside the checkout)")
     return args

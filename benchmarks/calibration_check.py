@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from asv import metrics
-from asv.calibration import read_scores
+from asv.metrics import read_scores
 
 
 def main():

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from common import REAL_MINI, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
 SMALL_ECAPA = {"name": "ecapa", "channels": 128, "embed_dim": 128}
 AUGMENT = ["augment.specaug_prob=0.5", "augment.speed_prob=0.5"]  # no MUSAN/RIR folders on CPU machines
 RECIPES = {  # name: (downstream section replacing demo.yaml's, or None; overrides)

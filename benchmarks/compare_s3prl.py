@@ -29,11 +29,8 @@ import time
 from pathlib import Path
 
 import yaml
+from common import ROOT, SHARED, peer_stages, peer_view, run_measured
 
-from asv.measure import peer_stages, peer_view, run_measured
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 PEER = SHARED / "peers" / "s3prl-run"
 
 

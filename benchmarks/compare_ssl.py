@@ -6,7 +6,7 @@ One checkpoint file for both toolkits: a random-weight WavLM Base+ in microsoft/
 (benchmarks/make_ssl_checkpoint.py, ~380 MB, written into --work), read by s3prl's `wavlm_local` upstream
 (--build_upstream.path_or_url) and by ours (upstream.ckpt). One data folder: our prepare_voxceleb.py
 output (every non-test speaker trains, as in SUPERB), and the s3prl peer runner's view of it
-(../shared/peers/s3prl-run, asv.measure.peer_view). The evaluation list: every pair of --eval-utts
+(../shared/peers/s3prl-run, common.peer_view). The evaluation list: every pair of --eval-utts
 test utterances, taken round-robin over the test speakers.
 
 Measured in one run, each stage a subprocess (wall time and the peak PSS of its process tree):
@@ -38,11 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, SHARED, peer_stages, peer_view, run_measured
 
-from asv.measure import peer_stages, peer_view, run_measured
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 PEER = SHARED / "peers" / "s3prl-run"
 PEER_ENV = {"PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -190,8 +187,9 @@ def step_seconds(folders: list[Path]) -> list[float]:
 def parity(args, ckpt: Path, wav_file: str) -> dict:
     """Max |ours - s3prl| over every layer's hidden states of one utterance (batch of 1), on the frames both make."""
     import torch
-    from asv.audio import load_audio
     from asv.models.upstream import SSLUpstream
+
+    from asv.audio import load_audio
 
     wav = load_audio(wav_file, 16000)[: int(args.parity_secs * 16000)].numpy()
     np.save(args.work / "parity_wav.npy", wav)
@@ -258,11 +256,12 @@ def breakdown_spec(args, data: Path, view: Path, ckpt: Path) -> dict:
 def breakdown_child(spec: dict):
     """Ours' side: asv's TrainDataset, upstream, encoder, head and optimizer, timed part by part; prints JSON."""
     import torch
+    from asv.models import MarginSoftmax
+
     from asv.config import load_config
     from asv.data import TrainDataset, collate_padded, read_manifest
-    from asv.embedding import build_models
-    from asv.models import MarginSoftmax
-    from asv.training import make_optimizer
+    from asv.embed import build_models
+    from asv.train import make_optimizer
 
     cfg = load_config(str(ROOT / "configs" / "base.yaml"), [f"upstream.ckpt={spec['ckpt']}"])
     torch.manual_seed(0)

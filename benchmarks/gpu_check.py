@@ -14,7 +14,7 @@ folder and prepared with prepare_voxceleb.py, so the check needs no data set and
       train.mixed_precision=bf16 runs it;
   loader: the real loader (SUPERB's SoX effects, configs/base.yaml's workers) feeding the WavLM step: the
       share of the step spent waiting for batches;
-  eval: audio seconds per second of asv.embedding.embed on length-sorted batches and one file at a time;
+  eval: audio seconds per second of asv.embed.embed on length-sorted batches and one file at a time;
   fp16: train_asv.py with train.mixed_precision=fp16 on a corpus with one speaker's files poisoned (samples of
       ~1e30: the loss overflows): the number of skipped steps, and whether the saved weights are all finite.
 """
@@ -33,16 +33,14 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from asv.models import MarginSoftmax, min_input_samples
+from common import ROOT, GpuUtilisation
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere: asv is the checkout's
-from asv.config import load_config  # noqa: E402
-from asv.data import TrainBatchSampler, TrainDataset, collate_padded, read_manifest  # noqa: E402
-from asv.demo import make_demo_speaker  # noqa: E402
-from asv.embedding import build_models, embed, eval_loader  # noqa: E402
-from asv.measure import GpuUtilisation  # noqa: E402
-from asv.models import MarginSoftmax, min_input_samples  # noqa: E402
-from asv.training import make_optimizer  # noqa: E402
+from asv.config import load_config
+from asv.data import TrainBatchSampler, TrainDataset, collate_padded, read_manifest
+from asv.demo import make_demo_speaker
+from asv.embed import build_models, embed, eval_loader
+from asv.train import make_optimizer
 
 # Sizes: the recipes' own on a GPU; tiny ones for --cpu-smoke (the same code paths).
 FULL = dict(speakers=12, wavlm={}, xvector=[], ecapa=[], crop=8.0, batch=10, accumulate=5, ecapa_batch=64,
@@ -190,7 +188,7 @@ def check_loader(sizes: dict, data: Path, device):
 
 
 def check_eval(sizes: dict, data: Path, device):
-    """asv.embedding.embed on every file: length-sorted batches against one file at a time."""
+    """asv.embed.embed on every file: length-sorted batches against one file at a time."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device.type == "cpu")

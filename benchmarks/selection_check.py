@@ -19,8 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL_MINI = ROOT.parent / "shared" / "data" / "real-mini"
+from common import REAL_MINI, ROOT
 
 
 def run(*args):

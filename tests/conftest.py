@@ -1,13 +1,15 @@
 """Shared test setup: where the repository and the shared data are, and skipping (with the reason) when
 the data is absent, so a fork outside this layout runs what it can."""
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"  # real speech and VoxCeleb metadata, read-only (CI has it)
-REAL_MINI = SHARED_DATA / "real-mini"
-VOX1_META = SHARED_DATA / "voxceleb1-meta"
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts import their helpers as `common`, as when run
+from common import REAL_MINI, SHARED, VOX1_META  # noqa: E402  one way to find ../shared, for tests and benchmarks
+
+SHARED_DATA = SHARED / "data"
 FIXTURES = REPO / "tests" / "fixtures"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import asv
-import asv.embedding
+import asv.embed
 from asv import api
 from asv.audio import load_audio
 
@@ -116,8 +116,8 @@ def test_eval_chunk_secs_bounds_the_upstream(home, monkeypatch):
         seen.append(chunk_samples)
         return real(upstream, wavs, lengths, chunk_samples)
 
-    real = asv.embedding.run_chunked
-    monkeypatch.setattr(asv.embedding, "run_chunked", spy)
+    real = asv.embed.run_chunked
+    monkeypatch.setattr(asv.embed, "run_chunked", spy)
     chunked = asv.load(home / "exp" / "demo", overrides=["data.eval_chunk_secs=0.5"])
     chunked.embed(corpus_file(home, "spk05/sess1/utt2.wav"))
     assert seen == [8000]

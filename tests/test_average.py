@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from asv.models import save_model_file
 
 import asv
-from asv.checkpoints import average_checkpoints
-from asv.config import load_config, save_config
-from asv.embedding import build_models, meta_of
-from asv.models import save_model_file
+from asv.config import load_config
+from asv.embed import build_models, meta_of
+from asv.run import average_checkpoints, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 META = {"upstream": "wavlm_base", "layers": [0, 1, 2], "downstream": {"name": "xvector_bn", "channels": 4}}

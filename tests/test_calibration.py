@@ -1,4 +1,4 @@
-"""asv/calibration.py: the score -> LLR fit, calibration.json, the named thresholds on validation
+"""asv/scores.py: the score -> LLR fit, scores.json, the named thresholds on validation
 scores, and evaluate_asv.py --pair --threshold on a tiny trained run."""
 import json
 import math
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asv import calibration, metrics
-from asv.calibration import Calibration
+from asv import metrics
+from asv.metrics import Calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,14 +45,14 @@ def rates(scores, labels, threshold):
 @pytest.mark.parametrize("prior", [0.5, 0.1])
 def test_fit_recovers_the_true_llr_whatever_the_target_share(prior):
     scores, labels = gaussian_scores(5000, 45000)  # 1 target in 10
-    cal = calibration.fit_calibration(scores, labels, prior=prior)
+    cal = metrics.fit_calibration(scores, labels, prior=prior)
     assert cal.scale == pytest.approx(50, rel=0.1) and cal.offset == pytest.approx(-17.5, rel=0.1)
     assert (cal.num_trials, cal.num_targets, cal.prior) == (50000, 5000, prior)
     assert metrics.compute_cllr(cal.llr(scores), labels) < 0.5 * metrics.compute_cllr(scores, labels)
 
 
 def test_fit_improves_cllr_of_raw_scores_on_held_out_trials():
-    cal = calibration.fit_calibration(*gaussian_scores(300, 3000, seed=1))
+    cal = metrics.fit_calibration(*gaussian_scores(300, 3000, seed=1))
     scores, labels = gaussian_scores(1000, 1000, seed=2)
     calibrated = metrics.compute_cllr(cal.llr(scores), labels)
     assert metrics.compute_min_cllr(scores, labels) <= calibrated < metrics.compute_cllr(scores, labels)
@@ -60,31 +60,31 @@ def test_fit_improves_cllr_of_raw_scores_on_held_out_trials():
 
 
 def test_save_load_round_trip(tmp_path):
-    assert calibration.load_calibration(tmp_path) is None
+    assert metrics.load_calibration(tmp_path) is None
     cal = Calibration(scale=12.5, offset=-3.25, prior=0.5, num_trials=1128, num_targets=264)
-    calibration.save_calibration(tmp_path, cal)
-    assert calibration.load_calibration(tmp_path) == cal
+    metrics.save_calibration(tmp_path, cal)
+    assert metrics.load_calibration(tmp_path) == cal
     assert json.loads((tmp_path / "calibration.json").read_text())["scale"] == 12.5
     for broken in ("{", '{"scale": 1}', '{"scale": "x", "offset": 0, "prior": 0.5, "num_trials": 1, "num_targets": 1}'):
         (tmp_path / "calibration.json").write_text(broken)
         with pytest.raises(ValueError, match="calibration.json") as e:
-            calibration.load_calibration(tmp_path)
+            metrics.load_calibration(tmp_path)
         assert "\n" not in str(e.value)
 
 
 def test_ensure_calibration_fits_once_and_reads_back(tmp_path):
     ckpt = checkpoint_with_validation(tmp_path, *gaussian_scores(200, 800))
-    cal = calibration.ensure_calibration(ckpt)
+    cal = metrics.ensure_calibration(ckpt)
     assert (ckpt / "calibration.json").is_file() and cal.num_trials == 1000
-    calibration.save_calibration(ckpt, Calibration(1.0, 0.0, 0.5, 1, 1))
-    assert calibration.ensure_calibration(ckpt).scale == 1.0  # read, not refit
+    metrics.save_calibration(ckpt, Calibration(1.0, 0.0, 0.5, 1, 1))
+    assert metrics.ensure_calibration(ckpt).scale == 1.0  # read, not refit
 
 
 def test_calibration_metrics_with_and_without_a_calibration():
     scores, labels = gaussian_scores(300, 700)
-    assert set(calibration.calibration_metrics(scores, labels, None)) == {"min_cllr"}
-    cal = calibration.fit_calibration(scores, labels)
-    m = calibration.calibration_metrics(scores, labels, cal)
+    assert set(metrics.calibration_metrics(scores, labels, None)) == {"min_cllr"}
+    cal = metrics.fit_calibration(scores, labels)
+    m = metrics.calibration_metrics(scores, labels, cal)
     assert set(m) == {"min_cllr", "act_dcf_0.01", "act_dcf_0.05", "cllr", "calibration"}
     assert m["min_cllr"] <= m["cllr"] and m["act_dcf_0.01"] >= metrics.compute_min_dcf(scores, labels, 0.01)[0]
     assert m["calibration"] == {"scale": cal.scale, "offset": cal.offset}
@@ -98,32 +98,32 @@ def test_thresholds_keep_their_promise_on_the_validation_scores(tmp_path):
     ckpt = checkpoint_with_validation(tmp_path, scores, labels)
     below = lambda t: scores[scores < t].max()  # noqa: E731 -- the next lower threshold of the sweep
 
-    t, text = calibration.resolve_threshold(ckpt, "far:0.01")
+    t, text = metrics.resolve_threshold(ckpt, "far:0.01")
     far, frr = rates(scores, labels, t)
     assert far <= 0.01 < rates(scores, labels, below(t))[0]  # the lowest threshold within the target
     assert "FAR target 0.01" in text and f"FAR {far:.2%}, FRR {frr:.2%} of 2000 trials" in text
 
-    t, _ = calibration.resolve_threshold(ckpt, "frr:0.05")
+    t, _ = metrics.resolve_threshold(ckpt, "frr:0.05")
     frr = rates(scores, labels, t)[1]
     assert frr <= 0.05 < rates(scores, labels, np.nextafter(t, np.inf))[1]  # the highest within the target
 
-    t, text = calibration.resolve_threshold(ckpt, "eer")
+    t, text = metrics.resolve_threshold(ckpt, "eer")
     far, frr = rates(scores, labels, t)
     eer = metrics.compute_eer(scores, labels)[0]
     assert abs(far - eer) < 0.005 and abs(frr - eer) < 0.005 and text.startswith("EER threshold on validation")
 
-    t, _ = calibration.resolve_threshold(ckpt, "min_dcf:0.01")
+    t, _ = metrics.resolve_threshold(ckpt, "min_dcf:0.01")
     far, frr = rates(scores, labels, t)
     assert (0.01 * frr + 0.99 * far) / 0.01 == pytest.approx(metrics.compute_min_dcf(scores, labels, 0.01)[0])
 
-    t, text = calibration.resolve_threshold(ckpt, "bayes:0.01")
-    cal = calibration.load_calibration(ckpt)  # fit and saved on the way
+    t, text = metrics.resolve_threshold(ckpt, "bayes:0.01")
+    cal = metrics.load_calibration(ckpt)  # fit and saved on the way
     assert float(cal.llr(t)) == pytest.approx(-math.log(0.01 / 0.99)) and "calibrated LLR >= 4.595" in text
 
 
 def test_threshold_beyond_every_score_stays_finite():
     scores, labels = np.array([0.1, 0.2, 0.3, 0.9]), np.array([1, 0, 1, 0])  # a non-target on top
-    t, _ = calibration.threshold_on(scores, labels, "min_dcf:0.001")  # rejecting everything is cheapest
+    t, _ = metrics.threshold_on(scores, labels, "min_dcf:0.001")  # rejecting everything is cheapest
     assert 0.9 < t < 0.9 + 1e-9 and rates(scores, labels, t) == (0, 1)
 
 
@@ -131,13 +131,13 @@ def test_threshold_beyond_every_score_stays_finite():
                                   "dcf:0.01", "FAR:0.01"])
 def test_bad_threshold_names_are_one_line_errors(name, tmp_path):
     with pytest.raises(ValueError) as e:
-        calibration.resolve_threshold(tmp_path, name)  # before the (missing) validation file is looked for
+        metrics.resolve_threshold(tmp_path, name)  # before the (missing) validation file is looked for
     assert "\n" not in str(e.value) and "eer, min_dcf:<p>, far:<rate>, frr:<rate> or bayes:<p>" in str(e.value)
 
 
 def test_missing_validation_scores_say_how_to_get_them(tmp_path):
     with pytest.raises(ValueError) as e:
-        calibration.resolve_threshold(tmp_path, "eer")
+        metrics.resolve_threshold(tmp_path, "eer")
     message = str(e.value)
     assert "\n" not in message and str(tmp_path / "eval" / "valid" / "scores.txt") in message
     assert "--trials valid" in message and "--valid-speakers 0" in message
@@ -147,7 +147,7 @@ def test_bayes_threshold_needs_an_increasing_calibration(tmp_path):
     scores, labels = gaussian_scores(200, 800)
     ckpt = checkpoint_with_validation(tmp_path, -scores, labels)  # targets score lower
     with pytest.raises(ValueError, match="scale") as e:
-        calibration.resolve_threshold(ckpt, "bayes:0.5")
+        metrics.resolve_threshold(ckpt, "bayes:0.5")
     assert "\n" not in str(e.value)
 
 

@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 
-from asv.checkpoints import (HISTORY, best_entry, best_step, clear_partial_saves, complete_checkpoints, point_best,
+from asv.run import (HISTORY, best_entry, best_step, clear_partial_saves, complete_checkpoints, point_best,
                              rank_key, read_history, record_validation, settle, step_of, truncate_history)
 
 

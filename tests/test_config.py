@@ -3,11 +3,23 @@ owned by the chosen architecture, clear errors naming the key, save/load, and wh
 import dataclasses
 
 import pytest
+from asv.models import DOWNSTREAMS
 from conftest import REPO
 
-from asv.config import (AT_LEAST_ONE, CHOICES, NOT_NEGATIVE, POSITIVE, Config, ConfigError, config_changes, flatten,
-                        load_config, reference, save_config, unsafe_changes)
-from asv.models import DOWNSTREAMS
+from asv.config import (
+    AT_LEAST_ONE,
+    CHOICES,
+    NOT_NEGATIVE,
+    POSITIVE,
+    Config,
+    ConfigError,
+    config_changes,
+    flatten,
+    load_config,
+    reference,
+    unsafe_changes,
+)
+from asv.run import save_config
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

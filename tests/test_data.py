@@ -16,7 +16,7 @@ from asv.config import AugmentConfig
 from asv.data import (SPEED_CLASS, TrainBatchSampler, TrainDataset, Trials, Utterance, UtteranceDataset,
                       collate_padded, durations_after_effects, example_samples, length_batches, read_manifest,
                       read_trials, stored_path)
-from asv.effects import superb_effects
+from asv.audio import superb_effects
 
 SR = 16000
 

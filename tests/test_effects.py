@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from asv.effects import gain_db, superb_effects, trim_silence  # noqa: E402
+from asv.audio import gain_db, superb_effects, trim_silence  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REAL_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mini"

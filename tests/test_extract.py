@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from asv.config import load_config, save_config
+from asv.config import load_config
+from asv.run import save_config
 from asv.data import UtteranceDataset, read_audio_list
-from asv.embedding import build_models, load_extractors, meta_of
+from asv.embed import build_models, load_extractors, meta_of
 from asv.models import save_model_file
 from conftest import REAL_MINI, REPO as ROOT, need
 

@@ -28,7 +28,7 @@ import yaml
 
 import prepare_voxceleb
 import train_asv
-from asv.embedding import load_extractors
+from asv.embed import load_extractors
 from conftest import REPO as ROOT
 
 SR = 16000

@@ -14,9 +14,10 @@ import soundfile as sf
 import torch
 
 import prepare_voxceleb as prep
-from asv.config import load_config, save_config
+from asv.config import load_config
+from asv.run import save_config
 from asv.data import read_audio_list, read_trials, read_utt2spk, read_wav_scp
-from asv.embedding import build_models, meta_of
+from asv.embed import build_models, meta_of
 from asv.models import save_model_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import signal
 import pytest
 
 from asv.config import load_config
-from asv.fileio import atomic_write, recover_dir, replace_dir, write_json, write_text
-from asv.runfolder import RunLock, data_fingerprint, open_run, run_config
+from asv.run import atomic_write, recover_dir, replace_dir, write_json, write_text
+from asv.run import RunLock, data_fingerprint, open_run, run_config
 
 MANIFEST = """id,path,speaker,duration,sample_rate,split
 spk1/a/00001,wav/spk1/a/00001.wav,spk1,4.5,16000,train

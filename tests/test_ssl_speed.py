@@ -11,9 +11,10 @@ import soundfile as sf
 import torch
 from accelerate import Accelerator
 
-from asv.config import load_config, save_config
-from asv.embedding import build_models, embed_files, load_extractors, meta_of
-from asv.feature_cache import FeatureCache
+from asv.config import load_config
+from asv.run import save_config
+from asv.embed import build_models, embed_files, load_extractors, meta_of
+from asv.embed import FeatureCache
 from asv.models import save_model_file
 from tests.conftest import FIXTURES, REPO
 

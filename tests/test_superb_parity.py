@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from asv.audio import load_audio
-from asv.effects import superb_effects
+from asv.audio import superb_effects
 from asv.models import MarginSoftmax, WeightedSum
 from asv.models.superb_xvector import SuperbXvector
 from asv.models.upstream import KaldiUpstream, SSLUpstream

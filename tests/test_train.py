@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from asv.config import ConfigError, load_config
-from asv.training import (NonFiniteGuard, StepMeter, TrainState, label_encoder, lr_at, make_optimizer, margin_at,
+from asv.train import (NonFiniteGuard, StepMeter, TrainState, label_encoder, lr_at, make_optimizer, margin_at,
                           one_line, trackers)
 
 

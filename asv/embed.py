@@ -1,13 +1,8 @@
-"""Checkpoints -> embeddings -> scores: what evaluation, validation, --pair, --extract and the API share.
-
-`load_extractors` is the one way to build models from checkpoint folders. `embed` runs a
-(prepared) loader of whole utterances through them: a frozen upstream runs once per batch and
-every checkpoint's featurizer and downstream are applied to the same hidden states, so
-evaluating ten checkpoints costs little more than one. Under several processes every process
-embeds its share and the embeddings are gathered (`gather_for_metrics`).
-"""
+"""Evaluation: checkpoint -> extractor, embeddings (batched, masked, exact), the feature cache, scores and
+result sets for trial lists."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -22,12 +17,133 @@ import torch
 from . import metrics
 from .audio import header_frames, progress
 from .config import Config
-from .data import Trials, UtteranceDataset, collate_padded, length_batches
-from .feature_cache import FeatureCache, PassThrough, StoredHidden, collate_hidden
-from .fileio import atomic_write, recover_dir, replace_dir, write_text
-from .models import (Extractor, SpeakerEncoder, asnorm_scores, build_encoder, build_upstream, cohort_stats,
-                     cosine_scores, load_model_file, min_input_samples, model_meta, run_chunked)
-from .runfolder import run_config
+from .data import Trials, UtteranceDataset, collate_padded, length_batches, read_manifest, read_trials, trial_lists
+from .models import (
+    Extractor,
+    SpeakerEncoder,
+    asnorm_scores,
+    build_encoder,
+    build_upstream,
+    cohort_stats,
+    cosine_scores,
+    load_model_file,
+    min_input_samples,
+    model_meta,
+    run_chunked,
+)
+from .run import atomic_write, recover_dir, replace_dir, run_config, write_text
+from .metrics import VALID_SCORES, calibration_line, calibration_metrics, ensure_calibration, has_validation_scores
+
+FORMAT = 1  # bump when the upstream code changes what it returns: old entries are then never read
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_stamps(path: str) -> list:
+    """[absolute path, size, mtime ns] of a file, or of each file in a folder (a Hugging Face checkpoint)."""
+    p = Path(path).resolve()
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def upstream_identity(cfg, upstream: torch.nn.Module) -> dict:
+    """Everything that decides the hidden states a frozen upstream gives an audio file at evaluation."""
+    u = cfg.upstream
+    identity = {"format": FORMAT, "upstream": dataclasses.asdict(u), "layers": list(getattr(upstream, "layers", [0])),
+                "sample_rate": cfg.data.sample_rate, "eval_chunk_secs": cfg.data.eval_chunk_secs,
+                "mixed_precision": cfg.train.mixed_precision}
+    if u.ckpt:
+        identity["ckpt_files"] = file_stamps(u.ckpt)
+    elif u.random_init:  # built afresh in every process: only the weights themselves say which
+        identity["weights_sha256"] = weights_digest(upstream)
+    return identity
+
+
+class FeatureCache:
+    """Hidden states per audio file for one upstream identity (see the module docstring)."""
+
+    def __init__(self, folder, cfg, upstream: torch.nn.Module):
+        if cfg.upstream.trainable:
+            raise ValueError("--feature-cache: upstream.trainable=true gives every checkpoint its own upstream; "
+                             "there is nothing to share between evaluations")
+        identity = upstream_identity(cfg, upstream)
+        self.dir = Path(folder) / _digest(json.dumps(identity, sort_keys=True))[:16]
+        with atomic_write(self.dir / "identity.json", shared=True) as f:
+            f.write(json.dumps(identity, indent=2) + "\n")
+        self.found = self.written = self.bytes_written = 0
+
+    def entry(self, path: str) -> Path:
+        st = os.stat(path)
+        key = _digest(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}")
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def has(self, path: str) -> bool:
+        return self.entry(path).is_file()
+
+    def store(self, path: str, hidden: np.ndarray):
+        """hidden (layers, frames, dim) float16 -> the entry of `path`, unless another process wrote it already."""
+        entry = self.entry(path)
+        if entry.is_file():
+            return
+        with atomic_write(entry, "wb", shared=True) as f:  # a file object: np.save would append .npy to a path
+            np.save(f, hidden)
+        self.written += 1
+        self.bytes_written += entry.stat().st_size
+
+    def writer(self, paths: list[str]):
+        """A callback for embed(): stores each row's valid frames of every layer; `index` indexes `paths`."""
+        def store(index: torch.Tensor, hidden: list[torch.Tensor], frames: torch.Tensor):
+            for row, (i, n) in enumerate(zip(index.tolist(), frames.tolist())):
+                self.store(paths[i], torch.stack([h[row, :n] for h in hidden]).to(torch.float16).cpu().numpy())
+        return store
+
+    def folder_mb(self) -> float:
+        return sum(f.stat().st_size for f in self.dir.glob("*/*.npy")) / 2**20
+
+    def summary(self, total: int) -> str:
+        return (f"feature cache {self.dir}: {self.found} of {total} files found; wrote {self.written} "
+                f"({self.bytes_written / 2**20:.1f} MB); the folder holds {self.folder_mb():.1f} MB")
+
+
+class StoredHidden(torch.utils.data.Dataset):
+    """Cache entries: index -> (hidden (layers, frames, dim) float16, index)."""
+
+    def __init__(self, entries: list[Path]):
+        self.entries = entries
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, index):
+        return torch.from_numpy(np.load(self.entries[index])), index
+
+
+def collate_hidden(items):
+    """[((L, T_i, D), index)] -> ([(B, T, D) float32] * L zero-padded, frames (B,), indices (B,)): what an
+    upstream returns, in the place of (wavs, lengths, indices)."""
+    frames = torch.tensor([h.shape[1] for h, _ in items], dtype=torch.long)
+    layers, _, dim = items[0][0].shape
+    padded = torch.zeros(layers, len(items), int(frames.max()), dim)
+    for row, (h, _) in enumerate(items):
+        padded[:, row, : h.shape[1]] = h.float()
+    return list(padded.unbind(0)), frames, torch.tensor([i for _, i in items], dtype=torch.long)
+
+
+class PassThrough(torch.nn.Module):
+    """Stands in for the upstream when the loader yields stored hidden states: returns them as they come."""
+
+    def forward(self, hidden: list[torch.Tensor], frames: torch.Tensor):
+        return hidden, frames
 
 
 @dataclass
@@ -305,3 +421,112 @@ def write_embeddings(out: Path, ids: list[str], emb: np.ndarray):
         ark_tmp = f.name
     # kaldiio writes the ark's own (temporary) name into the scp: point it at the final one
     write_text(out.with_suffix(".scp"), scp.getvalue().replace(f" {ark_tmp}:", f" {out}:"))
+
+
+@dataclass
+class TrialList:
+    name: str
+    path: Path
+    user_file: bool  # given as a file rather than one of the data folder's lists
+
+
+def resolve_lists(data_dir: str, names_or_files: list[str]) -> list[TrialList]:
+    """Trial list names (from data_dir/trials) or files; default: every test list of the data folder."""
+    known = trial_lists(data_dir)
+    if not names_or_files:
+        return [TrialList(k, v, False) for k, v in known.items() if k != "valid"]
+    out = []
+    for item in names_or_files:
+        if item in known:
+            out.append(TrialList(item, known[item], False))
+        elif Path(item).is_file():
+            out.append(TrialList(Path(item).name.removesuffix(".gz").rsplit(".", 1)[0], Path(item), True))
+        else:
+            raise ValueError(f"trial list '{item}' is neither a file nor one of {', '.join(known) or '(none)'} "
+                             f"in {data_dir}/trials")
+    return out
+
+
+def checkpoint_calibrations(accelerator, ckpts: list[Path]) -> dict:
+    """{ckpt: its calibration (fit on its validation scores once, then read back), or None without
+    validation scores (SUPERB protocol: nothing to fit on; min Cllr needs no calibration)}."""
+    cals = {c: ensure_calibration(c) if has_validation_scores(c) else None for c in ckpts}
+    missing = [c for c, cal in cals.items() if cal is None]
+    if missing:
+        accelerator.print(f"note: {len(missing)} checkpoint(s) without validation scores ({missing[0] / VALID_SCORES}"
+                          f"{', ...' if len(missing) > 1 else ''}): no calibrated scores, min Cllr only")
+    return cals
+
+
+@dataclass
+class Inputs:
+    """Everything an evaluation reads, checked before any model is built."""
+    lists: dict[str, tuple[TrialList, Trials, dict[str, str]]]  # key -> (list, its trials, entry -> audio file)
+    cohort: list[str]                                            # AS-norm cohort files ([] without AS-norm)
+    paths: list[str]                                             # every file to embed, once
+    durations: list[float]
+
+
+def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> Inputs:
+    """Read every list, resolve every entry to a file and every file's duration (a missing or unreadable file
+    is a one-line error naming it) before any model work."""
+    if not lists:
+        raise ValueError(f"no test trial lists in {cfg.data.dir}/trials")
+    utts = read_manifest(cfg.data.dir)
+    by_id = {u.id: u for u in utts}
+    loaded = {}
+    for spec in lists:
+        trials = read_trials(spec.path)
+        loaded[spec.name if not spec.user_file else str(spec.path)] = (spec, trials, trial_audio(
+            trials, spec.path, by_id, trials_root))
+    cohort = cohort_paths(utts, cfg.score.cohort_size) if cfg.score.asnorm else []
+    if cfg.score.asnorm and not cohort:
+        raise ValueError(f"score.asnorm needs training utterances in {cfg.data.dir} for its cohort")
+    paths = sorted({p for _, _, audio in loaded.values() for p in audio.values()} | set(cohort))
+    return Inputs(loaded, cohort, paths, audio_durations(paths, {u.path: u.duration for u in utts}))
+
+
+def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | None = None,
+                         cache: FeatureCache | None = None) -> dict:
+    """Evaluate one run's checkpoints on trial lists; returns {ckpt: {eval folder name: metrics}} (main process).
+
+    `lists`: TrialLists, or the Inputs that read_inputs made of them before the models were built."""
+    inputs = lists if isinstance(lists, Inputs) else read_inputs(ex.cfg, lists, trials_root)
+    cfg, cohort, paths = ex.cfg, inputs.cohort, inputs.paths
+    if cohort and len(cohort) < cfg.score.cohort_size:
+        accelerator.print(f"note: score.cohort_size={cfg.score.cohort_size}, but {cfg.data.dir} has "
+                          f"{len(cohort)} training utterances: the cohort holds them all")
+    cals = checkpoint_calibrations(accelerator, ex.ckpts) if accelerator.is_main_process else {}
+    row = {p: i for i, p in enumerate(paths)}
+    tables, done = embed_files(accelerator, ex, paths, inputs.durations, cache)
+    if done.sum() < len(paths):
+        accelerator.print(f"note: eval_batch={cfg.eval_batch} embedded {done.sum()} of {len(paths)} utterances; "
+                          "trials with the others are left out")
+    rows = {key: trial_rows(row, trials, audio) for key, (_, trials, audio) in inputs.lists.items()}
+    out = {}
+    for ckpt, table in zip(ex.ckpts, tables):
+        out[str(ckpt)] = {}
+        for key, (spec, trials, _) in inputs.lists.items():
+            a, b = rows[key]
+            scores, keep = score_trials(table, done, a, b)
+            if not accelerator.is_main_process:
+                continue
+            labels, cal = trials.labels[keep], cals.get(ckpt)
+            m = {**metrics.compute_metrics(scores, labels), **calibration_metrics(scores, labels, cal)}
+            files = {"scores.txt": scores_text(trials, keep, scores)}
+            if cal is not None:
+                files["scores_calibrated.txt"] = scores_text(trials, keep, cal.llr(scores))
+            line = metrics_line(ckpt, spec.name, m) + calibration_line(m)
+            if cohort:
+                normed, used = asnorm(table, done, [row[p] for p in cohort], cfg.score.top_k, a[keep], b[keep], scores)
+                m["asnorm"] = {**metrics.compute_metrics(normed, labels), **used}
+                files["scores_asnorm.txt"] = scores_text(trials, keep, normed)
+                files["metrics_asnorm.json"] = metrics_json(m["asnorm"])
+                line += f" | AS-norm EER {m['asnorm']['eer']:.2f}% minDCF0.01 {m['asnorm']['min_dcf_0.01']:.4f}"
+            files["metrics.json"] = metrics_json(m)
+            folder = eval_folder(ckpt, spec.name, spec.path if spec.user_file else None)
+            write_eval_set(folder, files)
+            out[str(ckpt)][folder.name] = m
+            accelerator.print(line + (f" | {folder}" if spec.user_file else ""))
+    accelerator.wait_for_everyone()
+    return out

@@ -1,4 +1,4 @@
-"""What the benchmarks share: running a stage as a subprocess while sampling the memory of its whole process
+"""What the benchmarks share: where the checkout and ../shared are, running a stage as a subprocess while sampling the memory of its whole process
 tree, the corpus view the s3prl peer runner reads, and GPU utilisation sampled while a block runs.
 
 Benchmarks are verbs and never import one another; what two of them need lives here.
@@ -17,6 +17,13 @@ import time
 from pathlib import Path
 
 import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+# real speech, VoxCeleb metadata and the s3prl peer runner, read-only; ASV_SHARED moves it for a fork elsewhere
+SHARED = Path(os.environ.get("ASV_SHARED", ROOT.parent / "shared"))
+REAL_MINI = SHARED / "data" / "real-mini"
+VOX1_META = SHARED / "data" / "voxceleb1-meta"
+PEERS = SHARED / "peers"
 
 
 def tree_pss_kib(root_pid: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import LoggerType
 
 from .config import ConfigError, LossConfig, OptimConfig, SchedulerConfig
-from .fileio import write_text
+from .run import write_text
 
 
 def lr_at(step: int, peak: float, scheduler: SchedulerConfig | None, total_steps: int) -> float:

@@ -1,32 +1,81 @@
-"""Checkpoints of a run folder: names, the validation history, the `best` link and pruning. One place,
-used by training, evaluation and the report.
-
-    exp/<run>/step-N/           Accelerate state + model.pt (+ eval/valid/metrics.json when validated at N)
-    exp/<run>/valid_history.jsonl  one line per validation: {"step": N, "eer": ..., ...}, kept after pruning
-    exp/<run>/best -> step-K    the checkpoint that ranks first on validation
-
-A checkpoint is written as step-N.tmp and renamed when complete, so every step-N folder is whole.
-`settle` derives everything else from the checkpoints' own records: it rebuilds the history's
-missing lines from step-*/eval/valid/metrics.json, points `best` at the best checkpoint that exists,
-and prunes. It runs after every save and when a run starts, so a kill at any instant (between the
-rename and the link, say) is repaired by the next run and `best` never names a deleted folder.
-
-`average_checkpoints` writes exp/<run>/avg-<name>/: the mean of several checkpoints' weights
-(WeSpeaker's average_model), a checkpoint folder that evaluation loads like any other.
-
-Ranking (`rank_key`): the validation metric (train.valid_metric), then minDCF at 0.01 and 0.05,
-then the larger margin between the mean target and mean non-target score (continuous, so it
-still separates checkpoints whose error counts tie), then the later step.
-"""
+"""The run folder: atomic files, the lock, records (config, run.json, history), checkpoints, `best`,
+pruning and averaging. Every writer here leaves a consistent folder whatever instant it is killed at."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
-from .fileio import recover_dir, replace_dir, write_json, write_text
+import yaml
+
+from .config import Config, ConfigError, config_changes, config_to_dict, load_config, unsafe_changes
+from .data import read_manifest, trial_lists
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w", shared: bool = False, **open_kwargs):
+    """Open `path.tmp`; on a clean exit it is renamed over `path`, on an error it is removed.
+
+    `shared`: several processes may write the same `path` at once (each its own `path.<pid>.tmp`;
+    the last rename wins, and every version is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + (f".{os.getpid()}" if shared else "") + ".tmp")
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {}), **open_kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text: str):
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def save_config(cfg: Config, path):
+    """Write the resolved config atomically; loading it back gives the same Config."""
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def replace_dir(new: Path, final: Path):
+    """Put the complete folder `new` in place of `final` (which may exist).
+
+    Two renames: `final` -> `final.old`, `new` -> `final`, then `final.old` is deleted. A kill
+    between them leaves `final.old` beside no `final`; `recover_dir` puts it back.
+    """
+    new, final = Path(new), Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path):
+    """Undo a `replace_dir` that a kill cut short: the old folder comes back if no new one arrived."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+
 
 STEP_NAME = re.compile(r"step-(\d+)")
 HISTORY = "valid_history.jsonl"
@@ -219,3 +268,96 @@ def _mean(tensors: list):
     if not tensors[0].is_floating_point():
         return tensors[-1].clone()
     return (sum(t.double() for t in tensors) / len(tensors)).to(tensors[0].dtype)
+
+
+class RunLock:
+    """An exclusive flock on exp/.lock for as long as the object lives (or until `release`)."""
+
+    def __init__(self, exp: Path):
+        exp.mkdir(parents=True, exist_ok=True)
+        self.path = exp / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(f"{exp} is in use by {holder}: wait for it to finish or stop it "
+                             "(a dead process holds no lock)") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.file.flush()
+
+    def release(self):
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+
+def data_fingerprint(data_dir: str) -> str:
+    """What training depends on in a data folder (utterance ids, speakers, splits, durations, the
+    validation list), not where it lies: a moved folder has the same fingerprint."""
+    h = hashlib.sha256()
+    for u in sorted(read_manifest(data_dir), key=lambda u: u.id):
+        h.update(f"{u.id}\t{u.speaker}\t{u.split}\t{u.duration:.4f}\n".encode())
+    valid = trial_lists(data_dir).get("valid")
+    if valid:
+        h.update(valid.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
+    """Create the run folder, or check a re-run against it; returns its complete checkpoints.
+
+    Call with the RunLock held, on the main process only. Nothing is written before every check passed.
+    """
+    checkpoints = complete_checkpoints(exp)
+    saved_path = exp / "config.yaml"
+    fingerprint = data_fingerprint(cfg.data.dir)
+    if not saved_path.is_file():
+        if checkpoints:
+            raise ValueError(f"{exp} holds checkpoints but no config.yaml: not a run folder this code wrote; "
+                             "use a new exp_dir")
+        save_config(cfg, saved_path)
+        write_json(exp / "run.json", {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "data_fingerprint": fingerprint})
+        return checkpoints
+    if checkpoints and not cfg.train.auto_resume and not cfg.train.resume_ckpt_dir:
+        raise ValueError(f"{exp} holds checkpoints of an earlier run (up to {checkpoints[-1].name}) and "
+                         "train.auto_resume=false: use a new exp_dir, or delete that folder to start over")
+    try:
+        saved = load_config(str(saved_path))
+    except ConfigError as e:
+        raise ValueError(f"{saved_path}: cannot be read back ({e}); use a new exp_dir") from None
+    refused = unsafe_changes(saved, cfg)
+    run = json.loads((exp / "run.json").read_text()) if (exp / "run.json").is_file() else {}
+    recorded = run.get("data_fingerprint")
+    if "data.dir" in refused and recorded == fingerprint:
+        del refused["data.dir"]  # the same data, moved
+    other_data = {"data fingerprint": (recorded, fingerprint)} if recorded and recorded != fingerprint else {}
+    if "data.dir" not in refused:
+        refused.update(other_data)  # the same folder, prepared again with other contents
+    if refused and not amend:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ValueError(f"{exp} was trained with another config ({listed}). Use a new exp_dir, or re-run with "
+                         "--amend to change the run on purpose (recorded in config_history.jsonl)")
+    changes = {**config_changes(saved, cfg), **other_data}
+    if changes:
+        step = step_of(checkpoints[-1]) if checkpoints else 0
+        entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at_step": step, "amended": bool(refused),
+                 "changes": {k: [old, new] for k, (old, new) in changes.items()}}
+        with open(exp / "config_history.jsonl", "a", encoding="utf-8") as f:  # appended whole lines only
+            f.write(json.dumps(entry) + "\n")
+        save_config(cfg, saved_path)
+        write_json(exp / "run.json", {**run, "data_fingerprint": fingerprint})
+    return checkpoints
+
+
+def run_config(ckpt_or_run: Path, overrides: list[str] = ()) -> Config:
+    """The config of the run a checkpoint (or run folder) belongs to, with overrides for evaluation."""
+    folder = Path(ckpt_or_run)
+    run = folder if (folder / "config.yaml").is_file() else folder.absolute().parent
+    if not (run / "config.yaml").is_file():
+        raise ValueError(f"{folder}: no config.yaml here or in {run}: not a run or checkpoint folder of train_asv.py")
+    return load_config(str(run / "config.yaml"), overrides)
