@@ -4,7 +4,7 @@
     python train_asv.py --config configs/demo.yaml train.total_steps=200 exp_dir=exp/try
 
 Re-running the same command resumes from the newest complete checkpoint in exp_dir; a re-run
-with another config is refused unless --amend (asv/runfolder.py). Checkpoints: exp_dir/step-N/
+with another config is refused unless --amend (asv/run.py). Checkpoints: exp_dir/step-N/
 (Accelerate state + model.pt, the file evaluation loads); exp_dir/best -> the checkpoint ranked
 first on the validation speakers (the test trials never choose anything). At the end the best
 checkpoint is evaluated on the test trial lists.
@@ -12,35 +12,26 @@ checkpoint is evaluated on the test trial lists.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from asv.audio import progress
-from asv.augment import Augmenter, spec_augment
-from asv.run import (clear_partial_saves, complete_checkpoints, read_history, record_validation, settle,
-                             truncate_history, best_entry, rank_key)
-from asv.config import ConfigError, flatten, help_text, load_config
-from asv.data import TrainBatchSampler, TrainDataset, collate_padded, durations_after_effects, read_manifest, \
-    read_trials, trial_lists
-from asv.embed import (build_models, embed, eval_loader, load_extractors, meta_of, score_trials, trial_audio,
-                           scores_text, trial_rows, validation_metrics)
-from asv.embed import evaluate_checkpoints, resolve_lists
-from asv.run import write_json, write_text
-from asv.models import MarginSoftmax, load_model_file, min_input_samples, save_model_file
-from asv.run import RunLock, open_run
-from asv.train import (NonFiniteGuard, StepMeter, TrainState, check_launch, label_encoder, lr_at, make_optimizer,
-                          margin_at, one_line, trackers)
+from asv.config import flatten, help_text, load_config
+from asv.data import durations_after_effects, read_manifest, read_trials, train_loader, trial_lists
+from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of, resolve_lists, score_trials,
+                       scores_text, trial_audio, trial_rows, validation_metrics)
+from asv.models import load_model_file, min_input_samples, save_model_file
+from asv.run import (RunLock, best_entry, clear_partial_saves, complete_checkpoints, open_run, rank_key, read_history,
+                     record_validation, settle, truncate_history, write_json, write_text)
+from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, label_encoder, lr_at, make_accelerator,
+                       one_line, prepare, set_schedules, train_step)
 
 
 def main():
@@ -59,21 +50,6 @@ def main():
         sys.exit(f"error: {one_line(e)}")
 
 
-class Log:
-    """Log lines on the terminal (above the progress bar) and in exp/train.log, main process only."""
-
-    def __init__(self, accelerator, exp: Path, total_steps: int, done: int):
-        self.main, self.path = accelerator.is_main_process, exp / "train.log"
-        self.bar = progress(total=total_steps, desc="training", unit="step", enabled=self.main)
-        self.bar.update(done)
-
-    def say(self, line: str):
-        if self.main:
-            self.bar.write(line)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-
-
 def absolute_paths(cfg):
     """Paths in the config as absolute ones, so config.yaml means the same from any directory."""
     for section, key in (("", "exp_dir"), ("data", "dir"), ("upstream", "ckpt"), ("augment", "noise_dir"),
@@ -82,21 +58,6 @@ def absolute_paths(cfg):
         if getattr(owner, key):
             setattr(owner, key, os.path.abspath(getattr(owner, key)))
     return cfg
-
-
-def make_accelerator(cfg) -> Accelerator:
-    t, exp = cfg.train, Path(cfg.exp_dir)
-    wanted = trackers(t.log_with)
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulate,
-                              log_with=wanted,  # TensorBoard: exp_dir/logs/<run name>/
-                              project_config=ProjectConfiguration(project_dir=str(exp), logging_dir=str(exp / "logs")))
-    check_launch(accelerator)
-    # Accelerate drops a tracker whose package is missing with only a debug message: say it instead
-    missing = [n for n in (wanted if isinstance(wanted, list) else []) if n not in {str(x) for x in accelerator.log_with}]
-    if missing:
-        raise ConfigError(f"train.log_with: {missing[0]} is not installed (pip install {missing[0]}, "
-                          "or leave it out of train.log_with)")
-    return accelerator
 
 
 def build_data(accelerator, cfg, exp: Path):
@@ -121,16 +82,11 @@ def build_data(accelerator, cfg, exp: Path):
                               f"{d.min_secs:g} s or shorter{' after the effects' if d.effects != 'none' else ''}: "
                               "left out, as SUPERB does")
         train_utts, durations = [train_utts[i] for i in kept], [durations[i] for i in kept]
-    sampler = TrainBatchSampler(durations, d.batch_size, d.crop, d.min_secs, d.max_secs, cfg.train.seed,
-                                multiple=cfg.train.gradient_accumulate * accelerator.num_processes)
-    a = cfg.augment
-    augmenter = Augmenter(a, d.sample_rate) if a.noise_prob or a.rir_prob or a.speed_prob else None
-    dataset = TrainDataset(train_utts, [label_of[u.speaker] for u in train_utts], d.sample_rate, d.crop, d.effects,
-                           augmenter)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_padded,
-                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    num_classes = len(label_of) * (3 if a.speed_prob > 0 else 1)  # speed-perturbed copies are new speakers
-    return loader, num_classes, f"{len(train_utts)} utterances of {len(label_of)} speakers; {len(sampler)} batches per epoch"
+    loader = train_loader(cfg, train_utts, [label_of[u.speaker] for u in train_utts], durations,
+                          multiple=cfg.train.gradient_accumulate * accelerator.num_processes)
+    num_classes = len(label_of) * (3 if cfg.augment.speed_prob > 0 else 1)  # speed-perturbed copies are new speakers
+    return loader, num_classes, (f"{len(train_utts)} utterances of {len(label_of)} speakers; "
+                                 f"{len(loader.batch_sampler)} batches per epoch")
 
 
 class Validation:
@@ -226,34 +182,6 @@ def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
     accelerator.print(f"resumed from {folder} at step {state.step}")
 
 
-def lr_of(cfg, step: int) -> float:
-    t = cfg.train
-    return lr_at(step, cfg.optim.lr, cfg.scheduler if t.use_scheduler else None, t.total_steps)
-
-
-def set_schedules(accelerator, cfg, optimizer, head, step: int):
-    """The lr and the margin of optimizer step `step`: pure functions of the step."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr_of(cfg, step)
-    accelerator.unwrap_model(head).margin = margin_at(step, cfg.loss)
-
-
-@dataclass
-class Run:
-    """What the loop works on: the models (the trained ones prepared by Accelerate), optimizer, data, state."""
-    upstream: torch.nn.Module
-    encoder: torch.nn.Module
-    head: torch.nn.Module
-    trained: list  # the prepared modules that learn: encoder, head (and a trainable upstream)
-    params: list
-    optimizer: torch.optim.Optimizer
-    loader: torch.utils.data.DataLoader
-    validation: Validation
-    state: TrainState
-    spec_rng: torch.Generator  # SpecAugment's own: the global RNG also feeds DataLoader iterators
-    about: str
-
-
 def open_run_folder(accelerator, cfg, amend: bool):
     """Lock the run folder, check the config against it and repair what a kill left half done
     (main process); every process then sees the same complete checkpoints."""
@@ -267,82 +195,58 @@ def open_run_folder(accelerator, cfg, amend: bool):
     return lock, complete_checkpoints(exp) if t.auto_resume or t.resume_ckpt_dir else []
 
 
-def build_run(accelerator, cfg, checkpoints: list[Path]) -> Run:
-    """Data, model, optimizer, `prepare` (a frozen upstream stays outside it: no DDP, no optimizer, not
-    saved), then the resume."""
+def build_run(accelerator, cfg, checkpoints: list[Path]):
+    """Data, the parts (models, head, optimizer), one `prepare`, then the resume."""
     t = cfg.train
     loader, num_classes, about = build_data(accelerator, cfg, Path(cfg.exp_dir))
-    upstream, encoder = build_models(cfg)
-    spec_rng = torch.Generator()
-    if cfg.augment.specaug_prob > 0:
-        encoder.feature_augment = lambda feats, lengths: spec_augment(feats, lengths, cfg.augment, spec_rng)
-    head = MarginSoftmax(cfg.downstream.embed_dim, num_classes, cfg.loss.name, cfg.loss.margin, cfg.loss.scale,
-                         cfg.loss.sub_centers)
+    parts = build_parts(cfg, num_classes)
     if t.init_from and not checkpoints:  # fine-tuning starts from another run's weights
-        load_model_file(t.init_from, encoder, upstream, meta_of(cfg, upstream), head)
+        load_model_file(t.init_from, parts.encoder, parts.upstream, meta_of(cfg, parts.upstream), parts.head)
         accelerator.print(f"initialised from {t.init_from}")
-    trained = [encoder, head] + ([upstream] if cfg.upstream.trainable else [])
-    params = [p for m in trained for p in m.parameters()]
-    optimizer = make_optimizer(cfg.optim, params)
-    validation = Validation(accelerator, cfg, min_input_samples(upstream, encoder))
-    *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
-    upstream = trained[2] if cfg.upstream.trainable else upstream.to(accelerator.device)
+    validation = Validation(accelerator, cfg, min_input_samples(parts.upstream, parts.encoder))
+    (loader,) = prepare(accelerator, parts, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     resume(accelerator, cfg, checkpoints, state)
-    return Run(upstream, trained[0], trained[1], trained, params, optimizer, loader, validation, state, spec_rng,
-               about)
+    return parts, loader, validation, state, about
 
 
-def log_progress(accelerator, cfg, run: Run, meter: StepMeter, log: Log, step: int, crops_per_second: float):
+def log_progress(accelerator, cfg, parts, state, meter: StepMeter, log: Log, step: int, crops_per_second: float):
     loss, acc = meter.read(accelerator)
-    lr = lr_of(cfg, step - 1)
-    skipped = f" | {run.state.skipped_steps} steps skipped" if run.state.skipped_steps else ""
+    lr = lr_at(step - 1, cfg.optim.lr, cfg.scheduler, cfg.train.total_steps)
+    skipped = f" | {state.skipped_steps} steps skipped" if state.skipped_steps else ""
     log.say(f"step {step} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.1e} | {crops_per_second:.0f} crops/s{skipped}")
-    weights = accelerator.unwrap_model(run.encoder).featurizer.layer_weights()
+    weights = accelerator.unwrap_model(parts.encoder).featurizer.layer_weights()
     accelerator.log({"train/loss": loss, "train/accuracy": acc, "train/lr": lr,
-                     "train/crops_per_second": crops_per_second, "train/skipped_steps": run.state.skipped_steps,
+                     "train/crops_per_second": crops_per_second, "train/skipped_steps": state.skipped_steps,
                      **{f"layer_weights/{i:02d}": w for i, w in enumerate(weights)}}, step=step)
 
 
 def train(cfg, amend: bool = False):
     cfg, t = absolute_paths(cfg), cfg.train
     exp = Path(cfg.exp_dir)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, exp)
     lock, checkpoints = open_run_folder(accelerator, cfg, amend)
     set_seed(t.seed)
     accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in flatten(cfg).items()})
-    run = build_run(accelerator, cfg, checkpoints)
-    upstream, encoder, head, optimizer, state = run.upstream, run.encoder, run.head, run.optimizer, run.state
-    set_schedules(accelerator, cfg, optimizer, head, state.step)
+    parts, loader, validation, state, about = build_run(accelerator, cfg, checkpoints)
+    set_schedules(accelerator, cfg, parts, state.step)
     log = Log(accelerator, exp, t.total_steps, state.step)
-    guard, meter = NonFiniteGuard(run.trained), StepMeter(accelerator.device)
-    for m in run.trained:
+    guard, meter = NonFiniteGuard(parts.trained), StepMeter(accelerator.device)
+    for m in parts.trained:
         m.train()
-    batches = accelerator.skip_first_batches(run.loader, state.micro_batches) if state.micro_batches else run.loader
-    accelerator.print(f"training {sum(p.numel() for p in run.params) / 1e6:.2f}M parameters on {run.about}; "
+    batches = accelerator.skip_first_batches(loader, state.micro_batches) if state.micro_batches else loader
+    accelerator.print(f"training {sum(p.numel() for p in parts.params) / 1e6:.2f}M parameters on {about}; "
                       f"{accelerator.num_processes} process(es), {torch.get_num_threads()} threads each")
     seen, tic = 0, time.time()
     for wavs, lengths, labels in batches:  # ---- stage 2: the training loop
         if state.step >= t.total_steps:
             break
         # -- forward, backward, step (SpecAugment draws from (seed, position), like the crops)
-        run.spec_rng.manual_seed(t.seed * 1_000_003 + state.micro_batches * accelerator.num_processes
-                                 + accelerator.process_index)
-        with accelerator.accumulate(*run.trained):
-            # a frozen upstream is not prepared, so Accelerate's autocast must be asked for explicitly
-            with accelerator.autocast(), torch.set_grad_enabled(cfg.upstream.trainable):
-                hidden, frames = upstream(wavs, lengths)  # frozen: no activations kept for backward
-            loss, logits = head(encoder(hidden, frames), labels)
-            accelerator.backward(loss)
-            finite = True
-            if accelerator.sync_gradients:  # gradients are complete (and all-reduced) only now
-                norm = accelerator.clip_grad_norm_(run.params, t.gradient_clipping or math.inf)
-                finite = bool(torch.isfinite(norm))  # one sync per optimizer step; identical on every process
-            if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips it and lowers its scale
-                optimizer.step()
-            optimizer.zero_grad()
+        parts.spec_rng.manual_seed(t.seed * 1_000_003 + state.micro_batches * accelerator.num_processes
+                                   + accelerator.process_index)
+        loss, logits, finite = train_step(accelerator, parts, wavs, lengths, labels, t.gradient_clipping)
         state.micro_batches += 1
         meter.add(loss, logits, labels)
         seen += labels.numel()
@@ -350,7 +254,7 @@ def train(cfg, amend: bool = False):
             continue
         state.step += 1
         step = state.step
-        set_schedules(accelerator, cfg, optimizer, head, step)
+        set_schedules(accelerator, cfg, parts, step)
         log.bar.update()
         # -- skip a non-finite step: no update was made; put back the BatchNorm statistics of the last good one
         if finite:
@@ -364,15 +268,16 @@ def train(cfg, amend: bool = False):
             guard.rollback(step, str((complete_checkpoints(exp) or ["none"])[-1]))
         # -- log
         if step % t.log_step == 0 or step == t.total_steps:
-            log_progress(accelerator, cfg, run, meter, log, step, seen * accelerator.num_processes / (time.time() - tic))
+            log_progress(accelerator, cfg, parts, state, meter, log, step,
+                         seen * accelerator.num_processes / (time.time() - tic))
             seen, tic = 0, time.time()
         # -- validate, save (a checkpoint every save_step, and whenever validation improves)
-        valid = run.validation(upstream, encoder, step, log) if run.validation.due(step) else None
+        valid = validation(parts.upstream, parts.encoder, step, log) if validation.due(step) else None
         best = best_entry(read_history(exp), t.valid_metric) if valid else None
         improved = valid is not None and (best is None or rank_key({"step": step, **valid}, t.valid_metric)
                                           < rank_key(best, t.valid_metric))
         if step % t.save_step == 0 or step == t.total_steps or improved:
-            save_checkpoint(accelerator, cfg, step, upstream, encoder, head, valid, run.validation.scores)
+            save_checkpoint(accelerator, cfg, step, parts.upstream, parts.encoder, parts.head, valid, validation.scores)
             tic = time.time()
     log.bar.close()
     if state.step < t.total_steps:

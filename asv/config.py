@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .models import DOWNSTREAMS, POOLINGS
+from .models import DOWNSTREAMS, LOSSES, POOLINGS
+from .models.upstream import FEATURES
 
 
 class ConfigError(ValueError):
@@ -56,7 +57,7 @@ class FeaturizerConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "amsoftmax"         # amsoftmax: cos - m (SUPERB) | aamsoftmax: cos(theta + m) (ArcFace)
+    name: str = "amsoftmax"         # a row of models.LOSSES: amsoftmax (cos - m, SUPERB) | aamsoftmax (cos(theta + m), ArcFace)
     margin: float = 0.4             # SUPERB AM-softmax: 0.4
     scale: float = 30.0             # SUPERB AM-softmax: 30
     sub_centers: int = 1            # >1: sub-centre AM/AAM-softmax (K centres per speaker, robust to label noise)
@@ -74,7 +75,7 @@ class OptimConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "constant"          # constant | linear | cosine | exponential (after warm-up); used only when train.use_scheduler
+    name: str = "constant"          # constant | linear | cosine | exponential (after warm-up)
     warmup_steps: int = 0           # linear warm-up from 0 over this many optimizer steps
     final_lr_ratio: float = 0.01    # lr at the last step as a fraction of optim.lr (linear, cosine, exponential)
 
@@ -123,8 +124,6 @@ class TrainConfig:
     resume_ckpt_dir: str = ""       # resume from this step-* folder instead
     init_from: str = ""             # a model.pt to start from (weights only, new optimizer): large-margin fine-tuning
     valid_metric: str = "eer"       # eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best (ties: see asv/checkpoints.py)
-    valid_higher_better: bool = False  # must stay false: every valid_metric is an error or a cost
-    use_scheduler: bool = False     # false: constant optim.lr (SUPERB); true: the scheduler section
     test_after_train: bool = True   # evaluate the best checkpoint on the test trial lists at the end
     log_with: str = "tensorboard"   # Accelerate trackers, comma-separated: tensorboard | wandb | comet_ml | mlflow | all | none
 
@@ -158,7 +157,7 @@ SECTIONS = (DataConfig, UpstreamConfig, FeaturizerConfig, LossConfig, OptimConfi
 CHOICES = {  # string keys with a closed set of values (upstream.name: models.upstream.build_upstream owns the list)
     "data.effects": ("superb", "none"),
     "data.crop": ("superb", "fixed"),
-    "loss.name": ("amsoftmax", "aamsoftmax"),
+    "loss.name": tuple(LOSSES),  # models.LOSSES: a new margin loss is a row there, not here
     "optim.name": ("adamw", "adam", "sgd"),
     "scheduler.name": ("constant", "linear", "cosine", "exponential"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
@@ -167,9 +166,9 @@ CHOICES = {  # string keys with a closed set of values (upstream.name: models.up
 UPSTREAM_KEYS = {  # upstream keys that only some upstreams read: name -> does it apply to upstream `name`
     "n_mels": lambda name: name in ("fbank", "logmel"),
     "n_mfcc": lambda name: name == "mfcc",
-    "ckpt": lambda name: name not in ("fbank", "mfcc", "logmel"),
-    "random_init": lambda name: name not in ("fbank", "mfcc", "logmel"),
-    "arch": lambda name: name not in ("fbank", "mfcc", "logmel"),
+    "ckpt": lambda name: name not in FEATURES,
+    "random_init": lambda name: name not in FEATURES,
+    "arch": lambda name: name not in FEATURES,
 }
 AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "train.log_step", "train.eval_step",
                 "train.save_step", "train.gradient_accumulate", "loss.sub_centers", "score.cohort_size", "score.top_k")
@@ -204,11 +203,19 @@ def _coerce(value, typ, key):
     return value
 
 
+REMOVED = {  # keys of older configs: loading one says what replaces it
+    "train.use_scheduler": "the scheduler section always applies; scheduler.name=constant is a constant optim.lr",
+    "train.valid_higher_better": "every train.valid_metric is an error rate or a cost: lower is always better",
+}
+
+
 def _merge(obj, updates: dict, prefix: str = "", owner: str = ""):
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         full = prefix + str(key)
+        if full in REMOVED:
+            raise ConfigError(f"config key '{full}' was removed: {REMOVED[full]}; delete it from the config")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             if owner:
@@ -309,9 +316,6 @@ def _check(cfg: Config):
         raise ConfigError(f"data.min_secs ({cfg.data.min_secs}) must not exceed data.max_secs ({cfg.data.max_secs})")
     if cfg.data.crop == "fixed" and cfg.data.min_secs <= 0:
         raise ConfigError("data.min_secs must be > 0 with data.crop=fixed (it is the shortest crop)")
-    if cfg.train.valid_higher_better:
-        raise ConfigError(f"train.valid_higher_better=true cannot be meant: train.valid_metric {cfg.train.valid_metric} "
-                          "is an error rate or a cost, lower is better")
     pooling = getattr(cfg.downstream, "pooling", None)
     if pooling is not None and pooling not in POOLINGS:
         raise ConfigError(f"config key 'downstream.pooling' must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -325,7 +329,7 @@ def _check(cfg: Config):
     for key, applies in UPSTREAM_KEYS.items():
         if not applies(u.name) and getattr(u, key) != getattr(UpstreamConfig(), key):
             raise ConfigError(f"upstream.{key} does not apply to upstream.name={u.name}")
-    if u.name in ("fbank", "mfcc", "logmel") and any(cfg.featurizer.layer_selections):
+    if u.name in FEATURES and any(cfg.featurizer.layer_selections):
         raise ConfigError(f"featurizer.layer_selections: upstream {u.name} has a single layer, 0")
 
 
@@ -379,7 +383,7 @@ def config_changes(old: Config, new: Config) -> dict[str, tuple]:
 def unsafe_changes(old: Config, new: Config) -> dict[str, tuple]:
     """The changes a run folder must refuse: they would make one run's checkpoints come from two recipes."""
     changes = config_changes(old, new)
-    schedule_uses_total = new.train.use_scheduler and new.scheduler.name != "constant"  # the margin's never does
+    schedule_uses_total = new.scheduler.name != "constant"  # the margin's never does
     return {k: v for k, v in changes.items() if not k.startswith(SAFE_TO_CHANGE)
             or (k == "train.total_steps" and schedule_uses_total)}
 

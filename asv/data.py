@@ -33,6 +33,7 @@ import torch
 
 from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, progress
 from .audio import superb_effects
+from .augment import Augmenter
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -354,6 +355,21 @@ def durations_after_effects(utts: list[Utterance], sample_rate: int, cache: Path
     from .run import write_text  # here, not at the top: asv.run imports this module
     write_text(cache, "".join(f"{u.id} {d!r}\n" for u, d in zip(utts, durations)))  # exact: a resume sees the same
     return durations
+
+
+def train_loader(cfg, utts: list[Utterance], labels: list[int], durations: list[float], multiple: int = 1,
+                 num_workers: int | None = None):
+    """The training loader of train_asv.py (and of the benchmarks): the sampler's batches of (utterance,
+    crop, seed), SUPERB's effects or none, augmentation when the config asks for it. `multiple`: the
+    batches per epoch are a multiple of it (gradient accumulation x processes)."""
+    d, a = cfg.data, cfg.augment
+    workers = cfg.num_workers if num_workers is None else num_workers
+    sampler = TrainBatchSampler(durations, d.batch_size, d.crop, d.min_secs, d.max_secs, cfg.train.seed,
+                                multiple=multiple)
+    augmenter = Augmenter(a, d.sample_rate) if a.noise_prob or a.rir_prob or a.speed_prob else None
+    dataset = TrainDataset(utts, labels, d.sample_rate, d.crop, d.effects, augmenter)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_padded,
+                                       num_workers=workers, persistent_workers=workers > 0)
 
 
 def collate_padded(items):

@@ -1,6 +1,6 @@
-"""The pieces train_asv.py's loop is made of: schedules, optimizer, train state, the guard against
-non-finite steps, the log meter, trackers and the label encoder. Each takes the config section it uses.
-"""
+"""The pieces train_asv.py's loop is made of, and the benchmarks time: the accelerator, the parts
+(models, head, optimizer), the training step, schedules, train state, the guard against non-finite
+steps, the log meter, trackers and the label encoder."""
 from __future__ import annotations
 
 import difflib
@@ -10,18 +10,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import LoggerType
+from accelerate import Accelerator
+from accelerate.utils import LoggerType, ProjectConfiguration
 
+from .audio import progress
+from .augment import spec_augment
 from .config import ConfigError, LossConfig, OptimConfig, SchedulerConfig
+from .embed import build_models
+from .models import build_head
 from .run import write_text
 
 
-def lr_at(step: int, peak: float, scheduler: SchedulerConfig | None, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): a pure function of the step.
-    `scheduler` None (train.use_scheduler false): constant."""
-    if scheduler is None:
-        return peak
-    s = scheduler
+def lr_at(step: int, peak: float, s: SchedulerConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): a pure function of the step."""
     if step < s.warmup_steps:
         return peak * (step + 1) / s.warmup_steps
     progress = min(1.0, (step - s.warmup_steps) / max(1, total_steps - s.warmup_steps))
@@ -170,3 +171,99 @@ def one_line(error: Exception) -> str:
     if text.startswith("Caught ") and "Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]  # "asv.audio.AudioError: <path>: <problem>"
     return " ".join(text.split())
+
+
+class Log:
+    """Log lines on the terminal (above the progress bar) and in exp/train.log, main process only."""
+
+    def __init__(self, accelerator, exp: Path, total_steps: int, done: int):
+        self.main, self.path = accelerator.is_main_process, exp / "train.log"
+        self.bar = progress(total=total_steps, desc="training", unit="step", enabled=self.main)
+        self.bar.update(done)
+
+    def say(self, line: str):
+        if self.main:
+            self.bar.write(line)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+def make_accelerator(cfg, exp: Path | None = None) -> Accelerator:
+    """The Accelerator a run trains with (train_asv.py and the benchmarks): precision, accumulation,
+    trackers writing into exp/logs; refuses a launch Accelerate would split into independent runs."""
+    t = cfg.train
+    wanted = trackers(t.log_with) if exp else None
+    project = ProjectConfiguration(project_dir=str(exp), logging_dir=str(exp / "logs")) if exp else None
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulate,
+                              log_with=wanted, project_config=project)  # TensorBoard: exp/logs/<run name>/
+    check_launch(accelerator)
+    # Accelerate drops a tracker whose package is missing with only a debug message: say it instead
+    missing = [n for n in (wanted if isinstance(wanted, list) else []) if n not in {str(x) for x in accelerator.log_with}]
+    if missing:
+        raise ConfigError(f"train.log_with: {missing[0]} is not installed (pip install {missing[0]}, "
+                          "or leave it out of train.log_with)")
+    return accelerator
+
+
+@dataclass
+class Parts:
+    """What a training step works on. After `prepare`, the modules that learn are Accelerate's wrappers."""
+    upstream: torch.nn.Module
+    encoder: torch.nn.Module
+    head: torch.nn.Module
+    trained: list                # the modules that learn: encoder, head (and a trainable upstream)
+    params: list
+    optimizer: torch.optim.Optimizer
+    spec_rng: torch.Generator    # SpecAugment's own: the global RNG also feeds DataLoader iterators
+    trainable_upstream: bool
+
+
+def build_parts(cfg, num_classes: int) -> Parts:
+    """Upstream, encoder (sized from the upstream), margin head, optimizer: the same for training and benchmarks."""
+    upstream, encoder = build_models(cfg)
+    spec_rng = torch.Generator()
+    if cfg.augment.specaug_prob > 0:
+        encoder.feature_augment = lambda feats, lengths: spec_augment(feats, lengths, cfg.augment, spec_rng)
+    head = build_head(cfg.downstream.embed_dim, num_classes, cfg.loss)
+    trained = [encoder, head] + ([upstream] if cfg.upstream.trainable else [])
+    params = [p for m in trained for p in m.parameters()]
+    return Parts(upstream, encoder, head, trained, params, make_optimizer(cfg.optim, params), spec_rng,
+                 cfg.upstream.trainable)
+
+
+def prepare(accelerator, parts: Parts, *loaders):
+    """One `accelerator.prepare` of what learns, the optimizer and the loaders; a frozen upstream stays
+    outside it (no DDP, no optimizer, not saved) and is only moved to the device."""
+    prepared = accelerator.prepare(*parts.trained, parts.optimizer, *loaders)
+    n = len(parts.trained)
+    trained, parts.optimizer, loaders = list(prepared[:n]), prepared[n], prepared[n + 1:]
+    parts.trained, parts.encoder, parts.head = trained, trained[0], trained[1]
+    parts.upstream = trained[2] if parts.trainable_upstream else parts.upstream.to(accelerator.device)
+    return loaders
+
+
+def train_step(accelerator, parts: Parts, wavs, lengths, labels, clip: float):
+    """One micro-batch: forward, backward and, when the gradients are complete, clip and step.
+    Returns (loss, logits, finite); `finite` is False when the step's loss or gradient norm is not
+    finite: then no update was made (the caller puts back BatchNorm statistics: NonFiniteGuard)."""
+    with accelerator.accumulate(*parts.trained):
+        # a frozen upstream is not prepared, so Accelerate's autocast must be asked for explicitly
+        with accelerator.autocast(), torch.set_grad_enabled(parts.trainable_upstream):
+            hidden, frames = parts.upstream(wavs, lengths)  # frozen: no activations kept for backward
+        loss, logits = parts.head(parts.encoder(hidden, frames), labels)
+        accelerator.backward(loss)
+        finite = True
+        if accelerator.sync_gradients:  # gradients are complete (and all-reduced) only now
+            norm = accelerator.clip_grad_norm_(parts.params, clip or math.inf)
+            finite = bool(torch.isfinite(norm))  # one sync per optimizer step; identical on every process
+        if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips it and lowers its scale
+            parts.optimizer.step()
+        parts.optimizer.zero_grad()
+    return loss, logits, finite
+
+
+def set_schedules(accelerator, cfg, parts: Parts, step: int):
+    """The lr and the margin of optimizer step `step`: pure functions of the step."""
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg.optim.lr, cfg.scheduler, cfg.train.total_steps)
+    accelerator.unwrap_model(parts.head).margin = margin_at(step, cfg.loss)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .ecapa import ECAPA
 from .featurizer import WeightedSum
-from .heads import MarginSoftmax
+from .heads import AAMSoftmax, AMSoftmax, MarginSoftmax
 from .pooling import POOLINGS
 from .scoring import asnorm_scores, cohort_stats, cosine_scores
 from .superb_xvector import SuperbXvector
@@ -32,8 +32,13 @@ DOWNSTREAMS = {
     "ecapa": ECAPA,                   # ECAPA-TDNN
 }
 
-__all__ = ["DOWNSTREAMS", "POOLINGS", "UPSTREAMS", "Extractor", "MarginSoftmax", "SpeakerEncoder", "WeightedSum",
-           "asnorm_scores", "build_encoder", "build_upstream", "cohort_stats", "cosine_scores", "load_model_file",
+LOSSES = {  # loss.name -> margin head (models/heads.py)
+    "amsoftmax": AMSoftmax,    # cos - m (CosFace): SUPERB's
+    "aamsoftmax": AAMSoftmax,  # cos(theta + m) (ArcFace)
+}
+
+__all__ = ["DOWNSTREAMS", "LOSSES", "POOLINGS", "UPSTREAMS", "Extractor", "MarginSoftmax", "SpeakerEncoder", "WeightedSum",
+           "asnorm_scores", "build_encoder", "build_head", "build_upstream", "cohort_stats", "cosine_scores", "load_model_file",
            "min_input_samples", "model_meta", "run_chunked", "save_model_file"]
 
 
@@ -50,6 +55,11 @@ class SpeakerEncoder(nn.Module):
         if self.training and self.feature_augment is not None:
             feats = self.feature_augment(feats, lengths)
         return self.downstream(feats, lengths)
+
+
+def build_head(embed_dim: int, num_classes: int, loss) -> MarginSoftmax:
+    """The margin head that config section `loss` names: the one place a head is built."""
+    return LOSSES[loss.name](embed_dim, num_classes, loss.margin, loss.scale, loss.sub_centers)
 
 
 def build_encoder(upstream: nn.Module, downstream_options, normalize: bool = False) -> SpeakerEncoder:

@@ -26,7 +26,8 @@ import torchaudio.compliance.kaldi as kaldi
 from .pooling import frame_mask
 from .ssl_weights import SSL_BUNDLES, build_architecture, load_checkpoint
 
-UPSTREAMS = ("fbank", "mfcc", "logmel", *SSL_BUNDLES)
+FEATURES = ("fbank", "mfcc", "logmel")  # computed in torch from the waveform: one layer, no weights
+UPSTREAMS = (*FEATURES, *SSL_BUNDLES)
 
 
 class KaldiUpstream(nn.Module):
@@ -157,7 +158,7 @@ def build_upstream(cfg, sample_rate: int, layers: list[int] = ()) -> nn.Module:
     Frozen upstreams are put in eval mode with no gradients."""
     if cfg.name not in UPSTREAMS:
         raise ValueError(f"unknown upstream.name '{cfg.name}' (choose from {', '.join(UPSTREAMS)})")
-    if cfg.name in ("fbank", "mfcc", "logmel"):
+    if cfg.name in FEATURES:
         if any(layers):
             raise ValueError(f"featurizer.layer_selections: upstream {cfg.name} has a single layer, 0")
         if cfg.name == "logmel":

@@ -92,7 +92,7 @@ def test_base_recipe_is_s3prl_superb_asv_default_config():
     assert (cfg.loss.name, cfg.loss.margin, cfg.loss.scale, cfg.loss.sub_centers) == ("amsoftmax", 0.4, 30.0, 1)
     assert (cfg.loss.margin_warmup_steps, cfg.loss.margin_warmup_start) == (0, 0)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 1e-4, 0.01)
-    assert cfg.train.use_scheduler is False  # ExponentialLR is built but never stepped
+    assert cfg.scheduler.name == "constant"  # s3prl's ExponentialLR is built but never stepped
     t = cfg.train
     assert (t.total_steps, t.log_step, t.save_step, t.gradient_clipping, t.gradient_accumulate) == (
         200000, 500, 10000, 1000.0, 5)
@@ -108,7 +108,6 @@ def test_xvector_bn_recipe():
     assert (cfg.loss.name, cfg.loss.margin, cfg.loss.scale) == ("aamsoftmax", 0.2, 30.0)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adam", 1e-3, 0.0)
     assert (cfg.scheduler.name, cfg.scheduler.warmup_steps) == ("cosine", 2000)
-    assert cfg.train.use_scheduler is True
     assert (cfg.data.batch_size, cfg.data.crop, cfg.data.effects) == (32, "fixed", "none")
     assert (cfg.data.min_secs, cfg.data.max_secs) == (2.0, 3.0)
 
@@ -135,7 +134,6 @@ def test_overrides_of_each_type():
         "optim.lr=1e-3",
         "loss.margin=0.25",
         "train.auto_resume=false",
-        "train.use_scheduler=true",
         "exp_dir=exp/my_run",
         "data.dir=/data/vox 1",  # spaces inside a value are kept
         "scheduler.name=cosine",
@@ -145,7 +143,7 @@ def test_overrides_of_each_type():
     assert cfg.optim.lr == 1e-3 and type(cfg.optim.lr) is float
     assert cfg.loss.margin == 0.25
     assert cfg.train.auto_resume is False
-    assert cfg.train.use_scheduler is True
+    assert cfg.scheduler.name == "cosine"
     assert cfg.exp_dir == "exp/my_run"
     assert cfg.data.dir == "/data/vox 1"
     assert cfg.scheduler.name == "cosine"
@@ -331,9 +329,10 @@ def test_fixed_crops_need_a_shortest_crop():
     assert load_config(None, ["data.crop=superb", "data.min_secs=0"]).data.min_secs == 0  # superb: keep everything
 
 
-def test_valid_higher_better_is_refused():
+def test_removed_keys_say_what_replaces_them():
     msg = error("train.valid_higher_better=true")
-    assert "train.valid_higher_better" in msg and "eer" in msg
+    assert "train.valid_higher_better' was removed" in msg and "lower is always better" in msg
+    assert "scheduler.name=constant" in error("train.use_scheduler=true")
 
 
 def test_momentum_only_for_sgd():
@@ -540,7 +539,7 @@ def test_unsafe_changes_are_those_that_change_the_weights():
 
 def test_total_steps_is_safe_while_no_schedule_depends_on_it():
     old = Config()
-    for extra in ([], ["train.use_scheduler=true", "scheduler.name=constant", "scheduler.warmup_steps=100"],
+    for extra in ([], ["scheduler.name=constant", "scheduler.warmup_steps=100"],
                   ["loss.margin_warmup_steps=1000"]):  # the margin warm-up counts from its start, not to the end
         o, n = load_config(None, extra), load_config(None, [*extra, "train.total_steps=400000"])
         assert unsafe_changes(o, n) == {}, extra
@@ -549,9 +548,6 @@ def test_total_steps_is_safe_while_no_schedule_depends_on_it():
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "exponential"])
 def test_total_steps_is_unsafe_when_the_lr_schedule_depends_on_it(name):
-    sched = ["train.use_scheduler=true", f"scheduler.name={name}"]
+    sched = [f"scheduler.name={name}"]
     old, new = load_config(None, sched), load_config(None, [*sched, "train.total_steps=400000"])
     assert unsafe_changes(old, new) == {"train.total_steps": (200000, 400000)}
-    # defined but unused (use_scheduler false): the lr is constant
-    old = load_config(None, [f"scheduler.name={name}"])
-    assert unsafe_changes(old, load_config(None, [f"scheduler.name={name}", "train.total_steps=5"])) == {}

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from asv.models.ecapa import ECAPA
-from asv.models.heads import MarginSoftmax
+from asv.models import LOSSES, AMSoftmax
 from asv.models.pooling import AttentiveStatsPool, StatsPool
 
 
@@ -108,7 +108,7 @@ def test_ecapa_padding_never_changes_an_embedding(pooling):
 # ---------------------------------------------------------------- sub-center, scheduled-margin head
 
 def test_sub_center_cosine_is_the_max_over_a_class_sub_centers():
-    head = MarginSoftmax(2, 2, "amsoftmax", margin=0.3, scale=10.0, sub_centers=3)
+    head = AMSoftmax(2, 2, margin=0.3, scale=10.0, sub_centers=3)
     assert head.weight.shape == (6, 2)
     with torch.no_grad():  # rows 0-2: class 0 at 0, 90, 180 degrees; rows 3-5: class 1 at 45, 135, 270 degrees
         head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0],
@@ -132,7 +132,7 @@ def test_sub_center_head_learns_a_separable_toy_problem(kind):
     labels = torch.arange(4).repeat_interleave(8)
     data = centres[labels] + 0.3 * torch.randn(32, 8, generator=g)
     torch.manual_seed(0)
-    encoder, head = nn.Linear(8, 8), MarginSoftmax(8, 4, kind, margin=0.2, scale=10.0, sub_centers=3)
+    encoder, head = nn.Linear(8, 8), LOSSES[kind](8, 4, margin=0.2, scale=10.0, sub_centers=3)
     opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1)
     losses = []
     for _ in range(30):
@@ -149,7 +149,7 @@ def test_sub_center_head_learns_a_separable_toy_problem(kind):
 @pytest.mark.parametrize("sub_centers", [1, 3])
 def test_changing_the_margin_attribute_changes_the_loss(kind, sub_centers):
     torch.manual_seed(0)
-    head = MarginSoftmax(8, 5, kind, margin=0.1, scale=30.0, sub_centers=sub_centers)
+    head = LOSSES[kind](8, 5, margin=0.1, scale=30.0, sub_centers=sub_centers)
     emb, labels = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 0])
     with torch.no_grad():
         loss_small, cos_small = head(emb, labels)
@@ -164,4 +164,4 @@ def test_changing_the_margin_attribute_changes_the_loss(kind, sub_centers):
 
 def test_sub_centers_must_be_positive():
     with pytest.raises(ValueError, match="sub_centers"):
-        MarginSoftmax(8, 5, sub_centers=0)
+        AMSoftmax(8, 5, sub_centers=0)

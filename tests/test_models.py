@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import torchaudio
 import torchaudio.compliance.kaldi as kaldi
 
-from asv.config import load_config
-from asv.models import (DOWNSTREAMS, POOLINGS, UPSTREAMS, MarginSoftmax, SpeakerEncoder, build_encoder,
+from asv.config import ConfigError, load_config
+from asv.models import (DOWNSTREAMS, POOLINGS, UPSTREAMS, AAMSoftmax, AMSoftmax, LOSSES, SpeakerEncoder, build_encoder,
                         build_upstream, cosine_scores, load_model_file, min_input_samples, model_meta,
                         save_model_file)
 from asv.models.featurizer import WeightedSum
@@ -598,7 +598,7 @@ def head_inputs(seed=0):
 
 def test_am_softmax_loss_by_hand():
     emb, labels = head_inputs()
-    head = MarginSoftmax(8, 5, "amsoftmax", margin=0.4, scale=30.0)
+    head = AMSoftmax(8, 5, margin=0.4, scale=30.0)
     loss, cosine = head(emb, labels)
     cos = F.normalize(emb) @ F.normalize(head.weight).T
     torch.testing.assert_close(cosine, cos)
@@ -609,7 +609,7 @@ def test_am_softmax_loss_by_hand():
 def test_aam_softmax_target_logit_is_cos_theta_plus_m():
     emb, labels = head_inputs(1)
     m, s = 0.2, 30.0
-    head = MarginSoftmax(8, 5, "aamsoftmax", margin=m, scale=s)
+    head = AAMSoftmax(8, 5, margin=m, scale=s)
     loss, cosine = head(emb, labels)
     cos = (F.normalize(emb) @ F.normalize(head.weight).T).detach()
     theta = torch.acos(cos.gather(1, labels[:, None]))
@@ -620,7 +620,7 @@ def test_aam_softmax_target_logit_is_cos_theta_plus_m():
 
 
 def test_aam_softmax_past_pi_minus_m_keeps_penalising():
-    head = MarginSoftmax(4, 2, "aamsoftmax", margin=0.3, scale=10.0)
+    head = AAMSoftmax(4, 2, margin=0.3, scale=10.0)
     emb = -head.weight[:1].detach().clone()  # theta = pi for class 0
     with torch.no_grad():
         loss, cosine = head(emb, torch.tensor([0]))
@@ -632,14 +632,14 @@ def test_aam_softmax_past_pi_minus_m_keeps_penalising():
 
 @pytest.mark.parametrize("kind", ["amsoftmax", "aamsoftmax"])
 def test_returned_cosines_are_margin_free(kind):
-    head = MarginSoftmax(8, 5, kind, margin=0.4, scale=30.0)
+    head = LOSSES[kind](8, 5, margin=0.4, scale=30.0)
     labels = torch.tensor([3, 1, 4])
     noise = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     emb = head.weight[labels].detach() * 2.5 + 0.01 * noise  # close to each class centre
     loss, cosine = head(emb, labels)
     assert torch.equal(cosine.argmax(1), labels)  # accuracy without the margin
     assert torch.all(cosine.gather(1, labels[:, None]) > 0.99)
-    head0 = MarginSoftmax(8, 5, kind, margin=0.0, scale=30.0)
+    head0 = LOSSES[kind](8, 5, margin=0.0, scale=30.0)
     head0.load_state_dict(head.state_dict())
     loss0, cosine0 = head0(emb, labels)
     torch.testing.assert_close(cosine0, cosine)
@@ -649,16 +649,16 @@ def test_returned_cosines_are_margin_free(kind):
 @pytest.mark.parametrize("kind", ["amsoftmax", "aamsoftmax"])
 def test_gradients_flow_through_the_head(kind):
     emb, labels = head_inputs(2)
-    head = MarginSoftmax(8, 5, kind)
+    head = LOSSES[kind](8, 5)
     loss, _ = head(emb, labels)
     loss.backward()
     assert emb.grad is not None and emb.grad.abs().sum() > 0
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
-def test_unknown_loss_kind():
-    with pytest.raises(ValueError, match="softmax2"):
-        MarginSoftmax(8, 5, "softmax2")
+def test_unknown_loss_name_lists_the_losses_table():
+    with pytest.raises(ConfigError, match="must be one of amsoftmax, aamsoftmax, got 'softmax2'"):
+        load_config(None, ["loss.name=softmax2"])
 
 
 # ---------------------------------------------------------------- scoring
@@ -740,15 +740,15 @@ def test_model_file_round_trip(tmp_path):
 
 def test_model_file_with_the_head(tmp_path):
     enc, up, meta = fbank_model(1)
-    head = MarginSoftmax(128, 7)
+    head = AMSoftmax(128, 7)
     path = str(tmp_path / "model.pt")
     save_model_file(path, enc, up, False, meta, head)
-    other_head = MarginSoftmax(128, 7)
+    other_head = AMSoftmax(128, 7)
     load_model_file(path, fbank_model(2)[0], up, meta, other_head)
     assert torch.equal(other_head.weight, head.weight)
     save_model_file(path, enc, up, False, meta)  # no head
     with pytest.raises(ValueError, match="no speaker head"):
-        load_model_file(path, fbank_model(2)[0], up, meta, MarginSoftmax(128, 7))
+        load_model_file(path, fbank_model(2)[0], up, meta, AMSoftmax(128, 7))
 
 
 def test_model_file_with_a_trainable_upstream(tmp_path):

@@ -48,7 +48,7 @@ def make_run(path, best="step-200", config=None, data=FAKE, scores=False, weight
                 write_scores(d / "scores.txt", seed=step)
         if weights and step in weights:
             (path / f"step-{step}" / "layer_weights.json").write_text(json.dumps(weights[step]))
-    (path / "config.yaml").write_text(config or "train:\n  valid_metric: eer\n  valid_higher_better: false\n")
+    (path / "config.yaml").write_text(config or "train:\n  valid_metric: eer\n")
     if best:
         (path / "best").symlink_to(best)  # relative, as training writes it
     return path

@@ -171,7 +171,7 @@ def test_a_safe_change_is_accepted_and_recorded(run):
 
 def test_total_steps_under_a_decaying_schedule_is_refused(run):
     exp, _, cfg = run
-    sched = ("train.use_scheduler=true", "scheduler.name=cosine")
+    sched = ("scheduler.name=cosine",)
     open_run(exp, cfg(*sched), amend=False)
     with pytest.raises(ValueError, match="train.total_steps: 200000 -> 300000"):
         open_run(exp, cfg(*sched, "train.total_steps=300000"), amend=False)

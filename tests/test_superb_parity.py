@@ -13,7 +13,7 @@ import torch
 
 from asv.audio import load_audio
 from asv.audio import superb_effects
-from asv.models import MarginSoftmax, WeightedSum
+from asv.models import AMSoftmax, WeightedSum
 from asv.models.superb_xvector import SuperbXvector
 from asv.models.upstream import KaldiUpstream, SSLUpstream
 from tests.conftest import FIXTURES, REAL_MINI, need
@@ -43,7 +43,7 @@ def test_superb_xvector_has_s3prls_parameters_and_outputs():
 def test_am_softmax_gives_s3prls_loss(margin):
     data, meta = fixture("s3prl_amsoftmax.npz")
     w = recipe_weights(meta["weights"], meta["seed"])["W"]  # s3prl's W is (in, out); ours is (out, in)
-    head = MarginSoftmax(32, 7, "amsoftmax", margin, meta["scale"])
+    head = AMSoftmax(32, 7, margin, meta["scale"])
     head.weight.data = torch.from_numpy(w.T.copy())
     x, labels = torch.from_numpy(data["x"]), torch.from_numpy(data["labels"])
     loss, cosine = head(x, labels)

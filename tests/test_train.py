@@ -1,4 +1,4 @@
-"""The pieces of train_asv.py's loop (asv/training.py): schedules, optimizer, train state, the non-finite guard,
+"""The pieces of train_asv.py's loop (asv/train.py): schedules, optimizer, train state, the non-finite guard,
 the log meter, trackers, the label encoder and one-line errors. No training runs here."""
 import functools
 import math
@@ -14,22 +14,23 @@ from asv.train import (NonFiniteGuard, StepMeter, TrainState, label_encoder, lr_
 
 @functools.lru_cache
 def schedule(*overrides):
-    cfg = load_config(None, ["optim.lr=1e-3", "train.total_steps=1000", "train.use_scheduler=true", *overrides])
-    return cfg.optim.lr, cfg.scheduler if cfg.train.use_scheduler else None, cfg.train.total_steps
+    cfg = load_config(None, ["optim.lr=1e-3", "train.total_steps=1000", *overrides])
+    return cfg.optim.lr, cfg.scheduler, cfg.train.total_steps
 
 
 def lr_of(step, *overrides):
-    """lr_at as train_asv.py calls it: the scheduler section only when train.use_scheduler."""
+    """lr_at as train_asv.py calls it (asv.train.set_schedules)."""
     peak, scheduler, total_steps = schedule(*overrides)
     return lr_at(step, peak, scheduler, total_steps)
 
 
 # ---------------------------------------------------------------- learning rate and margin
 
-def test_constant_without_scheduler():
-    assert {lr_of(s, "train.use_scheduler=false", "scheduler.warmup_steps=100", "scheduler.name=cosine")
-            for s in (0, 50, 999)} == {1e-3}
-    assert lr_at(12345, 1e-4, None, 10) == 1e-4
+def test_constant_is_the_default_and_removed_keys_name_their_replacement():
+    assert {lr_of(s) for s in (0, 50, 999)} == {1e-3}  # scheduler.name=constant, no warm-up: SUPERB's
+    for key in ("train.use_scheduler=false", "train.valid_higher_better=false"):
+        with pytest.raises(ConfigError, match=f"'{key.split('=')[0]}' was removed: .*; delete it"):
+            load_config(None, [key])
 
 
 def test_warmup_is_linear_in_optimizer_steps():
