@@ -15,11 +15,11 @@ Writes, per checkpoint and trial list, as one set: <ckpt_dir>/eval/<list>/scores
 a file goes to eval/<name>-<hash of its path>/, so it never overwrites the run's own results.
 A checkpoint with validation scores (eval/valid/scores.txt) is calibrated on them once
 (calibration.json): each list also gets scores_calibrated.txt (`enroll test llr label`), and
-metrics.json actDCF and Cllr (asv/calibration.py).
+metrics.json actDCF and Cllr (asv/metrics.py).
 Trial entries are utterance ids of the run's manifest (as in VoxCeleb's official lists), paths
 under --trials-root, or file paths.
 --average writes the mean of the checkpoints' weights as a new checkpoint folder of the run
-(asv/checkpoints.py), scores it on the validation list as training scores a checkpoint (so it has
+(asv/run.py), scores it on the validation list as training scores a checkpoint (so it has
 thresholds and a calibration), then evaluates it like any checkpoint.
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def parse_args():
     parser.add_argument("--feature-cache", metavar="DIR",
                         help="trial-list evaluation: keep the frozen upstream's hidden states of every file in DIR "
                              "(float16; WavLM Base+, all layers: ~1 MB per audio second), so that evaluating other "
-                             "checkpoints of the run later skips the audio and the upstream (asv/feature_cache.py)")
+                             "checkpoints of the run later skips the audio and the upstream (asv/embed.py)")
     parser.add_argument("overrides", nargs="*", default=[],
                         help="config overrides on top of the run's config.yaml, e.g. eval_batch=2 data.eval_batch_secs=60")
     args = parser.parse_args()

@@ -131,7 +131,7 @@ class Validation:
 
 def save_checkpoint(accelerator, cfg, step: int, upstream, encoder, head, valid: dict | None, valid_scores: str):
     """Every process saves its part into step-N.tmp; once all are in, the main process renames it to
-    step-N, records the validation and settles `best` and pruning (asv/checkpoints.py)."""
+    step-N, records the validation and settles `best` and pruning (asv/run.py)."""
     exp = Path(cfg.exp_dir)
     final, tmp = exp / f"step-{step}", exp / f"step-{step}.tmp"
     try:

@@ -123,7 +123,7 @@ class TrainConfig:
     auto_resume: bool = True        # re-running the same command resumes from the newest complete checkpoint
     resume_ckpt_dir: str = ""       # resume from this step-* folder instead
     init_from: str = ""             # a model.pt to start from (weights only, new optimizer): large-margin fine-tuning
-    valid_metric: str = "eer"       # eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best (ties: see asv/checkpoints.py)
+    valid_metric: str = "eer"       # eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best (ties: see asv/run.py)
     test_after_train: bool = True   # evaluate the best checkpoint on the test trial lists at the end
     log_with: str = "tensorboard"   # Accelerate trackers, comma-separated: tensorboard | wandb | comet_ml | mlflow | all | none
 

@@ -11,7 +11,7 @@ Training batches follow `data.crop`:
 - fixed: one crop length per batch drawn from [min_secs, max_secs], every utterance cut to it
   and short ones tiled, so batches carry no padding.
 With `data.effects=superb` every training file first goes through SUPERB's SoX chain (gain
--3 dB, silence removal: asv/effects.py) and the lengths that matter are those after it.
+-3 dB, silence removal: asv/audio.py) and the lengths that matter are those after it.
 Every random choice (order, crop length, offset) is a pure function of (seed, epoch,
 position), so a resumed run sees exactly the batches an uninterrupted run would.
 

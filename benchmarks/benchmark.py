@@ -40,17 +40,17 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from accelerate import Accelerator
-from asv.models import MarginSoftmax, cosine_scores, min_input_samples
-from asv.models.pooling import StatsPool
-from common import REAL_MINI, ROOT, VOX1_META, GpuUtilisation
 
 from asv import metrics
 from asv.audio import load_audio
 from asv.config import load_config
-from asv.data import TrainBatchSampler, TrainDataset, collate_padded, length_batches, read_manifest
+from asv.data import length_batches, read_manifest, train_loader
 from asv.embed import build_models, embed, eval_loader
-from asv.train import make_optimizer
+from asv.models import cosine_scores, min_input_samples
+from asv.models.pooling import StatsPool
+from asv.train import build_parts, make_accelerator, prepare
+from asv.train import train_step as asv_train_step
+from common import REAL_MINI, ROOT, VOX1_META, GpuUtilisation
 
 WAVLM = ["upstream.name=wavlm_base_plus", "upstream.random_init=true", "upstream.trainable=false"]
 
@@ -130,36 +130,20 @@ def cpu_model() -> str:
 
 # ---------------------------------------------------------------------------- 1. training
 
-def train_parts(cfg, num_speakers: int, device):
-    """Upstream (frozen), encoder, head and optimizer as train_asv.py builds them (no augmentation:
-    configs/xvector_bn.yaml and base.yaml have none)."""
-    upstream, encoder = build_models(cfg)
-    upstream, encoder = upstream.to(device), encoder.to(device).train()
-    head = MarginSoftmax(cfg.downstream.embed_dim, num_speakers, cfg.loss.name, cfg.loss.margin,
-                         cfg.loss.scale, cfg.loss.sub_centers).to(device).train()
-    params = [*encoder.parameters(), *head.parameters()]
-    return upstream, encoder, head, make_optimizer(cfg.optim, params), params
-
-
-def train_step(parts, wavs, lengths, labels, clip: float):
-    """One micro-batch and one optimizer step, as train_asv.py's loop does it (frozen upstream, no Accelerate)."""
-    upstream, encoder, head, optimizer, params = parts
-    with torch.no_grad():  # frozen: no activations kept for backward
-        hidden, frames = upstream(wavs, lengths)
-    loss, _ = head(encoder(hidden, frames), labels)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad()
+def train_parts(cfg, num_speakers: int):
+    """train_asv.py's accelerator, parts (asv.train.build_parts) and `prepare`: the step timed below is
+    asv.train.train_step, the one the training loop runs (accumulation, clipping, the non-finite check)."""
+    accelerator = make_accelerator(cfg)
+    parts = build_parts(cfg, num_speakers)
+    prepare(accelerator, parts)
+    for m in parts.trained:
+        m.train()
+    return accelerator, parts
 
 
 def make_train_loader(cfg, train_utts, labels, num_workers: int):
-    """train_asv.py's loader (data.crop, data.effects), without augmentation."""
-    d = cfg.data
-    sampler = TrainBatchSampler([u.duration for u in train_utts], d.batch_size, d.crop, d.min_secs, d.max_secs,
-                                cfg.train.seed)
-    return torch.utils.data.DataLoader(TrainDataset(train_utts, labels, d.sample_rate, d.crop, d.effects),
-                                       batch_sampler=sampler, collate_fn=collate_padded, num_workers=num_workers)
+    """train_asv.py's loader (asv.data.train_loader) on the manifest's durations (no SoX length pass)."""
+    return train_loader(cfg, train_utts, labels, [u.duration for u in train_utts], num_workers=num_workers)
 
 
 def time_loader(cfg, train_utts, labels, num_workers: int, batches: int) -> tuple[float, float]:
@@ -194,17 +178,22 @@ def bench_training(name, cfg, data_dir, device, steps: int, loader_batches: int,
                      f"first batch {first:.2f} s (worker start-up)"])
 
     # model alone: synthetic in-memory batches of the same shape
-    parts = train_parts(cfg, len(speakers), device)
+    accelerator, parts = train_parts(cfg, len(speakers))
+    clip = cfg.train.gradient_clipping
+
+    def train_step(w, n, y):
+        asv_train_step(accelerator, parts, w, n, y, clip)
+
     gen = torch.Generator().manual_seed(0)
     wavs = (0.1 * torch.randn(b, int(secs * cfg.data.sample_rate), generator=gen)).to(device)
     lengths = torch.full((b,), wavs.shape[1], device=device)
     ys = torch.randint(0, len(speakers), (b,), generator=gen).to(device)
-    train_step(parts, wavs, lengths, ys, cfg.train.gradient_clipping)  # warm-up
+    train_step(wavs, lengths, ys)  # warm-up
     sync(device)
     with PeakMemory(device) as mem:
         tic = time.perf_counter()
         for _ in range(steps):
-            train_step(parts, wavs, lengths, ys, cfg.train.gradient_clipping)
+            train_step(wavs, lengths, ys)
         sync(device)
         model_rate = steps / (time.perf_counter() - tic)
     rows.append([name, "model only (synthetic batches)", f"{model_rate * b:.1f}", f"{model_rate:.2f}",
@@ -215,7 +204,7 @@ def bench_training(name, cfg, data_dir, device, steps: int, loader_batches: int,
 
     def real_step():
         w, n, y = next(it)
-        train_step(parts, w.to(device), n.to(device), y.to(device), cfg.train.gradient_clipping)
+        train_step(w.to(device), n.to(device), y.to(device))
 
     real_step()  # warm-up: worker start-up
     sync(device)
@@ -441,52 +430,36 @@ def bench_small(device, quick: bool):
 # ---------------------------------------------------------------------------- 5. CUDA precision (child process)
 
 def precision_child(args):
-    """Time WavLM Base+ (frozen) training steps under one Accelerate precision; print one JSON line.
+    """Time WavLM Base+ (frozen) training steps (asv.train.train_step) under one Accelerate precision;
+    print one JSON line.
 
     A child process per precision because Accelerate's state is a process-wide singleton: one
     process cannot hold Accelerators of two mixed-precision settings."""
-    accelerator = Accelerator(mixed_precision=args.precision_child)
+    cfg = load_config(str(ROOT / "configs" / "base.yaml"), [*WAVLM, f"train.mixed_precision={args.precision_child}",
+                                                            "train.gradient_accumulate=1"])
+    accelerator, parts = train_parts(cfg, 1000)
     device = accelerator.device
-    cfg = load_config(str(ROOT / "configs" / "base.yaml"), WAVLM)
-    upstream, encoder, head, optimizer, params = train_parts(cfg, 1000, device)
-    encoder, head, optimizer = accelerator.prepare(encoder, head, optimizer)
     gen = torch.Generator().manual_seed(0)
     wavs = (0.1 * torch.randn(args.child_batch, int(args.child_secs * 16000), generator=gen)).to(device)
     lengths = torch.full((args.child_batch,), wavs.shape[1], device=device)
     ys = torch.randint(0, 1000, (args.child_batch,), generator=gen).to(device)
-    # train_asv.py runs the frozen upstream outside any autocast (only prepared modules are wrapped);
-    # "upstream autocast" also runs it under accelerator.autocast(), as evaluate_asv.embed does
-    variants = ["train_asv.py (upstream outside autocast)"]
-    if args.precision_child != "no":
-        variants.append("upstream under accelerator.autocast()")
-    out = []
-    for variant in variants:
-        def step():
-            """One micro-batch + optimizer step; returns the dtype the upstream produced."""
-            with torch.no_grad():
-                if variant.startswith("upstream under"):
-                    with accelerator.autocast():
-                        hidden, frames = upstream(wavs, lengths)
-                else:
-                    hidden, frames = upstream(wavs, lengths)
-            loss, _ = head(encoder(hidden, frames), ys)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(params, cfg.train.gradient_clipping)
-            optimizer.step()
-            optimizer.zero_grad()
-            return str(hidden[-1].dtype).removeprefix("torch.")
+    with torch.no_grad(), accelerator.autocast():
+        dtype = str(parts.upstream(wavs[:1], lengths[:1])[0][-1].dtype).removeprefix("torch.")
 
-        for _ in range(2):
-            dtype = step()
+    def step():
+        asv_train_step(accelerator, parts, wavs, lengths, ys, cfg.train.gradient_clipping)
+
+    for _ in range(2):
+        step()
+    sync(device)
+    with PeakMemory(device) as mem:
+        tic = time.perf_counter()
+        for _ in range(args.child_steps):
+            step()
         sync(device)
-        with PeakMemory(device) as mem:
-            tic = time.perf_counter()
-            for _ in range(args.child_steps):
-                step()
-            sync(device)
-            secs = (time.perf_counter() - tic) / args.child_steps
-        out.append({"precision": args.precision_child, "variant": variant, "ms": 1000 * secs, "mem_mb": mem.mb,
-                    "upstream_dtype": dtype})
+        secs = (time.perf_counter() - tic) / args.child_steps
+    out = [{"precision": args.precision_child, "variant": "asv.train.train_step", "ms": 1000 * secs,
+            "mem_mb": mem.mb, "upstream_dtype": dtype}]
     print("PRECISION_RESULT " + json.dumps(out), flush=True)
 
 
@@ -562,7 +535,7 @@ def training_section(args, tmp: Path, device, gpu_rows: list):
     for (name, base, extra), s in ((XVECTOR, fb), (WAVLM_BASE, wl)):
         cfg = load_config(str(ROOT / "configs" / base),
                           [f"data.dir={data_dir}", f"data.batch_size={s['batch']}", f"data.min_secs={s['secs']}",
-                           f"data.max_secs={s['secs']}", *extra])
+                           f"data.max_secs={s['secs']}", "train.gradient_accumulate=1", *extra])  # a call = a step
         label = f"{name}, {s['batch']} x {s['secs']:g} s"
         print(f"[bench] training: {label}", file=sys.stderr, flush=True)
         rows += bench_training(label, cfg, data_dir, device, s["steps"], s["loader"], gpu_rows)
@@ -595,7 +568,7 @@ def main():
         return
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator(mixed_precision="no")  # the toolkit's default precision
+    accelerator = make_accelerator(load_config(None))  # the toolkit's default precision (fp32)
     device, quick, gpu_rows = accelerator.device, args.quick, []
     print_header(device, quick)
     with tempfile.TemporaryDirectory(prefix="asv_bench_") as tmp:

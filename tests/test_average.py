@@ -1,4 +1,4 @@
-"""Checkpoint averaging (asv/checkpoints.py average_checkpoints, evaluate_asv.py --average): the mean tensor by
+"""Checkpoint averaging (asv/run.py average_checkpoints, evaluate_asv.py --average): the mean tensor by
 tensor (BatchNorm statistics included, counters from the newest), one checkpoint given back exactly, the averaged
 folder evaluated like any checkpoint, and one-line refusals of checkpoints that cannot be averaged."""
 import json

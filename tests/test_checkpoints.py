@@ -1,4 +1,4 @@
-"""asv/checkpoints.py: checkpoint names, the validation history, ranking, the `best` link, pruning, and `settle`
+"""asv/run.py: checkpoint names, the validation history, ranking, the `best` link, pruning, and `settle`
 repairing what a kill at any point of a save leaves behind."""
 import json
 import os

@@ -121,9 +121,9 @@ def test_demo_recipe_is_small():
     assert cfg.data.dir == "data/demo"
 
 
-def test_readme_config_reference_is_current():
-    """README embeds reference() (python -c 'import asv.config as c; print(c.reference())')."""
-    assert reference() in (REPO / "README.md").read_text()
+def test_docs_config_reference_is_current():
+    """docs/config.md embeds reference() (python -c 'import asv.config as c; print(c.reference())')."""
+    assert reference() in (REPO / "docs" / "config.md").read_text()
 
 
 # ---------------------------------------------------------------- dotted overrides

@@ -1,4 +1,4 @@
-"""asv/effects.py against lengths and samples recorded from SoX 14.4.2 (fixtures/sox_effects.json,
+"""asv/audio.py against lengths and samples recorded from SoX 14.4.2 (fixtures/sox_effects.json,
 written by fixtures/make_sox_effect_fixture.py), so no sox binary is needed here."""
 import importlib.util
 import json

@@ -1,6 +1,6 @@
-"""README's code, kept true: the "A new downstream" example runs as written (one file, one row in DOWNSTREAMS, and
-the config then takes the new architecture's own keys and refuses the others), and the Python API example is
-the one tests/test_api.py runs."""
+"""The documentation's code, kept true: docs/training.md's "A new downstream" example runs as written (one file,
+one row in DOWNSTREAMS, and the config then takes the new architecture's own keys and refuses the others), its
+"A new margin loss" example trains through the config, and docs/api.md's example is the one tests/test_api.py runs."""
 import re
 import sys
 import types
@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from asv import models
-from asv.config import ConfigError, load_config
-from asv.models import DOWNSTREAMS, build_encoder, build_upstream
+from asv.config import CHOICES, ConfigError, load_config
+from asv.models import DOWNSTREAMS, LOSSES, build_encoder, build_head, build_upstream
 from tests.conftest import REPO
+
+TRAINING = (REPO / "docs" / "training.md").read_text()
 
 
 @pytest.fixture
 def mean_std(monkeypatch):
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("**A new downstream**"):]
+    section = TRAINING[TRAINING.index("**A new downstream**"):]
     code = re.search(r"```python\n(.*?)```", section, re.S)[1]
     module = types.ModuleType("asv.models.mean_pool")
     module.__package__ = "asv.models"  # the example's `from .pooling import StatsPool` resolves as in models/
@@ -46,9 +47,29 @@ def test_readme_downstream_example_plugs_in(mean_std):
 def test_readme_api_example_is_the_one_the_api_test_runs():
     from asv import api
 
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
+    section = (REPO / "docs" / "api.md").read_text()
     shown = re.search(r"```python\n(.*?)```", section, re.S)[1]
     example = api.__doc__.split("::\n", 1)[1]
     example = "\n".join(line[4:] if line.startswith("    ") else line for line in example.splitlines())
     assert shown.strip() in example and shown.count("\n") > 15
+
+
+def test_docs_loss_example_plugs_in(monkeypatch):
+    section = TRAINING[TRAINING.index("**A new margin loss**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    module = types.ModuleType("asv.models.sphereface")
+    module.__package__ = "asv.models"
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "docs/training.md", "exec"), module.__dict__)
+    monkeypatch.setitem(LOSSES, "sphereface", module.MultiplicativeAngular)
+    monkeypatch.setitem(CHOICES, "loss.name", tuple(LOSSES))  # the table as config reads it at import
+    cfg = load_config(None, ["loss.name=sphereface", "loss.margin=0.5", "loss.scale=10"])
+    head = build_head(8, 3, cfg.loss)
+    assert type(head).__name__ == "MultiplicativeAngular"
+    emb, labels = torch.randn(4, 8, requires_grad=True), torch.tensor([0, 1, 2, 0])
+    loss, cosine = head(emb, labels)
+    loss.backward()
+    assert emb.grad.abs().sum() > 0
+    theta = torch.acos(cosine.detach().gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7))
+    logits = cosine.detach().scatter(1, labels[:, None], torch.cos(1.5 * theta))
+    torch.testing.assert_close(loss.detach(), torch.nn.functional.cross_entropy(10 * logits, labels))

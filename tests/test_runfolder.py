@@ -1,4 +1,4 @@
-"""asv/runfolder.py: one process per run folder (RunLock), and a run folder whose config.yaml stays the truth
+"""asv/run.py: one process per run folder (RunLock), and a run folder whose config.yaml stays the truth
 (open_run refuses changes that alter the weights unless amended, records every accepted change)."""
 import json
 import multiprocessing
@@ -254,7 +254,7 @@ def test_run_config_of_a_checkpoint_reads_its_run(run):
         run_config(exp.parent / "data")
 
 
-# ---------------------------------------------------------------- writing files (asv/fileio.py)
+# ---------------------------------------------------------------- writing files (asv/run.py)
 
 def test_atomic_write_keeps_the_old_file_on_an_error(tmp_path):
     path = tmp_path / "sub" / "metrics.json"

@@ -1,5 +1,5 @@
 """Where the SSL upstream's time is cut: layer truncation at evaluation, the feature cache of a frozen
-upstream (asv/feature_cache.py, evaluate_asv.py --feature-cache), and the GPU check's CPU smoke mode."""
+upstream (asv/embed.py, evaluate_asv.py --feature-cache), and the GPU check's CPU smoke mode."""
 import os
 import re
 import subprocess
