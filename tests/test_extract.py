@@ -81,6 +81,7 @@ def test_list_to_npz_equals_each_file_embedded_alone(ckpt, tmp_path):
                                      "george/digit0/00000.wav", "george/digit0/00001.wav", "george/digit1/00002.wav"]
     emb = saved["embeddings"]
     assert emb.dtype == np.float32 and emb.shape == (len(FILES), 128)
+    # tolerance: float32 order only (batch vs one utterance) on norm-~10 embeddings: ~1e-5, 1e-4 is 10x
     np.testing.assert_allclose(emb, embedded_alone(ckpt, FILES), atol=1e-4, rtol=0)
     # raw embeddings, as scored (the cosine normalises them), and the file says so
     assert not saved["l2_normalized"] and not np.allclose(np.linalg.norm(emb, axis=1), 1.0)
@@ -100,6 +101,7 @@ def test_folder_to_kaldi_ark_and_scp(ckpt, tmp_path):
     alone = embedded_alone(ckpt, [folder / i for i in some])
     for i, ref in zip(some, alone):
         assert by_scp[i].dtype == np.float32 and by_scp[i].shape == (128,)
+        # tolerance: float32 order only (batch vs one utterance) on norm-~10 embeddings: ~1e-5, 1e-4 is 10x
         np.testing.assert_allclose(by_scp[i], ref, atol=1e-4, rtol=0)
         np.testing.assert_array_equal(by_scp[i], by_ark[i])
 

@@ -37,6 +37,8 @@ def test_superb_xvector_has_s3prls_parameters_and_outputs():
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     x, x_len = torch.from_numpy(data["x"]), torch.from_numpy(data["x_len"])
     with torch.no_grad():
+        # tolerance: two float32 runs (s3prl's CPU, ours) of 5 TDNN layers of up to 1536-term sums and a std:
+        # ~1e-6 relative typical, rtol 1e-4 / atol 1e-5 (on O(1) outputs) is 100x / 10x that
         np.testing.assert_allclose(model.eval()(x.clone(), x_len).numpy(), data["emb_eval"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(model.train()(x.clone(), x_len).numpy(), data["emb_train"], rtol=1e-4, atol=1e-5)
 
@@ -50,9 +52,11 @@ def test_am_softmax_gives_s3prls_loss(margin):
     x, labels = torch.from_numpy(data["x"]), torch.from_numpy(data["labels"])
     loss, cosine = head(x, labels)
     tag = f"m{round(margin * 100)}"
+    # tolerance: a float32 cross-entropy of 7 logits of scale 30: ~1e-7 relative, rel 1e-5 is margin
     assert loss.item() == pytest.approx(float(data[f"loss_{tag}"]), rel=1e-5)
     # s3prl returns the logits with the margin in; ours are margin-free cosines (accuracy without the margin)
     with_margin = meta["scale"] * (cosine - margin * torch.nn.functional.one_hot(labels, 7))
+    # tolerance: logits of scale 30 from float32 cosines (u = 6e-8 relative): ~1e-6 absolute; 1e-4 is margin
     np.testing.assert_allclose(with_margin.detach().numpy(), data[f"logits_{tag}"], rtol=1e-5, atol=1e-4)
 
 
@@ -66,6 +70,7 @@ def test_featurizer_weighted_sum_is_s3prls(selection, normalize, out):
     featurizer.weights.data = torch.from_numpy(weights)
     with torch.no_grad():
         got = featurizer([torch.from_numpy(data["hs"][i]) for i in layers])
+    # tolerance: a softmax-weighted sum of 5 O(1) values (and a layer norm of 16) in float32: ~1e-7
     np.testing.assert_allclose(got.numpy(), data[out], rtol=1e-5, atol=1e-6)
 
 
@@ -167,7 +172,9 @@ def test_ssl_upstream_reads_the_file_s3prl_reads_and_gives_its_hidden_states(kin
     assert len(single) == meta["layers"] == 3
     assert frames.tolist() == data["conv_frames"].tolist() == [59, 39]  # s3prl says [60, 40]: one frame repeated
     for layer in range(3):
-        # a single utterance and the longest row of a batch: every layer, every frame the conv makes
+        # a single utterance and the longest row of a batch: every layer, every frame the conv makes.
+        # tolerance: s3prl's fairseq-style modules vs torchaudio's, float32 in another op order, on O(1)-O(10)
+        # states of 2 layers: ~1e-6 (0.0 when recorded); 1e-4 is 100x for other CPUs' kernels
         np.testing.assert_allclose(single[layer][0].numpy(), data["hidden_single"][layer, 0, :59], atol=1e-4)
         np.testing.assert_allclose(batch[layer][0].numpy(), data["hidden_batch"][layer, 0, :59], atol=1e-4)
     # The shorter row of a padded batch differs from s3prl's on purpose: s3prl leaves its frame 39 (80 of its
