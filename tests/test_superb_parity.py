@@ -164,23 +164,33 @@ def test_fbank_upstream_is_s3prls_on_the_frames_kaldi_computes():
 @pytest.mark.parametrize("kind, name", [("wavlm", "wavlm_base_plus"), ("hubert", "hubert_base")])
 def test_ssl_upstream_reads_the_file_s3prl_reads_and_gives_its_hidden_states(kind, name):
     data, meta = fixture(f"s3prl_{kind}.npz")
-    upstream = SSLUpstream(name, ckpt=str(FIXTURES / meta["ckpt"])).eval()
     wav, wav_len = torch.from_numpy(data["wav"]), torch.from_numpy(data["wav_len"])
-    with torch.no_grad():
-        single, single_frames = upstream(wav[:1], wav_len[:1])
-        batch, frames = upstream(wav, wav_len)
-    assert len(single) == meta["layers"] == 3
-    assert frames.tolist() == data["conv_frames"].tolist() == [59, 39]  # s3prl says [60, 40]: one frame repeated
-    for layer in range(3):
-        # a single utterance and the longest row of a batch: every layer, every frame the conv makes.
-        # tolerance: s3prl's fairseq-style modules vs torchaudio's, float32 in another op order, on O(1)-O(10)
-        # states of 2 layers: ~1e-6 (0.0 when recorded); 1e-4 is 100x for other CPUs' kernels
-        np.testing.assert_allclose(single[layer][0].numpy(), data["hidden_single"][layer, 0, :59], atol=1e-4)
-        np.testing.assert_allclose(batch[layer][0].numpy(), data["hidden_batch"][layer, 0, :59], atol=1e-4)
+    # s3prl's own normalisation (upstream.padded_group_norm=true), and ours (each utterance's own statistics)
+    for padded_group_norm in (True, False):
+        upstream = SSLUpstream(name, ckpt=str(FIXTURES / meta["ckpt"]), padded_group_norm=padded_group_norm).eval()
+        assert upstream.masked_group_norm is not padded_group_norm  # Base models: a group norm on the first conv
+        with torch.no_grad():
+            single, single_frames = upstream(wav[:1], wav_len[:1])
+            batch, frames = upstream(wav, wav_len)
+            short, _ = upstream(wav[1:, :int(wav_len[1])], wav_len[1:])
+        assert len(single) == meta["layers"] == 3
+        assert frames.tolist() == data["conv_frames"].tolist() == [59, 39]  # s3prl says [60, 40]: one frame repeated
+        for layer in range(3):
+            # a single utterance and the longest row of a batch: every layer, every frame the conv makes (the row
+            # has no padding, so both normalisations are s3prl's).
+            # tolerance: s3prl's fairseq-style modules vs torchaudio's, float32 in another op order, on O(1)-O(10)
+            # states of 2 layers: ~1e-6 (0.0 when recorded); 1e-4 is 100x for other CPUs' kernels
+            np.testing.assert_allclose(single[layer][0].numpy(), data["hidden_single"][layer, 0, :59], atol=1e-4)
+            np.testing.assert_allclose(batch[layer][0].numpy(), data["hidden_batch"][layer, 0, :59], atol=1e-4)
+            # the shorter row of the padded batch against the same utterance alone
+            # tolerance: float32 order only (other lengths), ~1e-6 on O(1)-O(10) states
+            gap = (batch[layer][1, :39] - short[layer][0]).abs().max().item()
+            assert gap < 1e-4 if not padded_group_norm else gap > 1e-2, (layer, padded_group_norm, gap)
     # The shorter row of a padded batch differs from s3prl's on purpose: s3prl leaves its frame 39 (80 of its
     # 400 samples are padding) out of the attention mask, we mask every frame the conv does not make from the
-    # utterance alone (the recorder's notes: with s3prl's rule both rows match at 0.0). Neither is independent
-    # of padding for Base models: the first conv layer's group norm runs over the padded length.
+    # utterance alone (the recorder's notes: with s3prl's rule both rows match at 0.0). And by default our Base
+    # models' first group norm runs over each utterance's own samples (s3prl's, and padded_group_norm=true: over
+    # the padded length), so the row is what the utterance gives alone.
 
 
 def test_superb_effect_chain_gives_s3prls_lengths_within_10_ms():
