@@ -45,6 +45,7 @@ class UpstreamConfig:
     random_init: bool = False       # SSL: build the architecture with random weights (tests, benchmarks, no hub)
     arch: dict = field(default_factory=dict)  # SSL: architecture overrides for random_init, e.g. {encoder_num_layers: 2}
     trainable: bool = False         # fine-tune the upstream (SUPERB: frozen)
+    padded_group_norm: bool = False  # Base SSL models: first conv's group norm over the padded batch, as s3prl (false: each utterance's own samples, batch-invariant)
     n_mels: int = 80                # fbank, logmel: mel bands (s3prl's fbank: 80)
     n_mfcc: int = 13                # mfcc: cepstra (s3prl's mfcc: 13)
 

@@ -12,7 +12,11 @@ Every upstream exposes `num_layers` (the layers it returns), `hidden_size`, `hop
 per frame) and `min_samples`, so what follows sizes itself from it.
 
 Padding invariance: frames are cut without centring, so frame t only sees samples
-[t*hop, t*hop + win), and every normalisation runs over an utterance's valid frames.
+[t*hop, t*hop + win), and every normalisation runs over an utterance's valid frames. That includes
+the group norm of the Base SSL models' first convolution (wav2vec 2.0 / HuBERT / WavLM Base and
+Base+), which torchaudio and s3prl compute over the whole padded length: here its statistics come
+from each utterance's own frames, so an embedding is the same alone and in any batch.
+`padded_group_norm=True` keeps s3prl's padded statistics (for parity with s3prl's training batches).
 """
 from __future__ import annotations
 
@@ -24,6 +28,26 @@ import torchaudio
 import torchaudio.compliance.kaldi as kaldi
 
 from .pooling import frame_mask
+
+
+def masked_group_norm(x: torch.Tensor, frames: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """nn.GroupNorm over the first `frames[b]` frames of each row of x (B, C, T), as if each row were alone.
+
+    Statistics in float32 (as autocast runs group norm), mean first then the centred variance (biased, as
+    GroupNorm's). No host sync: the mask and the counts stay on the device. Frames past `frames[b]` are
+    normalised with the row's statistics too; nothing valid depends on them (convolutions without padding).
+    """
+    b, c, t = x.shape
+    g = norm.num_groups
+    mask = frame_mask(frames, t).view(b, 1, 1, t).float()  # (B, 1, 1, T)
+    xf = x.float().view(b, g, c // g, t)
+    count = (frames.clamp(min=1).float() * (c // g)).view(b, 1, 1, 1)
+    mean = (xf * mask).sum((2, 3), keepdim=True) / count
+    var = ((xf - mean).square() * mask).sum((2, 3), keepdim=True) / count
+    y = ((xf - mean) * torch.rsqrt(var + norm.eps)).view(b, c, t)
+    if norm.affine:
+        y = y * norm.weight.float().view(1, c, 1) + norm.bias.float().view(1, c, 1)
+    return y.to(x.dtype)
 from .ssl_weights import SSL_BUNDLES, build_architecture, load_checkpoint
 
 FEATURES = ("fbank", "mfcc", "logmel")  # computed in torch from the waveform: one layer, no weights
@@ -87,7 +111,7 @@ class SSLUpstream(nn.Module):
     then stops after the deepest of them, so the layers above cost nothing."""
 
     def __init__(self, name: str, ckpt: str = "", random_init: bool = False, arch: dict | None = None,
-                 layers: list[int] | None = None):
+                 layers: list[int] | None = None, padded_group_norm: bool = False):
         super().__init__()
         bundle = SSL_BUNDLES[name]
         normalize = None  # None: the bundle's setting
@@ -119,6 +143,23 @@ class SSLUpstream(nn.Module):
         for conv in reversed(convs):
             receptive = (receptive - 1) * conv.stride[0] + conv.kernel_size[0]
         self.min_samples = receptive
+        # Base models' first conv block normalises with a GroupNorm over time; Large ones have per-frame layer norms
+        first = self.model.feature_extractor.conv_layers[0].layer_norm
+        self.masked_group_norm = isinstance(first, nn.GroupNorm) and not padded_group_norm
+
+    def conv_features(self, wavs: torch.Tensor, lengths: torch.Tensor):
+        """torchaudio's FeatureExtractor, its first group norm over each utterance's own frames: (B, T', C), (B,)."""
+        if not self.masked_group_norm:
+            return self.model.feature_extractor(wavs, lengths)
+        x, frames = wavs.unsqueeze(1), lengths
+        for i, block in enumerate(self.model.feature_extractor.conv_layers):
+            if i == 0:
+                x = block.conv(x)
+                frames = (torch.div(lengths - block.kernel_size, block.stride, rounding_mode="floor") + 1).clamp(min=0)
+                x = nn.functional.gelu(masked_group_norm(x, frames, block.layer_norm))
+            else:
+                x, frames = block(x, frames)
+        return x.transpose(1, 2), frames
 
     def forward(self, wavs: torch.Tensor, lengths: torch.Tensor):
         if self.normalize_waveform:
@@ -130,7 +171,7 @@ class SSLUpstream(nn.Module):
         # torchaudio's extract_features returns only the transformer layers and, for WavLM,
         # fails on padded batches; we also want the transformer input (SUPERB's layer 0),
         # so the same steps are run here with the padding mask each model family expects.
-        x, frames = self.model.feature_extractor(wavs, lengths)  # (B, T', C)
+        x, frames = self.conv_features(wavs, lengths)  # (B, T', C)
         x = self.model.encoder.feature_projection(x)  # (B, T', D)
         padding = ~frame_mask(frames, x.shape[1])  # (B, T') True on padded frames
         x = x.masked_fill(padding.unsqueeze(-1), 0.0)
@@ -168,7 +209,7 @@ def build_upstream(cfg, sample_rate: int, layers: list[int] = ()) -> nn.Module:
     else:
         if sample_rate != 16000:
             raise ValueError(f"upstream {cfg.name} needs data.sample_rate 16000, got {sample_rate}")
-        upstream = SSLUpstream(cfg.name, cfg.ckpt, cfg.random_init, cfg.arch, list(layers))
+        upstream = SSLUpstream(cfg.name, cfg.ckpt, cfg.random_init, cfg.arch, list(layers), cfg.padded_group_norm)
     if not cfg.trainable:
         upstream.eval().requires_grad_(False)
     return upstream

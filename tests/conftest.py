@@ -1,5 +1,10 @@
 """Shared test setup: where the repository and the shared data are, and skipping (with the reason) when
-the data is absent, so a fork outside this layout runs what it can."""
+the data is absent, so a fork outside this layout runs what it can.
+
+Tolerances: each explicit one says in a comment where it comes from (float32 error of the computation, or a
+spread measured across kernels: tests/test_kernels.py reruns the numerics under ATEN_CPU_CAPABILITY=default and
+one thread). The defaults, pytest.approx (rel 1e-6) and torch.testing.assert_close (float32: rtol 1.3e-6,
+atol 1e-5), are used only where both sides are the same arithmetic up to the rounding of a few operations."""
 import sys
 from pathlib import Path
 

@@ -62,6 +62,7 @@ def test_notebook_example(home, monkeypatch, capsys):
     exec(compile(notebook_example(), "asv/api.py (docstring)", "exec"), scope)
     dim = scope["model"].embed_dim
     assert scope["emb"].shape == (2, dim) and scope["same"].shape == (1, dim)
+    # tolerance: alone vs batched: the same computation in float32 in another order (~1e-6 on O(1) values)
     np.testing.assert_allclose(scope["same"], scope["emb"][:1], atol=1e-5)  # alone vs batched with b
     result = scope["result"]
     assert result.accept and result.score >= result.threshold and result.threshold_name == "eer"
@@ -70,6 +71,7 @@ def test_notebook_example(home, monkeypatch, capsys):
     matrix = scope["matrix"]
     assert matrix.shape == (4, 4) and scope["cross"].shape == (4, 2)
     np.testing.assert_array_equal(matrix, matrix.T)
+    # tolerance: a unit vector's self-cosine in float32: 1 within a few u (6e-8) x dim; 1e-5 leaves margin
     np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-5)
     assert (home / "enrolled.npz").is_file() and not list(home.glob("*.tmp"))
     assert capsys.readouterr().out.count("\n") == 2  # the two prints ran
@@ -94,9 +96,11 @@ def test_a_file_and_its_array_embed_the_same(home, model):
     np.testing.assert_array_equal(by_file, model.embed(wav))
     np.testing.assert_array_equal(by_file, model.embed(wav.numpy().astype(np.float64)))  # numpy, any float dtype
     mixed = model.embed([wav, path, corpus_file(home, "spk05/sess0/utt0.wav")])
+    # tolerance: alone vs batched, float32 summation order only (~1e-6 on O(1) embeddings)
     np.testing.assert_allclose(mixed[:2], np.repeat(by_file, 2, axis=0), atol=1e-5)
     folder = model.embed(home / "data" / "demo" / "corpus" / "spk05" / "sess1")  # every file, in sorted order
     assert folder.shape == (4, model.embed_dim)
+    # tolerance: alone vs batched, float32 summation order only (~1e-6 on O(1) embeddings)
     np.testing.assert_allclose(folder[2], by_file[0], atol=1e-5)
     short = model.embed(wav[:50])  # shorter than the model's minimum: repeated, as evaluation does
     assert short.shape == (1, model.embed_dim) and np.isfinite(short).all()
@@ -106,6 +110,7 @@ def test_scores_are_evaluations(home, model):
     """The API scores a trial as evaluate_asv.py scored it at the end of training (best/eval/test/scores.txt)."""
     scores = home / "exp" / "demo" / "best" / "eval" / "test" / "scores.txt"
     enroll, test, score, _ = scores.read_text().splitlines()[0].split()
+    # tolerance: scores.txt keeps 6 decimals (rounding 5e-7) plus float32 order differences (~1e-6 on a cosine)
     assert model.score(corpus_file(home, enroll), corpus_file(home, test)) == pytest.approx(float(score), abs=2e-6)
 
 
@@ -158,9 +163,11 @@ def test_bad_input_is_one_line(home, tmp_path):
 def test_enrolled_speakers_saved_and_loaded(home, model, tmp_path):
     spk = "spk06/sess{}/utt0.wav"
     enrolled = model.enroll("dana", [corpus_file(home, spk.format(s)) for s in range(3)])
+    # tolerance: a float32 norm: 1 within ~dim x u = 1e-5 worst case, ~1e-7 typical
     assert enrolled.shape == (model.embed_dim,) and np.linalg.norm(enrolled) == pytest.approx(1.0, abs=1e-6)
     unit = model.embed([corpus_file(home, spk.format(s)) for s in range(3)])
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    # tolerance: float32 mean of three unit vectors vs numpy's: a few u (6e-8) per element
     np.testing.assert_allclose(enrolled, unit.mean(0) / np.linalg.norm(unit.mean(0)), atol=1e-6)
 
     model.save_enrolled(tmp_path / "people.npz")
@@ -176,10 +183,14 @@ def test_asnorm_scores_and_raw_decisions(home, model):
     normed = asv.load(home / "exp" / "demo", overrides=["score.asnorm=true", "score.cohort_size=40"])
     a, b = corpus_file(home, "spk05/sess0/utt0.wav"), corpus_file(home, "spk05/sess2/utt3.wav")
     result = normed.compare(a, b, threshold=0.5)
+    # tolerance: the same cosine by two float32 paths: a few u x dim (< 1e-6)
     assert result.score == pytest.approx(model.score(a, b), abs=1e-6)  # decided on the raw cosine
+    # tolerance: AS-norm divides by a cohort std of ~0.1: the cosine's ~1e-6 float32 error becomes ~1e-5
     assert result.asnorm == pytest.approx(normed.score(a, b), abs=1e-5) and result.asnorm != result.score
     matrix = normed.score_matrix([a, b], [a, b])
+    # tolerance: float32 cosines in both orders: a few u (6e-8) x dim
     np.testing.assert_allclose(matrix, matrix.T, atol=1e-6)
+    # tolerance: AS-norm divides by a cohort std of ~0.1: the cosine's ~1e-6 float32 error becomes ~1e-5
     assert matrix[0, 1] == pytest.approx(result.asnorm, abs=1e-5)
 
 

@@ -45,6 +45,7 @@ def test_the_mean_tensor_by_tensor(tmp_path):
                 assert tensor.item() == 100  # a counter: the newest checkpoint's
             else:
                 assert tensor.dtype == a.dtype
+                # tolerance: (a + b) / 2 in float32 in another order: 1 ulp of O(1) weights (1.2e-7)
                 torch.testing.assert_close(tensor, (a + b) / 2, rtol=0, atol=1e-7)
     assert mean["meta"] == META
     weights = json.loads((out / "layer_weights.json").read_text())

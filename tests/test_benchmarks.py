@@ -70,6 +70,7 @@ def test_bench_vox1_eval_tiny(vox1_meta, tmp_path):
     assert fields["lists"].startswith("vox1-O")
     assert re.search(r"EER [\d.]+%, \d+ trials", fields["stage: vox1-O done at (s)"])
     # batched, padded evaluation gives the embeddings one-at-a-time evaluation gives
+    # tolerance: the benchmark's own cosine on float32 embeddings; exact evaluation gives > 0.99999
     assert float(fields["subset: min cosine(simple, ours) per utt"]) > 0.999
     assert (tmp_path / "exp" / "step-1" / "eval" / "vox1-O" / "metrics.json").is_file()
 

@@ -52,6 +52,7 @@ def test_8k_file_is_resampled_to_16k(tmp_path):
     assert wav.numel() == 2 * 8000
     # the same 200 Hz tone, now at 16 kHz (edges aside)
     t16 = np.arange(16000) / 16000
+    # tolerance: resampling's band-limited filter ripple on a 200 Hz tone (Kaiser window, ~-40 dB = 1e-2)
     np.testing.assert_allclose(wav.numpy()[200:-200], 0.5 * np.sin(2 * np.pi * 200 * t16)[200:-200], atol=1e-2)
 
 
@@ -60,6 +61,7 @@ def test_stereo_is_averaged_to_mono(tmp_path):
     left, right = rng.uniform(-0.5, 0.5, (2, 4000)).astype(np.float32)
     wav = load_audio(write(tmp_path / "st.wav", np.stack([left, right], axis=1)), SR)
     assert wav.shape == (4000,)
+    # tolerance: the mean of two float32 channels: 1 ulp of samples in [-1, 1]
     np.testing.assert_allclose(wav.numpy(), (left + right) / 2, atol=1e-7)
 
 
@@ -82,6 +84,7 @@ def test_flac(tmp_path):
     path = write(tmp_path / "a.flac", x, subtype="PCM_16")
     wav = load_audio(path, SR)
     assert wav.dtype == torch.float32 and wav.shape == (3000,)
+    # tolerance: 16-bit PCM quantisation step
     np.testing.assert_allclose(wav.numpy(), x, atol=1 / 2**15)
     assert header_frames(path) == (3000, SR)
 
@@ -429,11 +432,14 @@ def test_superb_crop_lengths_on_voxceleb1_dev():
     got = example_lengths(kept, "superb", 2.0, 8.0)
     assert len(got) >= len(kept) - 50  # one epoch: all but the remainder of the last optimizer step
     assert got.max() == 8.0 and got.min() > 2.0
+    # tolerance: sampling error of a mean over ~1000 random crops (std ~2 s / sqrt(1000) = 0.06 s, 1% of 6.4 s)
     assert got.mean() == pytest.approx(target.mean(), rel=0.01)
+    # tolerance: sampling error of quantiles over ~1000 random crops (~0.05 s)
     np.testing.assert_allclose(np.quantile(got, [0.1, 0.5, 0.9]), np.quantile(target, [0.1, 0.5, 0.9]), atol=0.05)
     # the old fixed crops (one length per batch, uniform in [2, 8]) train on shorter examples
     fixed = example_lengths(kept, "fixed", 2.0, 8.0)
     assert fixed.mean() < got.mean() - 1.0
+    # tolerance: sampling error of a mean of uniform 2-8 s crops over ~1000 examples (std 1.7 / sqrt(1000) = 0.05)
     assert fixed.mean() == pytest.approx(5.0, abs=0.1)
 
 
@@ -589,6 +595,7 @@ def test_superb_effects_cut_a_pause(tmp_path):
     assert 0.47 * SR < n - wav.numel() <= 0.5 * SR  # about 0.5 s shorter
     torch.testing.assert_close(wav, superb_effects(load_audio(path, SR), SR))
     gain = 10 ** (-3 / 20)
+    # tolerance: a float32 gain of -3 dB on samples in [-1, 1]: a few ulp
     np.testing.assert_allclose(wav[-100:].numpy(), noise(SR, 2)[-100:] * gain, atol=1e-6)  # -3 dB, the end kept
 
 
@@ -624,7 +631,9 @@ def test_durations_after_effects_are_cached(tmp_path, monkeypatch):
     cache = tmp_path / "exp" / "durations_after_effects.txt"
     got = durations_after_effects(utts, SR, cache, num_workers=0, show_progress=False)
     want = [superb_effects(load_audio(u.path, SR), SR).numel() / SR for u in utts]
+    # tolerance: the cache stores durations with 4 decimals
     assert got == pytest.approx(want, abs=1e-4)
+    # tolerance: one millisecond: silence removal may cut a few samples at the edges
     assert got[0] < utts[0].duration - 0.45 and got[1] == pytest.approx(utts[1].duration, abs=1e-3)
     assert [line.rsplit(" ", 1)[0] for line in cache.read_text().splitlines()] == [u.id for u in utts]
     # a resumed run reads the cache: no audio is decoded, and the very same durations come back (a rounded

@@ -101,7 +101,9 @@ def test_ecapa_padding_never_changes_an_embedding(pooling):
         alone_short = model(short, torch.tensor([17]))
         alone_long = model(long, torch.tensor([60]))
         both = model(batch, torch.tensor([17, 60]))
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(both[0:1], alone_short, atol=1e-5, rtol=0)
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(both[1:2], alone_long, atol=1e-5, rtol=0)
 
 

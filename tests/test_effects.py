@@ -34,7 +34,9 @@ def check(case, wav):
     assert out.dtype == torch.float32 and out.dim() == 1
     assert abs(len(out) - case["sox_length"]) <= TOLERANCE, (len(out), case["sox_length"])
     if "first" in case:
+        # tolerance: float32 of the sox binary's samples: a few ulp of [-1, 1]
         np.testing.assert_allclose(out[:20].numpy(), case["first"], rtol=0, atol=1e-6)
+        # tolerance: float32 of the sox binary's samples: a few ulp of [-1, 1]
         np.testing.assert_allclose(out[-20:].numpy(), case["last"], rtol=0, atol=1e-6)
 
 

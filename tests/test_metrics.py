@@ -141,11 +141,14 @@ def test_agrees_with_sklearn_and_brute_force(seed, ties):
     skl_fnr, skl_fpr, skl_thr = (1 - skl_tpr)[::-1], skl_fpr[::-1], skl_thr[::-1]
     fnr, fpr, thresholds = error_rates(scores, labels)
     np.testing.assert_array_equal(thresholds, skl_thr)
+    # tolerance: float64 counting of the same sorted scores: exact up to ~1e-16
     np.testing.assert_allclose(fnr, skl_fnr, atol=1e-12)
+    # tolerance: float64 counting of the same sorted scores: exact up to ~1e-16
     np.testing.assert_allclose(fpr, skl_fpr, atol=1e-12)
 
     m = compute_metrics(scores, labels)
     # Same curve, same linear interpolation: only rounding differs, so 1e-9 percent-points.
+    # tolerance: float64, the same EER by interpolation and by brute force: exact up to ~1e-15
     assert m["eer"] == pytest.approx(100 * brute_force_eer(skl_fnr, skl_fpr), abs=1e-9)
     # The usual sklearn recipe picks the curve point where |fnr - fpr| is smallest instead of
     # interpolating. One step of the sweep moves fnr or fpr by a multiple of 1/N, so the picked
@@ -155,6 +158,7 @@ def test_agrees_with_sklearn_and_brute_force(seed, ties):
     assert abs(m["eer"] - 100 * (skl_fnr[k] + skl_fpr[k]) / 2) <= 100 * largest_step
 
     for p in (0.01, 0.05):
+        # tolerance: float64, the same minDCF two ways: exact up to ~1e-15
         assert m[f"min_dcf_{p:g}"] == pytest.approx(brute_force_min_dcf(scores, labels, p), abs=1e-9)
 
 
@@ -172,7 +176,9 @@ def test_one_million_trials_gaussian_eer():
     labels = rng.random(1_000_000) < 0.1
     scores = rng.normal(size=1_000_000) + 2.0 * labels
     m = compute_metrics(scores, labels)
+    # tolerance: sampling error of an EER estimated from a few thousand Gaussian trials (~0.5 percentage points)
     assert m["eer"] == pytest.approx(15.87, abs=0.5)
+    # tolerance: sampling error of the EER threshold from a few thousand trials
     assert m["eer_threshold"] == pytest.approx(1.0, abs=0.05)
     assert 0 < m["min_dcf_0.05"] <= m["min_dcf_0.01"] <= 1
     assert m["num_trials"] == 1_000_000

@@ -27,6 +27,7 @@ def gaussian_llrs(mu, n):
 def test_cllr_by_hand():
     llrs, labels = [2.0, 0.0, -1.0], [1, 1, 0]
     expected = 0.5 * ((bits(-2) + bits(0)) / 2 + bits(-1))
+    # tolerance: float64 log2 of three terms: ~1e-15
     assert metrics.compute_cllr(llrs, labels) == pytest.approx(expected, rel=1e-12)
 
 
@@ -42,8 +43,10 @@ def test_cllr_of_calibrated_gaussian_llrs_matches_the_integral():
     x = np.linspace(mu - 12 * sigma, mu + 12 * sigma, 200001)
     pdf = np.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
     integral = np.trapezoid(np.logaddexp(0, -x) / math.log(2) * pdf, x)
+    # tolerance: the trapezoid rule on the integration grid vs the sample mean of a large sample (~1e-4)
     assert metrics.compute_cllr(llrs, labels) == pytest.approx(integral, abs=1e-4)
     # a calibrated system: PAV can improve on it only by the sampling of the grid
+    # tolerance: PAV can only improve on a calibrated system by the sampling of the finite sample (~5e-3)
     assert metrics.compute_min_cllr(llrs, labels) == pytest.approx(integral, abs=5e-3)
 
 
@@ -79,6 +82,7 @@ def test_min_cllr_bounds_cllr_and_is_reached_by_pav():
     min_cllr = metrics.compute_min_cllr(scores, labels)
     for llrs in (scores, 20 * scores - 5, 100 * scores, np.exp(3 * scores) - 2, 15 * np.tanh(10 * scores - 3)):
         assert min_cllr <= metrics.compute_cllr(llrs, labels)
+        # tolerance: float64, the same ordering: exact up to rounding
         assert metrics.compute_min_cllr(llrs, labels) == pytest.approx(min_cllr, abs=1e-12)  # order only
     assert metrics.compute_cllr(metrics.pav_llrs(scores, labels), labels) == min_cllr
 
@@ -124,6 +128,7 @@ def test_weighted_eer_equals_repeated_trials():
     scores = np.round(np.where(labels, rng.normal(1, 1, 500), rng.normal(0, 1, 500)), 1)  # ties too
     weights = rng.integers(0, 4, 500)
     repeated = metrics.compute_eer(np.repeat(scores, weights), np.repeat(labels, weights))[0]
+    # tolerance: float64, weights vs repeated rows: exact up to rounding
     assert metrics.compute_weighted_eer(scores, labels, weights) == pytest.approx(repeated, abs=1e-12)
     assert metrics.compute_weighted_eer(scores, labels, np.ones(500)) == pytest.approx(
         metrics.compute_eer(scores, labels)[0], abs=1e-12)

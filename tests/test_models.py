@@ -134,7 +134,7 @@ def test_trainable_upstream_keeps_gradients(name):
     assert up.model.feature_extractor.conv_layers[0].conv.weight.grad is not None
 
 
-@pytest.mark.parametrize("name", ["wavlm_base", "wavlm_large"])  # wavlm_base_plus: see the SSL padding test
+@pytest.mark.parametrize("name", ["wavlm_base", "wavlm_large"])
 def test_wavlm_padding_does_not_leak_into_valid_frames_through_attention(name):
     # torchaudio's own WavLM path fails on padded batches; ours masks padded keys. With a per-frame
     # (layer_norm) feature extractor, the short utterance's valid frames must not see the padding.
@@ -146,6 +146,7 @@ def test_wavlm_padding_does_not_leak_into_valid_frames_through_attention(name):
         batch, frames = up(wavs, lengths)
     assert int(frames[0]) == int(n[0]) == alone[0].shape[1]
     for a, b in zip(alone, batch):
+        # tolerance: masked attention (exp(-1e4) = 0 in float32) over another length: order only, ~1e-6
         torch.testing.assert_close(b[0, :int(n[0])], a[0], atol=1e-4, rtol=1e-4)
 
 
@@ -196,6 +197,7 @@ def test_kaldi_upstream_is_kaldi_features_deltas_and_cmvn(kind):
     for i, w in enumerate(wavs):
         want = kaldi_by_hand(w, kind)
         assert int(frames[i]) == len(want) == 1 + (w.numel() - 400) // 160  # Kaldi's snip_edges frames
+        # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
         torch.testing.assert_close(hidden[i, :len(want)], want, atol=1e-5, rtol=1e-5)  # padding changes nothing
         assert torch.all(hidden[i, len(want):] == 0)
         with torch.no_grad():
@@ -211,8 +213,10 @@ def test_logmel_is_the_batched_log_mel():
         (batch,), frames = up(*padded([long, short]))
         (alone,), n = up(short[None], torch.tensor([4000]))
     assert int(frames[1]) == int(n[0]) == 1 + (4000 - 400) // 160
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(batch[1, :int(n[0])], alone[0], atol=1e-5, rtol=0)
     assert torch.all(batch[1, int(n[0]):] == 0)
+    # tolerance: a float32 mean of ~20 O(1) values: ~1e-7
     torch.testing.assert_close(alone[0].mean(0), torch.zeros(40), atol=1e-5, rtol=0)  # mean-normalised
 
 
@@ -348,6 +352,7 @@ def test_filterbank_padding_never_changes_an_embedding(name, short):
     frames, in_batch, alone = embeddings_alone_and_in_batch(name, [7000, short])
     assert frames[1] == alone[1][0], "the same number of frames alone and in a padded batch"
     for i, (_, emb) in enumerate(alone):
+        # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
         torch.testing.assert_close(in_batch[i], emb, atol=1e-5, rtol=0)
 
 
@@ -356,8 +361,53 @@ def test_ssl_padding_never_changes_an_embedding_with_a_layer_norm_extractor(name
     frames, in_batch, alone = embeddings_alone_and_in_batch(name, [9000, 5000, 6300], extractor_mode="layer_norm")
     for i, (n, emb) in enumerate(alone):
         assert frames[i] == n
+        # tolerance: masked attention + layer norms over another length: float32 order only, ~1e-5 at norm ~10
         torch.testing.assert_close(in_batch[i], emb, atol=1e-4, rtol=0)
 
+
+# Every upstream family: Kaldi features, batched log-mel, Base SSL models (a group norm over time on the first
+# conv: wavlm_base_plus, hubert_base) and a Large one (per-frame layer norms, normalised waveform)
+FAMILIES = [*FILTERBANKS, "wavlm_base_plus", "hubert_base", "wavlm_large"]
+SMALL_OPTIONS = {"superb_xvector": dict(hidden_size=32, aggregation_size=48, embed_dim=16),
+                 "xvector_bn": dict(proj_dim=32, channels=32, stats_dim=48, embed_dim=16),
+                 "ecapa": dict(channels=32, embed_dim=16, attention_dim=8)}
+
+
+def short_alone_and_beside_a_long_one(name, downstream, **cfg_keys):
+    """The embedding of a 0.8 s utterance alone, and in a padded batch beside an 8 s one (the short one's
+    samples are the same, only its batch-mate and the padding differ)."""
+    cfg = make_cfg(name)
+    for key, value in cfg_keys.items():
+        setattr(cfg.upstream, key, value)
+    cfg.downstream = DOWNSTREAMS[downstream].Options(**SMALL_OPTIONS[downstream])
+    torch.manual_seed(0)
+    up = build_upstream(cfg.upstream, SR, [])
+    encoder = make_encoder(cfg, up)
+    randomise_batchnorm(encoder)
+    encoder.eval()
+    short, long = randn(12800, 3), randn(128000, 4)
+    wavs, lengths = padded([long, short])
+    with torch.no_grad():
+        in_batch = encoder(*up(wavs, lengths))[1]
+        alone = encoder(*up(short[None], torch.tensor([12800])))[0]
+    return F.cosine_similarity(in_batch, alone, dim=0).item()
+
+
+@pytest.mark.parametrize("downstream", list(DOWNSTREAMS))
+@pytest.mark.parametrize("name", FAMILIES)
+def test_an_embedding_is_the_same_alone_and_beside_a_much_longer_utterance(name, downstream):
+    # tolerance: float32 rounding of the same frames in another order, ~1e-6 relative per element, gives
+    # 1 - cosine ~1e-12; 0.99999 (1e-5) is far above rounding and far below what padding leaks (1e-2 and more)
+    assert short_alone_and_beside_a_long_one(name, downstream) >= 0.99999
+
+
+@pytest.mark.parametrize("downstream", list(DOWNSTREAMS))
+@pytest.mark.parametrize("name", ["wavlm_base_plus", "hubert_base"])
+def test_padded_group_norm_is_s3prls_batch_dependent_normalisation(name, downstream):
+    """upstream.padded_group_norm=true: the first conv's group norm over the padded length, as torchaudio and
+    s3prl compute it. The short utterance's embedding then depends on the padding: the test above would fail
+    (tiny random models: 3e-5 to 4e-3 in 1 - cosine; full-size ones: 22-26% relative in the last layer, issue 19)."""
+    assert short_alone_and_beside_a_long_one(name, downstream, padded_group_norm=True) < 0.99999
 
 DOWNSTREAM_POOLINGS = [("superb_xvector", None), ("xvector_bn", "stats"), ("xvector_bn", "attentive"),
                        ("ecapa", "attentive"), ("ecapa", "stats")]
@@ -387,6 +437,7 @@ def test_downstream_padding_never_changes_an_embedding(name, pooling):
         both = model(batch, torch.tensor([23, 60]))
         alone = torch.cat([model(short, torch.tensor([23])), model(long, torch.tensor([60]))])
     assert both.shape == (2, 16) and torch.isfinite(both).all()
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -443,6 +494,7 @@ def test_xvector_bn_ignores_padded_frames():
     with torch.no_grad():
         batch = xv(x, torch.tensor([50, 20]))
         alone = xv(x[1:, :20], torch.tensor([20]))
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -490,6 +542,7 @@ def test_attentive_pool_with_uniform_attention_is_stats_pool():
         pool.score.weight.zero_()
         pool.score.bias.zero_()
         out = pool(x.clone(), lengths)
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(out, StatsPool(4)(x.clone(), lengths), atol=1e-5, rtol=1e-5)
 
 
@@ -507,7 +560,9 @@ def test_attentive_pool_ignores_padding_and_one_frame_takes_all_the_weight():
         out, out_garbage = pool(x, lengths), pool(garbage, lengths)
         alone = pool(x[1:2, :, :9], torch.tensor([9]))
     assert out.shape == (3, 32) and pool.out_dim == 32
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(out, out_garbage, atol=1e-5, rtol=1e-5)
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(out[1:2], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[2, :16], x[2, :, 0])  # the only valid frame is the mean
 
@@ -545,8 +600,10 @@ def test_layer_weights_are_a_softmax():
         ws.weights.copy_(torch.tensor([0.0, math.log(3.0), 0.0, -50.0]))
     w = ws.layer_weights()
     assert sum(w) == pytest.approx(1.0)
+    # tolerance: softmax in float32: a few u (6e-8) relative; exp(-50) ~ 2e-22 is 0 at 1e-6
     assert w == pytest.approx([0.2, 0.6, 0.2, 0.0], abs=1e-6)
     h = layers(4)
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(ws(h), 0.2 * h[0] + 0.6 * h[1] + 0.2 * h[2], atol=1e-5, rtol=1e-5)
 
 
@@ -560,10 +617,12 @@ def test_normalize_layer_norms_each_frame_of_each_layer():
     ws = WeightedSum(2, 4, normalize=True)
     h = layers(2)
     by_hand = [(x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) for x in h]
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(ws(h), (by_hand[0] + by_hand[1]) / 2, atol=1e-5, rtol=1e-5)
     # scaling or shifting one frame of one layer changes nothing (per frame, per layer)
     h2 = [x.clone() for x in h]
     h2[1][0, 2] = h2[1][0, 2] * 100 + 7
+    # tolerance: a frame scaled 100x: its layer norm's float32 rounding grows 100x, ~1e-5
     torch.testing.assert_close(ws(h2), ws(h), atol=1e-4, rtol=1e-4)
     # an all-zero (padding) frame stays zero and leaves the others untouched
     h3 = [x.clone() for x in h]
@@ -638,6 +697,7 @@ def test_returned_cosines_are_margin_free(kind):
     emb = head.weight[labels].detach() * 2.5 + 0.01 * noise  # close to each class centre
     loss, cosine = head(emb, labels)
     assert torch.equal(cosine.argmax(1), labels)  # accuracy without the margin
+    # tolerance: noise 0.01 on a centre of norm 2.5: cosine >= 1 - (0.01 * sqrt(dim) / 2.5)^2 / 2 > 0.99
     assert torch.all(cosine.gather(1, labels[:, None]) > 0.99)
     head0 = LOSSES[kind](8, 5, margin=0.0, scale=30.0)
     head0.load_state_dict(head.state_dict())
@@ -671,11 +731,15 @@ def test_cosine_scores_by_hand():
     want = [emb[a] @ emb[b] / (np.linalg.norm(emb[a]) * np.linalg.norm(emb[b])) for a, b in zip(enroll, test)]
     got = cosine_scores(emb, enroll, test)
     assert got.shape == (20,)
+    # tolerance: float32 dot products of dim 16 vs numpy float64: a few u (6e-8) relative
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # tolerance: the same float32 products in other chunks: exact up to order
     np.testing.assert_allclose(cosine_scores(emb, enroll, test, chunk=3), got, rtol=1e-6)
     scaled = emb * rng.uniform(0.01, 100, size=(7, 1))
+    # tolerance: scale-invariance in float32: the scaling's own rounding, a few u
     np.testing.assert_allclose(cosine_scores(scaled, enroll, test), got, rtol=1e-5, atol=1e-6)
     same = cosine_scores(emb, np.arange(7), np.arange(7))
+    # tolerance: a float32 self-cosine: 1 within a few u
     np.testing.assert_allclose(same, 1.0, rtol=1e-6)
 
 

@@ -38,6 +38,7 @@ def test_readme_downstream_example_plugs_in(mean_std):
         embs = encoder(*upstream(wavs, lengths))
         alone = encoder(*upstream(wavs[1:, :12000], lengths[1:]))
     assert embs.shape == (2, 16)
+    # tolerance: float32 rounding (u = 6e-8) through a few layers of O(1) values: ~1e-6, 1e-5 is 10x
     torch.testing.assert_close(embs[1:], alone, atol=1e-5, rtol=1e-5)  # padding changes nothing
     with pytest.raises(ConfigError, match="'downstream.channels' does not apply to downstream.name=mean_std"):
         load_config(None, ["downstream.name=mean_std", "downstream.channels=64"])

@@ -262,6 +262,7 @@ def test_read_scores_and_probit(tmp_path):
     path.write_text("id1/a.wav id2/b.wav 0.750000 1\nid1/a.wav id3/c.wav -0.125000 0\n")
     scores, labels = report.read_scores(path)
     assert scores.tolist() == [0.75, -0.125] and labels.tolist() == [1, 0]
+    # tolerance: the reference values are given to 6 decimals
     assert np.allclose(report.ppf([0.5, 0.975, 0.001]), [0.0, 1.959964, -3.090232], atol=1e-6)
     assert np.isfinite(report.ppf([0.0, 1.0])).all()  # the DET sweep's end points stay plottable
 
