@@ -270,12 +270,13 @@ def superb_intervals(wav: torch.Tensor, sample_rate: int) -> np.ndarray:
     return np.asarray(segments, dtype=np.int64).reshape(-1, 2)
 
 
-_GAIN_TABLES = {}  # gain dB -> what _gain makes of each 16-bit sample (65536 float32): one lookup per sample
+_GAIN_TABLES = {}  # gain dB -> what _gain makes of each 16-bit sample: one lookup per sample
 
 
 def _gain_table(db: float) -> np.ndarray:
+    """(65536,) float32, indexed by a 16-bit sample's bits read as uint16 (so no index arithmetic)."""
     if db not in _GAIN_TABLES:  # the very functions of the float path, applied to every 16-bit value
-        every = (np.arange(-32768, 32768, dtype=np.float64) / 32768).astype(np.float32)
+        every = (np.arange(65536, dtype=np.uint16).view(np.int16).astype(np.float64) / 32768).astype(np.float32)
         _GAIN_TABLES[db] = _from_sox(_gain(_to_sox(every), db)).numpy()
     return _GAIN_TABLES[db]
 
@@ -317,8 +318,10 @@ def trimmed_span(path: str, sample_rate: int, intervals: np.ndarray, db: float |
         wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), rate, sample_rate).numpy()[lo:hi]
     if len(wav) != hi - lo:
         raise AudioError(f"{path}: {len(wav)} samples where [{lo}, {hi}) was expected: has the file changed?")
-    if db is not None:  # elementwise, so the span's samples are those of the whole file's chain
-        wav = _gain_table(db)[wav.astype(np.int32) + 32768] if wav.dtype == np.int16 else \
-            _from_sox(_gain(_to_sox(wav), db)).numpy()
-    out = np.concatenate([wav[s - lo:e - lo] for s, e in pieces]) if len(pieces) > 1 else wav
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+    if len(pieces) > 1:  # the kept pieces first: the gain is elementwise, so it may come after the cut
+        wav = np.concatenate([wav[s - lo:e - lo] for s, e in pieces])
+    if db is not None and wav.dtype == np.int16:  # the float chain's result for each 16-bit value, looked up
+        wav = np.take(_gain_table(db), wav.view(np.uint16))
+    elif db is not None:
+        wav = _from_sox(_gain(_to_sox(wav), db)).numpy()
+    return torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))

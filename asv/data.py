@@ -30,7 +30,6 @@ import hashlib
 import itertools
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -459,7 +458,11 @@ def write_effects(data_dir, rows: dict[str, str], sample_rate: int):
     fingerprint = hashlib.sha256(keys.encode()).hexdigest()[:16]
     note = f"# {len(lines)} files, corpus fingerprint {fingerprint} (sha256 of path, size, mtime_ns)"
     write_text(Path(data_dir) / EFFECTS_FILE, "\n".join([effects_params(sample_rate), note, EFFECTS_COLUMNS, *lines, ""]))
-    shutil.rmtree(Path(data_dir) / EFFECTS_PARTS, ignore_errors=True)
+    parts = Path(data_dir) / EFFECTS_PARTS
+    if parts.exists():
+        for part in parts.iterdir():
+            part.unlink()
+        parts.rmdir()
 
 
 class Trims:
