@@ -119,11 +119,12 @@ def ecapa_train_flop(channels: int, secs: float) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--files", type=int, default=40, help="real-mini FLACs longer than 8.5 s")
     parser.add_argument("--examples", type=int, default=200, help="examples per recipe and path")
     parser.add_argument("--work", type=Path, help="folder for effects.tsv and the augmentation files (default: a temp dir)")
-    parser.add_argument("--quick", action="store_true", help="8 files, 20 examples")
+    parser.add_argument("--quick", action="store_true", help="8 files, 20 examples (a smoke run)")
     args = parser.parse_args()
     if args.quick:
         args.files, args.examples = 8, 20
