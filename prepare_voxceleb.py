@@ -15,6 +15,8 @@ Writes, under --out:
     skipped.txt         path<TAB>reason for every file, folder or trial left out (a path holding
                         a tab, a newline or a name that is not UTF-8 is written as a JSON string)
     prepare.json        the arguments and the counts of this preparation
+    effects.tsv         SUPERB's effects (gain -3 dB, SoX silence trimming) of each training file: its
+                        kept sample intervals, so training decodes only each crop's span (--effects)
 
 A corpus is a `speaker/session/utterance.<audio>` tree, or a Kaldi data folder (wav.scp naming
 audio files, utt2spk): then the utterance ids are Kaldi's, and trial lists name them.
@@ -22,6 +24,8 @@ Durations come from file headers, never from decoding (only float-encoded files 
 to find NaN samples), so preparing VoxCeleb2 (1M files) takes minutes. The output folder is
 built beside --out and swapped in whole: a kill leaves the previous preparation untouched. An
 existing preparation made with other arguments is replaced only with --overwrite.
+The effects pass decodes every training file once, in --workers processes; a kill keeps the chunks
+it finished, and re-running the same command completes it.
 """
 import argparse
 import csv
@@ -37,8 +41,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from asv.audio import AUDIO_EXTENSIONS, AudioError, header_frames, header_subtype, load_audio, progress
-from asv.data import read_kaldi_folder, read_trials, read_utt2spk, stored_path
+from asv.audio import AUDIO_EXTENSIONS, SUPERB_RATE, AudioError, header_frames, header_subtype, load_audio, progress
+from asv.data import read_kaldi_folder, read_manifest, read_trials, read_utt2spk, stored_path, trim_once
 from asv.demo import make_demo_corpus
 from asv.run import atomic_write, recover_dir, replace_dir, write_json
 
@@ -419,7 +423,12 @@ def parse_args(argv=None):
     parser.add_argument("--max-trials", metavar="N", type=int, default=20000, help="cap on a generated test list")
     parser.add_argument("--seed", type=int, default=0, help="seed for speaker choice, trials and demo")
     parser.add_argument("--workers", metavar="N", type=int, default=8,
-                        help="threads reading file headers; processes for --convert-to (at most the CPU count)")
+                        help="threads reading file headers; processes for --convert-to and the effects pass "
+                             "(at most the CPU count)")
+    parser.add_argument("--effects", choices=("superb", "none"), default="superb",
+                        help="superb: compute SUPERB's effects of every training file once (effects.tsv), for "
+                             "training with data.effects=superb (the default); none: skip it (data.effects=none "
+                             "does not need it, and training computes what it lacks)")
     args = parser.parse_args(argv)
     if not (args.voxceleb1 or args.voxceleb2 or args.corpus or args.kaldi or args.demo):
         parser.error("one of --voxceleb1, --voxceleb2, --corpus, --kaldi or --demo is required")
@@ -511,6 +520,16 @@ def gather_files(args, out: Path, build: Path, skipped_paths: dict):
     return files, speaker, roots, convert_dir
 
 
+def effects_pass(args, out: Path):
+    """effects.tsv for the training files (at 16 kHz, SUPERB's rate): only what it lacks is computed."""
+    if args.effects == "none":
+        return
+    train = [u for u in read_manifest(out) if u.split == "train"]
+    trims = trim_once(out, train, SUPERB_RATE, min(args.workers, os.cpu_count()))
+    print(f"effects.tsv: SUPERB's effects of {len(trims)} training files "
+          f"({int(trims.kept.sum()) / SUPERB_RATE / 3600:.2f} h kept of {sum(u.duration for u in train) / 3600:.2f} h)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = args.out.resolve()
@@ -518,6 +537,7 @@ def main(argv=None):
     previous = existing(out, record, args.overwrite)
     if previous and args.demo:  # generated from the seed: the same arguments make the same corpus
         print(f"{out} already holds this preparation (same arguments): nothing to do (--overwrite redoes it)")
+        effects_pass(args, out)  # an interrupted pass completes
         return
     build = out.with_name(f".{out.name}.building")  # swapped in whole at the end
     shutil.rmtree(build, ignore_errors=True)
@@ -529,6 +549,7 @@ def main(argv=None):
         if previous.get("corpus_files") == len(files):
             print(f"{out} already holds this preparation (same arguments, {len(files)} files): nothing to do "
                   "(--overwrite redoes it)")
+            effects_pass(args, out)  # an interrupted pass completes
             return
         raise SystemExit(f"{out} was prepared from {previous.get('corpus_files')} files, the corpus now has "
                          f"{len(files)}: pass --overwrite to prepare it again")
@@ -567,6 +588,7 @@ def main(argv=None):
                   "skipped": len(skipped_lines), "trials": {n: len(t) for n, t in trial_lists.items()}}
     write_outputs(build, usable, stored, split, trial_lists, skipped_lines, record_out, speaker)
     replace_dir(build, out)
+    effects_pass(args, out)
     for name, trials in trial_lists.items():
         print(f"trials/{name}.txt: {len(trials)} trials ({sum(t[0] for t in trials)} target)")
     dropped_note = f"; dropped {len(dropped)} trials naming skipped files" if dropped else ""

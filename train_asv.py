@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors import SafetensorError
 
 from asv.config import flatten, help_text, load_config
-from asv.data import durations_after_effects, read_manifest, read_trials, train_loader, trial_lists
+from asv.data import (compute_effects, read_effects, read_manifest, read_trials, train_loader, trial_lists, trims_of,
+                      write_effects)
 from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of, resolve_lists, score_trials,
                        scores_text, trial_audio, trial_rows, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
@@ -69,12 +70,10 @@ def build_data(accelerator, cfg, exp: Path):
         raise ValueError(f"{d.dir}/utterances.csv has no training utterances")
     if accelerator.is_main_process:
         label_encoder(exp, [u.speaker for u in train_utts])
-        if d.effects == "superb":  # s3prl's get_info pass: lengths after the effects, once per run
-            durations_after_effects(train_utts, d.sample_rate, exp / "durations_after_effects.txt", cfg.num_workers)
     accelerator.wait_for_everyone()
     label_of = label_encoder(exp, [u.speaker for u in train_utts])
-    durations = ([u.duration for u in train_utts] if d.effects == "none" else
-                 durations_after_effects(train_utts, d.sample_rate, exp / "durations_after_effects.txt", 0))
+    trims = effects_of(accelerator, cfg, train_utts) if d.effects == "superb" else None
+    durations = [u.duration for u in train_utts] if trims is None else list(trims.kept / d.sample_rate)
     if d.crop == "superb":  # s3prl drops utterances of at most min_secs
         kept = [i for i, s in enumerate(durations) if s > d.min_secs]
         if len(kept) < len(train_utts):
@@ -82,11 +81,34 @@ def build_data(accelerator, cfg, exp: Path):
                               f"{d.min_secs:g} s or shorter{' after the effects' if d.effects != 'none' else ''}: "
                               "left out, as SUPERB does")
         train_utts, durations = [train_utts[i] for i in kept], [durations[i] for i in kept]
+        trims = trims.take(kept) if trims is not None else None
     loader = train_loader(cfg, train_utts, [label_of[u.speaker] for u in train_utts], durations,
-                          multiple=cfg.train.gradient_accumulate * accelerator.num_processes)
+                          multiple=cfg.train.gradient_accumulate * accelerator.num_processes, trims=trims)
     num_classes = len(label_of) * (3 if cfg.augment.speed_prob > 0 else 1)  # speed-perturbed copies are new speakers
     return loader, num_classes, (f"{len(train_utts)} utterances of {len(label_of)} speakers; "
                                  f"{len(loader.batch_sampler)} batches per epoch")
+
+
+def effects_of(accelerator, cfg, train_utts):
+    """The training files' SUPERB effects from the data folder's effects.tsv (prepare_voxceleb.py writes it).
+    What it lacks (an older data folder, files changed since) is computed here once, every process taking
+    an equal share (so none waits long for another), and the main process writes it back: the next run
+    on this data reads it."""
+    d = cfg.data
+    rows, missing = read_effects(d.dir, train_utts, d.sample_rate)
+    # every process computes its share of what any of them lacks, so all agree on the work
+    todo = sorted({u.path: u for u in gather_object(missing)}.values(), key=lambda u: u.path) \
+        if accelerator.num_processes > 1 else missing
+    if todo:
+        accelerator.print(f"{d.dir}/effects.tsv lacks {len(todo)} of {len(train_utts)} training files (or they "
+                          f"changed): trimming them once, {accelerator.num_processes} process(es) sharing the work")
+        share = todo[accelerator.process_index::accelerator.num_processes]
+        done = compute_effects(d.dir, share, d.sample_rate, cfg.num_workers, tag=f"rank{accelerator.process_index}",
+                               show_progress=accelerator.is_main_process)
+        rows.update(gather_object(list(done.items())) if accelerator.num_processes > 1 else done)
+        if accelerator.is_main_process:
+            write_effects(d.dir, rows, d.sample_rate)
+    return trims_of(d.dir, train_utts, rows)
 
 
 class Validation:

@@ -36,16 +36,21 @@ def _uses_ffmpeg(path: str) -> bool:
     return path.lower().endswith(".m4a")
 
 
-def _read_soundfile(path, start_secs, num_secs):
-    """(samples (T, C) float32, rate); only the requested frames are decoded."""
-    info = sf.info(path)
-    start = int(round(start_secs * info.samplerate))
-    frames = -1 if num_secs is None else int(round(num_secs * info.samplerate))
-    return sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)
+def _read_soundfile(path, window, int16_rate=None):
+    """(samples (T, C), rate) of the frames window(rate, frames) -> (start, stop) names; only those are
+    decoded. float32, or the file's own integers for a 16-bit PCM mono file at `int16_rate` (its
+    float32 samples are exactly those / 32768: libsndfile scales by 1 / 0x8000)."""
+    with sf.SoundFile(path) as f:
+        start, stop = window(f.samplerate, f.frames)
+        stop = f.frames if stop is None else min(stop, f.frames)
+        f.seek(min(start, f.frames))
+        pcm16 = f.samplerate == int16_rate and f.subtype == "PCM_16" and f.channels == 1
+        dtype = "int16" if pcm16 else "float32"
+        return f.read(max(stop - start, 0), dtype=dtype, always_2d=True), f.samplerate
 
 
-def _read_av(path, start_secs, num_secs):
-    """(samples (T, C) float32, rate) through FFmpeg.
+def _read_av(path, window, int16_rate=None):
+    """(samples (T, C) float32, rate) through FFmpeg, of the frames window(rate, frames) names.
 
     Decodes from the start and slices rather than seeking: AAC frames overlap, so a sample-exact
     seek needs pre-roll frames, and VoxCeleb2 files are ~8 s (a full decode takes a few ms).
@@ -58,10 +63,11 @@ def _read_av(path, start_secs, num_secs):
             raise AudioError(f"{path}: no audio stream")
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate
-        start = int(round(start_secs * rate))
-        stop = None if num_secs is None else start + int(round(num_secs * rate))
+        end = None
         if "mp4" in container.format.name and stream.duration is not None:
             end = int(round(stream.duration * stream.time_base * rate))
+        start, stop = window(rate, end)
+        if end is not None:
             stop = end if stop is None else min(stop, end)
         to_float = av.AudioResampler(format="fltp")  # planar float32 whatever the codec's sample format
         chunks, decoded = [], 0
@@ -74,6 +80,28 @@ def _read_av(path, start_secs, num_secs):
     if not chunks:
         return np.zeros((0, 1), np.float32), rate
     return np.concatenate(chunks, axis=1)[:, start:stop].T, rate
+
+
+def _decode(path, window, int16_rate=None) -> tuple[np.ndarray, int, int]:
+    """(mono (T,), rate, channels) of the frames window(rate, frames) -> (start, stop or None) selects;
+    `frames` may be None for a container that does not say (then stop None is the end).
+    Checked: readable, some samples, all finite. Several channels are averaged. float32, or int16
+    for a 16-bit PCM mono file at `int16_rate` (_read_soundfile)."""
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such file")
+    read = _read_av if _uses_ffmpeg(path) else _read_soundfile
+    try:
+        wav, sr = read(path, window, int16_rate)  # (T, C)
+    except (sf.LibsndfileError, av.FFmpegError, RuntimeError, OSError) as e:
+        # FFmpeg's own message repeats the path: keep only its reason
+        reason = getattr(e, "strerror", None) if isinstance(e, av.FFmpegError) else None
+        raise AudioError(f"{path}: unreadable audio ({reason or str(e).splitlines()[-1]})") from None
+    if wav.shape[0] == 0:
+        raise AudioError(f"{path}: no audio samples")
+    if wav.dtype == np.float32 and not np.isfinite(wav).all():
+        raise AudioError(f"{path}: audio contains NaN or inf samples")
+    # one channel: the samples as they are (the mean of one value is that value)
+    return (wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)), sr, wav.shape[1]
 
 
 def header_frames(path: str) -> tuple[int, int]:
@@ -99,26 +127,16 @@ def load_audio(path: str, sample_rate: int, start_secs: float = 0.0, num_secs: f
 
     Whole files (num_secs None) must hold some sound; a silent crop of a file is fine.
     """
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such file")
-    read = _read_av if _uses_ffmpeg(path) else _read_soundfile
-    try:
-        wav, sr = read(path, start_secs, num_secs)  # (T, C)
-    except (sf.LibsndfileError, av.FFmpegError, RuntimeError, OSError) as e:
-        # FFmpeg's own message repeats the path: keep only its reason
-        reason = getattr(e, "strerror", None) if isinstance(e, av.FFmpegError) else None
-        raise AudioError(f"{path}: unreadable audio ({reason or str(e).splitlines()[-1]})") from None
-    if wav.shape[0] == 0:
-        raise AudioError(f"{path}: no audio samples")
-    if not np.isfinite(wav).all():
-        raise AudioError(f"{path}: audio contains NaN or inf samples")
-    channels = wav.shape[1]
-    mono = wav.mean(axis=1)  # several channels are averaged to mono
+    def window(rate, frames):
+        start = int(round(start_secs * rate))
+        return start, None if num_secs is None else start + int(round(num_secs * rate))
+
+    mono, sr, channels = _decode(path, window)
     # checked in NumPy: torch's any() is a parallel region, which costs ~20 ms a file when the cores are busy
     if num_secs is None and not mono.any():  # after the mix: channels that cancel are silent too
         mixed = f" once its {channels} channels are mixed to mono" if channels > 1 else ""
         raise AudioError(f"{path}: silent (every sample is zero{mixed})")
-    wav = torch.from_numpy(mono)
+    wav = torch.from_numpy(np.ascontiguousarray(mono))
     if sr != sample_rate:
         wav = AF.resample(wav, sr, sample_rate)
     return wav
@@ -128,14 +146,20 @@ _SCALE = 2.0**31  # SOX_SAMPLE_MAX + 1
 _SAMPLE_MIN, _SAMPLE_MAX = -_SCALE, _SCALE - 1
 
 
-def _to_sox(wav: torch.Tensor) -> np.ndarray:
-    """float32 (T,) -> SoX int32 samples held exactly in float64 (T,)."""
-    x = wav.detach().cpu().numpy().astype(np.float64) * _SCALE
+def _to_sox(wav) -> np.ndarray:
+    """float32 (T,) (tensor or array) -> SoX int32 samples held exactly in float64 (T,)."""
+    x = np.asarray(wav.detach().cpu() if isinstance(wav, torch.Tensor) else wav).astype(np.float64) * _SCALE
     return np.clip(np.trunc(x), _SAMPLE_MIN, _SAMPLE_MAX)
 
 
 def _from_sox(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((x / _SCALE).astype(np.float32))
+
+
+SUPERB_RATE = 16000  # the rate SUPERB's effects run at (its audio is 16 kHz)
+SUPERB_GAIN_DB = -3.0  # SUPERB's `gain -3`
+SUPERB_SILENCE = (0.1, 0.001)  # SUPERB's `silence 1 0.1 0.1% -1 0.1 0.1%`: duration (s), threshold (of full scale)
+SUPERB_EFFECTS = "gain -3; silence 1 0.1 0.1% -1 0.1 0.1%"  # as s3prl writes them
 
 
 def _gain(x: np.ndarray, db: float) -> np.ndarray:
@@ -231,6 +255,73 @@ def superb_effects(wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
     if sample_rate != 16000 or wav.dim() != 1:
         raise ValueError(f"expected mono (T,) audio at 16000 Hz, "
                          f"got {tuple(wav.shape)} at {sample_rate} Hz")
-    x = _gain(_to_sox(wav), -3.0)  # (T,)
-    segments = _keep_segments(x, sample_rate, 0.1, 0.001)
+    x = _gain(_to_sox(wav), SUPERB_GAIN_DB)  # (T,)
+    segments = _keep_segments(x, sample_rate, *SUPERB_SILENCE)
     return _from_sox(np.concatenate([x[:0]] + [x[s:e] for s, e in segments]))
+
+
+def superb_intervals(wav: torch.Tensor, sample_rate: int) -> np.ndarray:
+    """The [start, end) sample intervals (K, 2) of float32 (T,) audio that superb_effects keeps:
+    superb_effects(wav) == gained(wav) cut to them (they depend on the file only, so they can be
+    computed once and reused by every crop: trimmed_span)."""
+    if sample_rate != SUPERB_RATE or wav.dim() != 1:
+        raise ValueError(f"expected mono (T,) audio at 16000 Hz, got {tuple(wav.shape)} at {sample_rate} Hz")
+    segments = _keep_segments(_gain(_to_sox(wav), SUPERB_GAIN_DB), sample_rate, *SUPERB_SILENCE)
+    return np.asarray(segments, dtype=np.int64).reshape(-1, 2)
+
+
+_GAIN_TABLES = {}  # gain dB -> what _gain makes of each 16-bit sample: one lookup per sample
+
+
+def _gain_table(db: float) -> np.ndarray:
+    """(65536,) float32, indexed by a 16-bit sample's bits read as uint16 (so no index arithmetic)."""
+    if db not in _GAIN_TABLES:  # the very functions of the float path, applied to every 16-bit value
+        every = (np.arange(65536, dtype=np.uint16).view(np.int16).astype(np.float64) / 32768).astype(np.float32)
+        _GAIN_TABLES[db] = _from_sox(_gain(_to_sox(every), db)).numpy()
+    return _GAIN_TABLES[db]
+
+
+def span_pieces(intervals: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of the audio kept by `intervals` (K, 2) -> the file's [start, end) pieces
+    (P, 2) that hold them, in order."""
+    lengths = intervals[:, 1] - intervals[:, 0]
+    ends = np.cumsum(lengths)  # kept samples up to each interval's end
+    first = int(np.searchsorted(ends, start, side="right"))
+    last = int(np.searchsorted(ends, stop, side="left"))  # the interval holding sample stop - 1
+    pieces = intervals[first:last + 1].copy()
+    begins = ends - lengths  # kept samples before each interval
+    pieces[0, 0] += start - begins[first]
+    pieces[-1, 1] = intervals[last, 0] + stop - begins[last]
+    return pieces
+
+
+def trimmed_span(path: str, sample_rate: int, intervals: np.ndarray, db: float | None, start: int,
+                 stop: int) -> torch.Tensor:
+    """Samples [start, stop) of a file once gained by `db` (None: no gain) and cut to `intervals` (file
+    samples at `sample_rate`): with superb_intervals' intervals and SUPERB_GAIN_DB, exactly
+    superb_effects(load_audio(path, sample_rate), sample_rate)[start:stop], sample for sample.
+
+    Only the frames from the first piece's start to the last one's end are decoded when the file is
+    at `sample_rate` (its samples are the file's own); a file at another rate is decoded and resampled
+    whole, since a resampled span's edges would differ from the whole file's.
+    """
+    if not 0 <= start < stop <= int((intervals[:, 1] - intervals[:, 0]).sum()):
+        raise ValueError(f"{path}: samples [{start}, {stop}) are not in its kept audio")
+    pieces = span_pieces(intervals, start, stop)
+    lo, hi = int(pieces[0, 0]), int(pieces[-1, 1])
+
+    def window(rate, frames):
+        return (lo, hi) if rate == sample_rate else (0, None)
+
+    wav, rate, _ = _decode(path, window, sample_rate if db is not None else None)
+    if rate != sample_rate:  # whole file, as load_audio reads it
+        wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), rate, sample_rate).numpy()[lo:hi]
+    if len(wav) != hi - lo:
+        raise AudioError(f"{path}: {len(wav)} samples where [{lo}, {hi}) was expected: has the file changed?")
+    if len(pieces) > 1:  # the kept pieces first: the gain is elementwise, so it may come after the cut
+        wav = np.concatenate([wav[s - lo:e - lo] for s, e in pieces])
+    if db is not None and wav.dtype == np.int16:  # the float chain's result for each 16-bit value, looked up
+        wav = np.take(_gain_table(db), wav.view(np.uint16))
+    elif db is not None:
+        wav = _from_sox(_gain(_to_sox(wav), db)).numpy()
+    return torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))

@@ -10,8 +10,12 @@ Training batches follow `data.crop`:
   to max_secs, utterances of at most min_secs dropped; batches are padded.
 - fixed: one crop length per batch drawn from [min_secs, max_secs], every utterance cut to it
   and short ones tiled, so batches carry no padding.
-With `data.effects=superb` every training file first goes through SUPERB's SoX chain (gain
--3 dB, silence removal: asv/audio.py) and the lengths that matter are those after it.
+With `data.effects=superb` every training file goes through SUPERB's SoX chain (gain -3 dB,
+silence removal: asv/audio.py) and the lengths that matter are those after it. What the chain
+keeps of a file depends on the file only, so it is computed once per data folder (trim_once:
+effects.tsv beside the manifest, the kept sample intervals of each training file) and a training
+example decodes only the span of the file its crop needs (audio.trimmed_span), sample for sample
+what the whole-file chain gives.
 Every random choice (order, crop length, offset) is a pure function of (seed, epoch,
 position), so a resumed run sees exactly the batches an uninterrupted run would.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import itertools
 import math
 import os
@@ -31,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, progress
-from .audio import superb_effects
+from .audio import AUDIO_EXTENSIONS, AudioError, header_frames, load_audio, progress
+from .audio import SUPERB_GAIN_DB, superb_effects, superb_intervals, trimmed_span
 from .augment import Augmenter
 
 
@@ -288,13 +293,17 @@ class TrainDataset(torch.utils.data.Dataset):
     With an `augment.Augmenter`: speed perturbation (0.9 / 1.1 count as new speakers:
     label + num_speakers or + 2 x num_speakers), then reverberation and additive noise,
     all drawn from the item's own seed.
+    `trims` (effects superb: Trims of `utts`, from trim_once): only the span of the file the crop
+    needs is decoded; without them the whole file goes through the effects (the same samples).
     """
 
     def __init__(self, utts: list[Utterance], labels: list[int], sample_rate: int, crop: str, effects: str,
-                 augmenter=None):
+                 augmenter=None, trims: Trims | None = None):
         self.utts, self.labels, self.sample_rate, self.augmenter = utts, labels, sample_rate, augmenter
-        self.crop, self.effects = crop, effects
+        self.crop, self.effects, self.trims = crop, effects, trims
         self.num_speakers = max(labels, default=-1) + 1
+        if trims is not None and len(trims) != len(utts):
+            raise ValueError(f"{len(trims)} trims for {len(utts)} utterances")
 
     def __len__(self):
         return len(self.utts)
@@ -307,6 +316,19 @@ class TrainDataset(torch.utils.data.Dataset):
         if self.effects == "none" and self.crop == "fixed":  # only the crop is decoded
             start = rng.uniform(0.0, max(utt.duration - secs * factor, 0.0))
             wav = load_audio(utt.path, self.sample_rate, start, secs * factor)
+        elif self.trims is not None or (self.effects == "none" and utt.sample_rate == self.sample_rate):
+            # what the effects keep is known (effects.tsv, or all of a file at the model's rate):
+            # the crop is drawn as below, and only its span of the file is decoded
+            if self.trims is not None:
+                db, intervals = self.trims[index]
+            else:
+                db, intervals = None, np.array([[0, header_frames(utt.path)[0]]])
+            available = int((intervals[:, 1] - intervals[:, 0]).sum())
+            if available == 0:
+                raise AudioError(f"{utt.path}: nothing left after SUPERB's silence trimming")
+            keep = example_samples(available, secs * factor, self.sample_rate, "superb")
+            start = int(rng.integers(0, available - keep + 1)) if keep < available else 0
+            wav = trimmed_span(utt.path, self.sample_rate, intervals, db, start, start + keep)
         else:  # the effects see the whole file, as SoX does in s3prl
             wav = load_audio(utt.path, self.sample_rate)
             if self.effects == "superb":
@@ -327,47 +349,179 @@ class TrainDataset(torch.utils.data.Dataset):
         return wav, self.labels[index] + SPEED_CLASS[factor] * self.num_speakers
 
 
-class _EffectLengths(torch.utils.data.Dataset):
-    def __init__(self, paths, sample_rate):
-        self.paths, self.sample_rate = paths, sample_rate
+# ---------------------------------------------------------------------------- effects, once per data folder
+
+EFFECTS_FILE = "effects.tsv"  # beside utterances.csv
+EFFECTS_PARTS = "effects.parts"  # chunks of an unfinished pass, merged into effects.tsv at its end
+EFFECTS_COLUMNS = "path\tsize\tmtime_ns\tsamples\tgain_db\tkept\tintervals"
+EFFECTS_CHUNK = 200  # files per saved chunk: a kill loses at most this much work per worker
+
+
+def effects_params(sample_rate: int) -> str:
+    """The header line that says which effects a table holds: another line, another table."""
+    return f"# effects=superb gain_db={SUPERB_GAIN_DB:g} silence=1,0.1,0.1%,-1,0.1,0.1% sample_rate={sample_rate}"
+
+
+def file_key(path: str) -> str:
+    """size and modification time: a file rewritten since its row was computed no longer matches it."""
+    st = os.stat(path)
+    return f"{st.st_size}\t{st.st_mtime_ns}"
+
+
+def effects_row(path: str, stored: str, sample_rate: int) -> str:
+    """One effects.tsv line for a file: its key, its length at sample_rate, the gain, the samples kept and
+    the kept [start, end) intervals (`start:end` comma-separated, `-` for none); or `!reason`."""
+    try:
+        key = file_key(path)  # before decoding: a file rewritten meanwhile no longer matches the row
+        wav = load_audio(path, sample_rate)
+        intervals = superb_intervals(wav, sample_rate)
+    except (AudioError, OSError) as e:
+        return f"!{e}"
+    kept = int((intervals[:, 1] - intervals[:, 0]).sum())
+    spans = ",".join(f"{s}:{e}" for s, e in intervals) or "-"
+    return f"{stored}\t{key}\t{wav.numel()}\t{SUPERB_GAIN_DB:g}\t{kept}\t{spans}"
+
+
+class _EffectChunks(torch.utils.data.Dataset):
+    def __init__(self, chunks, sample_rate):
+        self.chunks, self.sample_rate = chunks, sample_rate
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.chunks)
 
     def __getitem__(self, i):
-        wav = superb_effects(load_audio(self.paths[i], self.sample_rate), self.sample_rate)
-        return wav.numel() / self.sample_rate
+        return [effects_row(path, stored, self.sample_rate) for path, stored in self.chunks[i]]
 
 
-def durations_after_effects(utts: list[Utterance], sample_rate: int, cache: Path, num_workers: int,
-                            show_progress: bool = True) -> list[float]:
-    """Each training file's length after SUPERB's effects (s3prl's stage-2 `get_info` pass).
+def _table_rows(path: Path, params: str) -> dict[str, str]:
+    """stored path -> line of an effects table or chunk written with `params` (another header: nothing)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    if not lines or lines[0] != params:
+        return {}
+    return {line.split("\t", 1)[0]: line for line in lines if line and not line.startswith(("#", "path\t"))}
 
-    Read once per run and kept in `cache` (`id duration` lines), so a resumed run skips it.
-    """
-    if cache.is_file():
-        known = dict(line.rsplit(" ", 1) for line in cache.read_text(encoding="utf-8").splitlines() if line)
-        if all(u.id in known for u in utts):
-            return [float(known[u.id]) for u in utts]
-    loader = torch.utils.data.DataLoader(_EffectLengths([u.path for u in utts], sample_rate), batch_size=None,
-                                         num_workers=num_workers)
-    durations = [float(d) for d in progress(loader, len(utts), "trimming silence", "file", show_progress)]
+
+def read_effects(data_dir, utts: list[Utterance], sample_rate: int) -> tuple[dict[str, str], list[Utterance]]:
+    """({stored path: effects.tsv line} for the utterances effects.tsv and any saved chunks cover with their
+    current size and mtime, the utterances still to compute)."""
+    params = effects_params(sample_rate)
+    rows = _table_rows(Path(data_dir) / EFFECTS_FILE, params)
+    for part in sorted((Path(data_dir) / EFFECTS_PARTS).glob("*.tsv")):
+        rows.update(_table_rows(part, params))
+    known, missing = {}, []
+    for u in utts:
+        stored = stored_path(u.path, data_dir)
+        line = rows.get(stored)
+        try:
+            current = file_key(u.path)
+        except OSError as e:
+            raise AudioError(f"{u.path}: {e.strerror or e}") from None
+        if line is not None and line.split("\t", 3)[1:3] == current.split("\t"):
+            known[stored] = line
+        else:
+            missing.append(u)
+    return known, missing
+
+
+def compute_effects(data_dir, utts: list[Utterance], sample_rate: int, workers: int, tag: str = "main",
+                    show_progress: bool = True) -> dict[str, str]:
+    """effects.tsv lines of `utts` in `workers` processes, each chunk saved in effects.parts/ as soon as it is
+    done (a killed pass resumes from them). A file that cannot be read stops the pass with one line naming
+    it, after the chunks done are saved."""
     from .run import write_text  # here, not at the top: asv.run imports this module
-    write_text(cache, "".join(f"{u.id} {d!r}\n" for u, d in zip(utts, durations)))  # exact: a resume sees the same
-    return durations
+    params, parts = effects_params(sample_rate), Path(data_dir) / EFFECTS_PARTS
+    items = [(u.path, stored_path(u.path, data_dir)) for u in utts]
+    chunks = [items[i:i + EFFECTS_CHUNK] for i in range(0, len(items), EFFECTS_CHUNK)]
+    loader = torch.utils.data.DataLoader(_EffectChunks(chunks, sample_rate), batch_size=None, num_workers=workers)
+    bar = progress(total=len(items), desc="trimming silence (once per data folder)", unit="file",
+                   enabled=show_progress)
+    rows = {}
+    for n, lines in enumerate(loader):
+        good = [line for line in lines if not line.startswith("!")]
+        write_text(parts / f"{tag}-{os.getpid()}-{n:06d}.tsv", "\n".join([params, *good, ""]))
+        rows.update((line.split("\t", 1)[0], line) for line in good)
+        bar.update(len(lines))
+        if len(good) < len(lines):
+            raise AudioError(next(line for line in lines if line.startswith("!"))[1:])
+    bar.close()
+    return rows
+
+
+def write_effects(data_dir, rows: dict[str, str], sample_rate: int):
+    """effects.tsv (atomically) from every row, then the saved chunks go. Its header names the effects and
+    the corpus fingerprint (a hash of every path, size and mtime it covers)."""
+    from .run import write_text
+    lines = [rows[k] for k in sorted(rows)]
+    keys = "".join("\t".join(line.split("\t", 3)[:3]) + "\n" for line in lines)  # path, size, mtime_ns
+    fingerprint = hashlib.sha256(keys.encode()).hexdigest()[:16]
+    note = f"# {len(lines)} files, corpus fingerprint {fingerprint} (sha256 of path, size, mtime_ns)"
+    write_text(Path(data_dir) / EFFECTS_FILE, "\n".join([effects_params(sample_rate), note, EFFECTS_COLUMNS, *lines, ""]))
+    parts = Path(data_dir) / EFFECTS_PARTS
+    if parts.exists():
+        for part in parts.iterdir():
+            part.unlink()
+        parts.rmdir()
+
+
+class Trims:
+    """The effects of a list of files (effects.tsv lines), in flat arrays: a million files are a few arrays,
+    not a million objects for every loader worker to copy. trims[i] -> (gain dB, intervals (K, 2))."""
+
+    def __init__(self, lines: list[str]):
+        fields = [line.split("\t") for line in lines]
+        self.gain = np.array([float(f[4]) for f in fields], dtype=np.float64)
+        self.kept = np.array([int(f[5]) for f in fields], dtype=np.int64)  # samples after the effects
+        spans = [[] if f[6] == "-" else [tuple(map(int, p.split(":"))) for p in f[6].split(",")] for f in fields]
+        self.bounds = np.cumsum([0] + [len(s) for s in spans])
+        self.intervals = np.array([p for s in spans for p in s], dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self):
+        return len(self.kept)
+
+    def __getitem__(self, i):
+        return float(self.gain[i]), self.intervals[self.bounds[i]:self.bounds[i + 1]]
+
+    def take(self, indices) -> Trims:
+        """The trims of files `indices`, in that order."""
+        out = Trims([])
+        pieces = [self.intervals[self.bounds[i]:self.bounds[i + 1]] for i in indices]
+        out.gain, out.kept = self.gain[indices], self.kept[indices]
+        out.bounds = np.cumsum([0] + [len(p) for p in pieces])
+        out.intervals = np.concatenate([out.intervals, *pieces])
+        return out
+
+
+def trims_of(data_dir, utts: list[Utterance], rows: dict[str, str]) -> Trims:
+    return Trims([rows[stored_path(u.path, data_dir)] for u in utts])
+
+
+def trim_once(data_dir, utts: list[Utterance], sample_rate: int, workers: int, show_progress: bool = True) -> Trims:
+    """The effects of `utts` from effects.tsv, computing (in `workers` processes) only the files it lacks or
+    that changed since (other size or mtime), and rewriting it then. One process; train_asv.py splits the
+    work across its processes with read_effects / compute_effects / write_effects."""
+    rows, missing = read_effects(data_dir, utts, sample_rate)
+    if missing:
+        rows.update(compute_effects(data_dir, missing, sample_rate, workers, show_progress=show_progress))
+    if missing or (Path(data_dir) / EFFECTS_PARTS).exists():  # a pass was resumed or redone
+        write_effects(data_dir, rows, sample_rate)
+    return trims_of(data_dir, utts, rows)
 
 
 def train_loader(cfg, utts: list[Utterance], labels: list[int], durations: list[float], multiple: int = 1,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, trims: Trims | None = None):
     """The training loader of train_asv.py (and of the benchmarks): the sampler's batches of (utterance,
     crop, seed), SUPERB's effects or none, augmentation when the config asks for it. `multiple`: the
-    batches per epoch are a multiple of it (gradient accumulation x processes)."""
+    batches per epoch are a multiple of it (gradient accumulation x processes); `trims`: the files' kept
+    intervals from effects.tsv, so an example decodes only its crop's span."""
     d, a = cfg.data, cfg.augment
     workers = cfg.num_workers if num_workers is None else num_workers
     sampler = TrainBatchSampler(durations, d.batch_size, d.crop, d.min_secs, d.max_secs, cfg.train.seed,
                                 multiple=multiple)
     augmenter = Augmenter(a, d.sample_rate) if a.noise_prob or a.rir_prob or a.speed_prob else None
-    dataset = TrainDataset(utts, labels, d.sample_rate, d.crop, d.effects, augmenter)
+    dataset = TrainDataset(utts, labels, d.sample_rate, d.crop, d.effects, augmenter, trims)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_padded,
                                        num_workers=workers, persistent_workers=workers > 0)
 

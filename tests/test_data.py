@@ -13,10 +13,10 @@ from asv import data as data_module
 from asv.audio import AUDIO_EXTENSIONS, AudioError, header_frames, load_audio
 from asv.augment import Augmenter
 from asv.config import AugmentConfig
-from asv.data import (SPEED_CLASS, TrainBatchSampler, TrainDataset, Trials, Utterance, UtteranceDataset,
-                      collate_padded, durations_after_effects, example_samples, length_batches, read_manifest,
-                      read_trials, stored_path)
-from asv.audio import superb_effects
+from asv.data import (EFFECTS_FILE, EFFECTS_PARTS, SPEED_CLASS, TrainBatchSampler, TrainDataset, Trials, Utterance,
+                      UtteranceDataset, collate_padded, example_samples, length_batches, read_effects, read_manifest,
+                      read_trials, stored_path, trim_once)
+from asv.audio import superb_effects, trimmed_span
 
 SR = 16000
 
@@ -455,6 +455,10 @@ def fake_audio(monkeypatch):
         return torch.arange(start, stop, dtype=torch.float32)
 
     monkeypatch.setattr(data_module, "load_audio", load)
+    # whole utterances at the model's rate are read as spans: the header's length, then [start, stop)
+    monkeypatch.setattr(data_module, "header_frames", lambda path: (lengths[path], SR))
+    monkeypatch.setattr(data_module, "trimmed_span",
+                        lambda path, sr, intervals, db, start, stop: torch.arange(start, stop, dtype=torch.float32))
     return lengths
 
 
@@ -625,26 +629,140 @@ def test_all_silence_after_the_effects_is_an_audio_error(tmp_path):
         TrainDataset([utt], [0], SR, "superb", "superb")[(0, 8.0, 0)]
 
 
-def test_durations_after_effects_are_cached(tmp_path, monkeypatch):
-    paths = [speech_pause_speech(tmp_path, p, f"u{i}.wav") for i, p in enumerate((0.5, 0.1))]
-    utts = [Utterance(f"spk/u {i}", p, "spk", n / SR, SR, "train") for i, (p, n) in enumerate(paths)]
-    cache = tmp_path / "exp" / "durations_after_effects.txt"
-    got = durations_after_effects(utts, SR, cache, num_workers=0, show_progress=False)
-    want = [superb_effects(load_audio(u.path, SR), SR).numel() / SR for u in utts]
-    # tolerance: the cache stores durations with 4 decimals
-    assert got == pytest.approx(want, abs=1e-4)
-    # tolerance: one millisecond: silence removal may cut a few samples at the edges
-    assert got[0] < utts[0].duration - 0.45 and got[1] == pytest.approx(utts[1].duration, abs=1e-3)
-    assert [line.rsplit(" ", 1)[0] for line in cache.read_text().splitlines()] == [u.id for u in utts]
-    # a resumed run reads the cache: no audio is decoded, and the very same durations come back (a rounded
-    # duration could cross min_secs or reorder the fixed crops' length buckets: other batches after a resume)
-    monkeypatch.setattr(data_module, "superb_effects", lambda *a: pytest.fail("decoded again"))
-    assert durations_after_effects(utts, SR, cache, 0, False) == got
-    # an utterance the cache does not know: computed again (and the cache rewritten)
-    monkeypatch.undo()
-    more = utts + [Utterance("spk/u2", paths[1][0], "spk", 2.1, SR, "train")]
-    again = durations_after_effects(more, SR, cache, 0, False)
-    assert len(again) == 3 and len(cache.read_text().splitlines()) == 3
+def pause_utts(tmp_path, pauses=(0.5, 0.1, 0.3)):
+    paths = [speech_pause_speech(tmp_path, p, f"u{i}.wav") for i, p in enumerate(pauses)]
+    return [Utterance(f"spk/u {i}", p, "spk", n / SR, SR, "train") for i, (p, n) in enumerate(paths)]
+
+
+def count_decodes(monkeypatch):
+    """The files the effects pass decodes from now on."""
+    seen = []
+    real = data_module.superb_intervals
+    monkeypatch.setattr(data_module, "superb_intervals", lambda wav, sr: seen.append(wav.numel()) or real(wav, sr))
+    return seen
+
+
+def test_trim_once_is_once_per_data_folder(tmp_path, monkeypatch):
+    utts = pause_utts(tmp_path)
+    trims = trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    want = [superb_effects(load_audio(u.path, SR), SR).numel() for u in utts]
+    assert trims.kept.tolist() == want  # exact sample counts: the durations training sorts and filters by
+    assert want[0] < len(load_audio(utts[0].path, SR)) - 0.45 * SR  # the long pause is cut
+    assert len(load_audio(utts[1].path, SR)) - want[1] <= 5  # the short one kept (as test_superb_effects_keep_a_short_pause)
+    lines = (tmp_path / EFFECTS_FILE).read_text().splitlines()
+    assert lines[0].startswith("# effects=superb gain_db=-3 ") and "corpus fingerprint" in lines[1]
+    assert [line.split("\t")[0] for line in lines[3:]] == sorted(stored_path(u.path, tmp_path) for u in utts)
+    assert not (tmp_path / EFFECTS_PARTS).exists()
+    # another run on the same data folder reads it: no file is decoded, the very same trims come back
+    seen = count_decodes(monkeypatch)
+    again = trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    assert seen == [] and again.kept.tolist() == want
+    assert all(np.array_equal(again[i][1], trims[i][1]) for i in range(len(utts)))
+
+
+def test_trim_once_redoes_a_changed_file_only(tmp_path, monkeypatch):
+    utts = pause_utts(tmp_path)
+    trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    write(utts[2].path, noise(SR // 2, 7))  # rewritten: another size (and mtime)
+    seen = count_decodes(monkeypatch)
+    trims = trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    assert seen == [SR // 2]  # only the changed file, and its new content
+    assert trims.kept[2] == superb_effects(load_audio(utts[2].path, SR), SR).numel()
+    assert read_effects(tmp_path, utts, SR)[1] == []  # the table on disk is current again
+
+
+def test_trim_once_resumes_after_a_kill(tmp_path, monkeypatch):
+    utts = pause_utts(tmp_path, (0.5, 0.1, 0.3, 0.2))
+    monkeypatch.setattr(data_module, "EFFECTS_CHUNK", 1)
+    real = data_module.superb_intervals
+
+    def killed_at_third(wav, sr):
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # a kill in the middle of the pass
+        seen.append(wav.numel())
+        return real(wav, sr)
+
+    seen = []
+    monkeypatch.setattr(data_module, "superb_intervals", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    assert not (tmp_path / EFFECTS_FILE).exists() and len(list((tmp_path / EFFECTS_PARTS).iterdir())) == 2
+    monkeypatch.setattr(data_module, "superb_intervals", real)
+    seen = count_decodes(monkeypatch)
+    trims = trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    assert len(seen) == 2  # the two files the killed pass had not finished
+    assert trims.kept.tolist() == [superb_effects(load_audio(u.path, SR), SR).numel() for u in utts]
+    assert not (tmp_path / EFFECTS_PARTS).exists()
+
+
+def test_trim_once_names_an_unreadable_file_and_keeps_the_work_done(tmp_path, monkeypatch):
+    utts = pause_utts(tmp_path)
+    monkeypatch.setattr(data_module, "EFFECTS_CHUNK", 1)
+    bad = tmp_path / "u9.wav"
+    bad.write_bytes(b"not audio")
+    utts.append(Utterance("spk/u9", str(bad), "spk", 1.0, SR, "train"))
+    with pytest.raises(AudioError, match=r"u9.wav: unreadable audio") as e:
+        trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    assert "\n" not in str(e.value)
+    assert len(read_effects(tmp_path, utts, SR)[1]) == 1  # the three readable files are kept
+
+
+def test_trimmed_spans_equal_the_whole_file_chain_on_every_real_file(real_mini, tmp_path):
+    """Every real-mini file (16 kHz FLAC, 8 kHz WAV: resampled whole), random crops: the span decode with the
+    effects table gives exactly the samples of the whole-file chain (decode, resample, gain, trim, crop)."""
+    paths = sorted(str(p) for p in real_mini.rglob("*") if p.suffix in (".flac", ".wav"))
+    assert len(paths) == 412
+    utts = [Utterance(str(i), p, "spk", sf.info(p).duration, sf.info(p).samplerate, "train") for i, p in enumerate(paths)]
+    trims = trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    span = TrainDataset(utts, [0] * len(utts), SR, "superb", "superb", trims=trims)
+    whole = TrainDataset(utts, [0] * len(utts), SR, "superb", "superb")
+    rng = np.random.default_rng(0)
+    checked = 0
+    for i, p in enumerate(paths):
+        ref = superb_effects(load_audio(p, SR), SR).numpy()
+        assert trims.kept[i] == len(ref)
+        if len(ref) == 0:  # one FSDD digit is all below SoX's threshold
+            with pytest.raises(AudioError, match="nothing left"):
+                span[(i, 1.0, 0)]
+            continue
+        for _ in range(3):
+            stop = int(rng.integers(1, len(ref) + 1))
+            start = int(rng.integers(0, stop))
+            assert np.array_equal(trimmed_span(p, SR, trims[i][1], trims[i][0], start, stop).numpy(), ref[start:stop])
+        item = (i, float(rng.uniform(0.3, 8.0)), int(rng.integers(2**31)))
+        assert np.array_equal(span[item][0].numpy(), whole[item][0].numpy())
+        checked += 1
+    assert checked == 411
+
+
+def test_spans_of_fixed_crops_and_effects_none(tmp_path):
+    """Fixed crops (tiled) with the effects, and whole utterances without them: span == whole file."""
+    utts = pause_utts(tmp_path)
+    stereo = write(tmp_path / "st.flac", np.stack([noise(3 * SR, 3), noise(3 * SR, 4)], 1), subtype="PCM_16")
+    utts.append(Utterance("st", stereo, "spk", 3.0, SR, "train"))  # two channels: float path, mixed to mono
+    trims = trim_once(tmp_path, utts, SR, workers=0, show_progress=False)
+    for crop, effects, t in (("fixed", "superb", trims), ("superb", "none", None)):
+        span = TrainDataset(utts, [0] * len(utts), SR, crop, effects, trims=t)
+        for i in range(len(utts)):
+            for secs in (0.7, 2.5, 6.0):
+                assert np.array_equal(span[(i, secs, 11 + i)][0].numpy(), whole_file_crop(utts[i], crop, effects, secs,
+                                                                                          11 + i)), (crop, effects, i)
+
+
+def whole_file_crop(utt, crop, effects, secs, seed):
+    """What TrainDataset made of an item before spans: the whole file, the effects, the crop (no augmenter)."""
+    rng = np.random.default_rng(seed)
+    wav = load_audio(utt.path, SR)
+    if effects == "superb":
+        wav = superb_effects(wav, SR)
+    keep = example_samples(wav.numel(), secs, SR, "superb")
+    if keep < wav.numel():
+        start = int(rng.integers(0, wav.numel() - keep + 1))
+        wav = wav[start:start + keep]
+    if crop == "fixed":
+        need = example_samples(wav.numel(), secs, SR, "fixed")
+        wav = wav.repeat(int(np.ceil(need / wav.numel())))[:need]
+    return wav.numpy()
 
 
 # ---------------------------------------------------------------- evaluation batches

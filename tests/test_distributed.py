@@ -9,6 +9,7 @@ ASV_RESUME_REPEATS=10 repeats the kill-and-resume test (CI runs it once; the not
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,21 @@ def test_killed_two_process_run_resumes_to_the_clean_runs_checkpoints(demo, clea
         for key, value in weights(clean / f"step-{step}").items():
             assert torch.equal(value, weights(exp / f"step-{step}")[key]), (step, key)
     assert os.readlink(exp / "best") == os.readlink(clean / "best")
+
+
+def test_two_processes_share_the_effects_pass_of_an_older_data_folder(demo, tmp_path):
+    """A data folder without effects.tsv (prepared before it existed): both processes trim their share, the
+    main one writes the very table prepare_voxceleb.py writes, and the next run reads it."""
+    data = Path(shutil.copytree(demo, tmp_path / "data"))
+    table = (data / "effects.tsv").read_text()
+    (data / "effects.tsv").unlink()
+    superb = ["data.effects=superb", "train.eval_step=1000"]
+    first = launch(*train_args(data, tmp_path / "exp", steps=2), *superb)
+    assert "2 process(es) sharing the work" in first.stdout
+    assert (data / "effects.tsv").read_text() == table and not (data / "effects.parts").exists()
+    assert not (tmp_path / "exp" / "durations_after_effects.txt").exists()  # nothing per run any more
+    again = launch(*train_args(data, tmp_path / "exp2", steps=2), *superb)
+    assert "effects.tsv lacks" not in again.stdout
 
 
 def scores(folder: Path) -> tuple[list, np.ndarray]:

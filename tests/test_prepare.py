@@ -580,3 +580,29 @@ def test_what_is_not_speaker_session_utterance_is_listed_and_hidden_entries_igno
     assert reasons[str(nested)].startswith("a folder below speaker/session/")
     assert not any(".git" in p or ".DS_Store" in p for p in reasons)
     assert ".git" not in (out / "speakers.txt").read_text()
+
+
+# ---------------------------------------------------------------- the effects pass
+def test_effects_are_computed_once_per_data_folder(corpus, tmp_path, capsys, monkeypatch):
+    """effects.tsv covers exactly the training files, with the lengths SUPERB's chain leaves; a re-run of the
+    same command after an interrupted pass completes it; --effects none skips it."""
+    from asv import data as data_module
+    from asv.audio import load_audio, superb_effects
+    from asv.data import EFFECTS_FILE, read_manifest as manifest, stored_path, trim_once
+    out = tmp_path / "out"
+    printed = prepare("--corpus", corpus, "--out", out, "--workers", "2", capsys=capsys)
+    train = [u for u in manifest(out) if u.split == "train"]
+    assert f"effects.tsv: SUPERB's effects of {len(train)} training files" in printed
+    rows = [line.split("\t") for line in (out / EFFECTS_FILE).read_text().splitlines()[3:]]
+    assert [r[0] for r in rows] == sorted(stored_path(u.path, out) for u in train)  # as the manifest stores them
+    kept = {r[0]: int(r[5]) for r in rows}
+    assert all(kept[stored_path(u.path, out)] == superb_effects(load_audio(u.path, 16000), 16000).numel() for u in train)
+    # interrupted: the table lost; the same command again computes it, a third time reads it
+    table = (out / EFFECTS_FILE).read_text()
+    (out / EFFECTS_FILE).unlink()
+    assert "effects.tsv: SUPERB's effects" in prepare("--corpus", corpus, "--out", out, capsys=capsys)
+    assert (out / EFFECTS_FILE).read_text() == table
+    monkeypatch.setattr(data_module, "superb_intervals", lambda *a: pytest.fail("decoded again"))
+    trim_once(out, train, 16000, workers=0, show_progress=False)
+    prepare("--corpus", corpus, "--out", tmp_path / "none", "--effects", "none")
+    assert not (tmp_path / "none" / EFFECTS_FILE).exists()

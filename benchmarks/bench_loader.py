@@ -1,0 +1,211 @@
+"""Training-loader throughput: crops per second per CPU core, beside what a GPU consumes.
+
+    python benchmarks/bench_loader.py                  # 40 files, 200 examples per recipe and path
+    python benchmarks/bench_loader.py --quick          # 8 files, 20 examples (a smoke run)
+
+Files: the LibriSpeech FLACs of ../shared/data/real-mini longer than 8.5 s (16 kHz, PCM16; --files of
+them). Their SUPERB effects are computed once (asv.data.trim_once, effects.tsv in --work), as
+prepare_voxceleb.py does for a data folder. Each recipe draws its examples with the project's own
+TrainBatchSampler and TrainDataset (one process, one thread, CPU time: per core):
+- whole file: today's chain before effects.tsv, the whole file decoded, gained and trimmed per example;
+- span: TrainDataset with the trims, decoding only the span of the file the crop needs;
+beside the decode-only rate of 8 s spans of the same files (soundfile, float32), the floor of any loader.
+Both paths must give the same samples: every timed example is compared (np.array_equal).
+Augmentation reads synthetic MUSAN-style noise (noise/ music/ speech/, 60 s files) and RIR (0.5 s)
+folders written in --work, at strong.yaml's probabilities (0.6 each); the share of its time spent
+reading noise/RIR files is printed. GPU consumption is an estimate from FLOPs: WavLM Base+ at
+~14 GFLOP per audio second (a frozen forward), ECAPA-TDNN on 80-dim fbank counted here with
+torch's FlopCounterMode (forward x 3 for a training step), at 40% of an H200's 989 TFLOP/s dense bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from common import REAL_MINI, ROOT
+
+import asv.augment as augment_module
+from asv.augment import Augmenter
+from asv.config import AugmentConfig
+from asv.data import TrainBatchSampler, TrainDataset, Utterance, trim_once
+
+SR = 16000
+H200_BF16 = 989e12  # dense bf16 FLOP/s of an H200 SXM (NVIDIA's datasheet: 1,979 T with sparsity)
+UTILISATION = 0.4
+WAVLM_FLOP_PER_SEC = 14e9  # frozen WavLM Base+ forward per audio second (README's figure)
+RECIPES = [  # name, crop, effects, min_secs, max_secs, augmented (base.yaml: superb/superb 2-8 s; strong.yaml: fixed 2-3 s)
+    ("SUPERB: effects + 8 s crops", "superb", "superb", 2.0, 8.0, False),
+    ("SUPERB + noise/RIR", "superb", "superb", 2.0, 8.0, True),
+    ("fixed 2-3 s crops, no effects", "fixed", "none", 2.0, 3.0, False),
+    ("fixed 2-3 s crops + noise/RIR", "fixed", "none", 2.0, 3.0, True),
+]
+
+
+def synthetic_augmentation(root: Path) -> tuple[str, str]:
+    """MUSAN-shaped noise/ music/ speech/ folders (60 s 16 kHz FLAC, as MUSAN's long files) and 0.5 s RIRs."""
+    rng = np.random.default_rng(0)
+    t = np.arange(60 * SR) / SR
+    for category, count in (("noise", 4), ("music", 4), ("speech", 8)):
+        for k in range(count):
+            path = root / "musan" / category / f"{k}.flac"
+            if path.is_file():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            x = rng.normal(0, 0.1, len(t))
+            if category == "music":
+                x = 0.3 * np.sin(2 * np.pi * (220 + 40 * k) * t) + 0.05 * x
+            elif category == "speech":
+                x = x * (1 + np.sin(2 * np.pi * 3 * t))
+            sf.write(path, np.clip(x, -1, 1), SR, subtype="PCM_16")
+    for k in range(8):
+        path = root / "rirs" / f"{k}.wav"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rir = rng.normal(0, 1, SR // 2) * np.exp(-np.arange(SR // 2) / (400 + 100 * k))
+            rir[:20], rir[20] = 0.0, 4.0
+            sf.write(path, rir / np.abs(rir).max(), SR, subtype="FLOAT")
+    return str(root / "musan"), str(root / "rirs")
+
+
+class ReadTimer:
+    """CPU seconds spent in the augmenter's file reads (asv.augment.load_audio)."""
+
+    def __init__(self):
+        self.seconds, self.real = 0.0, augment_module.load_audio
+
+    def __call__(self, *args, **kwargs):
+        start = time.process_time()
+        try:
+            return self.real(*args, **kwargs)
+        finally:
+            self.seconds += time.process_time() - start
+
+    def __enter__(self):
+        augment_module.load_audio = self
+        return self
+
+    def __exit__(self, *exc):
+        augment_module.load_audio = self.real
+
+
+def timed(dataset, items) -> tuple[float, list]:
+    """CPU seconds for dataset[item] over items (after 3 warm-up examples), and the waveforms."""
+    for item in items[:3]:
+        dataset[item]
+    start = time.process_time()
+    out = [dataset[item][0] for item in items]
+    return time.process_time() - start, out
+
+
+def ecapa_train_flop(channels: int, secs: float) -> float:
+    """FLOPs of one ECAPA-TDNN training step on one crop of 80-dim fbank (100 frames/s): forward x 3."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asv.models.ecapa import ECAPA
+    model = ECAPA(80, ECAPA.Options(channels=channels)).eval()
+    frames = int(secs * 100)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(2, frames, 80), torch.tensor([frames, frames]))
+    return 3 * counter.get_total_flops() / 2
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--files", type=int, default=40, help="real-mini FLACs longer than 8.5 s")
+    parser.add_argument("--examples", type=int, default=200, help="examples per recipe and path")
+    parser.add_argument("--work", type=Path, help="folder for effects.tsv and the augmentation files (default: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="8 files, 20 examples (a smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.files, args.examples = 8, 20
+    torch.set_num_threads(1)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    long_files = [p for p in sorted(REAL_MINI.glob("*/*/*.flac")) if sf.info(p).duration > 8.5][:args.files]
+    utts = [Utterance(str(k), str(p), "spk", sf.info(p).duration, SR, "train") for k, p in enumerate(long_files)]
+    start = time.process_time()
+    trims = trim_once(work / "data", utts, SR, workers=0, show_progress=False)
+    pass_ms = (time.process_time() - start) / len(utts) * 1e3
+    noise_dir, rir_dir = synthetic_augmentation(work)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"# bench_loader.py {'--quick ' if args.quick else ''}--files {len(utts)} --examples {args.examples}")
+    print(f"{datetime.date.today()}, commit {commit.strip()}, {cpu}, {os.cpu_count()} cores; one thread, CPU time")
+    print(f"{len(utts)} files, mean {np.mean([u.duration for u in utts]):.1f} s; "
+          f"effects pass (once per data folder): {pass_ms:.1f} ms CPU per file\n")
+
+    rng = np.random.default_rng(0)
+    spans = []
+    for u in utts[:args.examples] * (args.examples // len(utts) + 1):
+        frames = sf.info(u.path).frames
+        spans.append((u.path, int(rng.integers(0, frames - 8 * SR + 1))))
+    spans = spans[:args.examples]
+    start = time.process_time()
+    for path, offset in spans:
+        sf.read(path, start=offset, frames=8 * SR, dtype="float32")
+    decode_rate = len(spans) / (time.process_time() - start)
+    print(f"decode only, 8 s spans of the same files: {decode_rate:.0f} crops/s per core\n")
+
+    print("## crops/s per CPU core\n")
+    print("| recipe | whole file | span | span / whole | span / decode-only | noise+RIR reads (span) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    rates = {}
+    for name, crop, effects, min_secs, max_secs, augmented in RECIPES:
+        durations = trims.kept / SR if effects == "superb" else [u.duration for u in utts]
+        sampler = TrainBatchSampler(durations, 4, crop, min_secs, max_secs, seed=0)
+        items = [item for batch in itertools_take(sampler, args.examples) for item in batch][:args.examples]
+        augmenter = Augmenter(AugmentConfig(noise_dir=noise_dir, noise_prob=0.6, rir_dir=rir_dir, rir_prob=0.6),
+                              SR) if augmented else None
+        labels = [0] * len(utts)
+        whole = TrainDataset(utts, labels, SR, crop, effects, augmenter)
+        span = TrainDataset(utts, labels, SR, crop, effects, augmenter, trims if effects == "superb" else None)
+        whole_secs, whole_out = timed(whole, items)
+        with ReadTimer() as reads:
+            span_secs, span_out = timed(span, items)
+        same = all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(whole_out, span_out))
+        if not same:
+            raise SystemExit(f"{name}: the span path gave other samples than the whole-file chain")
+        w, s = len(items) / whole_secs, len(items) / span_secs
+        rates[name] = s
+        share = f"{reads.seconds / span_secs:.0%}" if augmented else "-"
+        print(f"| {name} | {w:.0f} | {s:.0f} | {s / w:.2f}x | {s / decode_rate:.2f}x | {share} |")
+    print("\nfixed crops without effects: both columns are the same code (the crop alone was already read); "
+          "every timed example of the two paths was equal (np.array_equal)")
+
+    print("\n## what a GPU consumes (estimates from FLOPs, 40% of an H200's dense bf16 peak)\n")
+    print("| consumer | GFLOP per crop | crops/s per GPU | loader cores per GPU (span path) |")
+    print("| --- | ---: | ---: | ---: |")
+    budget = UTILISATION * H200_BF16
+    wavlm = WAVLM_FLOP_PER_SEC * 8.0
+    superb = rates["SUPERB: effects + 8 s crops"]
+    print(f"| WavLM Base+ frozen forward, 8 s crops (SUPERB recipe) | {wavlm / 1e9:.0f} | {budget / wavlm:,.0f} | "
+          f"{budget / wavlm / superb:.1f} |")
+    fixed = rates["fixed 2-3 s crops, no effects"]
+    for channels in (512, 1024):
+        flop = ecapa_train_flop(channels, 2.5)
+        print(f"| ECAPA-TDNN C={channels} on fbank, training step, 2.5 s crops (fixed recipe) | {flop / 1e9:.1f} | "
+              f"{budget / flop:,.0f} | {budget / flop / fixed:.1f} |")
+
+
+def itertools_take(sampler, n):
+    """The sampler's batches (epoch after epoch) until n examples."""
+    got = 0
+    for batch in sampler:
+        yield batch
+        got += len(batch)
+        if got >= n:
+            return
+
+
+if __name__ == "__main__":
+    main()
