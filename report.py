@@ -368,7 +368,7 @@ def run_section(run):
         lines += [weights_line, ""]
     if run.plots:
         lines += ["Plots:", ""] + [f"- {path}" for path in run.plots] + [""]
-    for note in run.notes:
+    for note in run.notes + calibration_notes(run):
         lines += [note, ""]
     evals = run.evals
     for name in list_names(evals):
@@ -384,6 +384,15 @@ def run_section(run):
                           f"step {s}, EER {evals[s][name]['eer']:.2f}%"]
         lines.append("")
     return lines + history_lines(run)
+
+
+def calibration_notes(run):
+    """One line per chosen checkpoint whose calibration was refused (evaluation wrote the reason in metrics.json)."""
+    steps = sorted({s for s in [run.chosen, *run.picks.values()] if s is not None})
+    reasons = {s: r for s in steps for m in run.evals.get(s, {}).values()
+               if isinstance(m.get("calibration"), dict) and (r := m["calibration"].get("refused"))}
+    return [f"No calibration for step {s}: {r}. Its scores stay raw cosines (no actDCF or Cllr; min Cllr only)."
+            for s, r in reasons.items()]
 
 
 def history_lines(run):

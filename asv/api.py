@@ -210,7 +210,7 @@ class Model:
         score = float(cosine_scores(np.concatenate([a, b]), np.array([0]), np.array([1]))[0])
         asnorm = float(self._scores(a, b)[0, 0]) if self.cfg.score.asnorm else None
         calibration = load_calibration(self.checkpoint)
-        llr = float(calibration.llr(score)) if calibration is not None else None
+        llr = float(calibration.llr(score)) if calibration is not None and calibration.fitted else None
         value, name, description = limit
         accept = None if value is None else score >= value
         return Verification(score, llr, value, name, description, accept, asnorm)

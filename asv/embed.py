@@ -455,6 +455,9 @@ def checkpoint_calibrations(accelerator, ckpts: list[Path]) -> dict:
     if missing:
         accelerator.print(f"note: {len(missing)} checkpoint(s) without validation scores ({missing[0] / VALID_SCORES}"
                           f"{', ...' if len(missing) > 1 else ''}): no calibrated scores, min Cllr only")
+    for c, cal in cals.items():
+        if cal is not None and cal.refused:
+            accelerator.print(f"note: {c}: no calibration ({cal.refused}); raw scores only")
     return cals
 
 
@@ -514,7 +517,7 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
             labels, cal = trials.labels[keep], cals.get(ckpt)
             m = {**metrics.compute_metrics(scores, labels), **calibration_metrics(scores, labels, cal)}
             files = {"scores.txt": scores_text(trials, keep, scores)}
-            if cal is not None:
+            if cal is not None and cal.fitted:
                 files["scores_calibrated.txt"] = scores_text(trials, keep, cal.llr(scores))
             line = metrics_line(ckpt, spec.name, m) + calibration_line(m)
             if cohort:

@@ -610,3 +610,13 @@ def test_bad_inputs_warn_in_one_line_and_the_report_comes_out(tmp_path, capsys):
     assert "| key | seed1 | fbank |" in text
     assert "vox1_o: no readable scores.txt for seed1, not on its DET plot." in text
     assert (tmp_path / "r_det_vox1_o.svg").exists()
+
+
+def test_refused_calibration_is_said(tmp_path):
+    run = make_run(tmp_path / "run")
+    path = run / "step-200" / "eval" / "vox1_o" / "metrics.json"
+    reason = "validation holds 40 target and 150 non-target trials, fewer than 50 of each: too few to fit"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "min_cllr": 0.2, "calibration": {"refused": reason}}))
+    assert report.main([str(run), "--no-plots"]) == 0
+    text = (run / "report.md").read_text()
+    assert f"No calibration for step 200: {reason}. Its scores stay raw cosines" in text
