@@ -10,8 +10,9 @@ else the step with the best validation metric. The best step *on test* is shown 
 reference only: picking it would tune on the test set.
 
 The summary gives each test list's EER with a bootstrap confidence interval over speakers
-(from the chosen checkpoint's scores.txt; speakers from the data folder's utterances.csv when
-config.yaml's data.dir is readable, else the utterance ids' first path component), minDCF, and
+(from the chosen checkpoint's scores.txt; speakers from the data folder's utterances.csv, matched by
+utterance id or path: never guessed from a path; at least asv.metrics.MIN_BOOTSTRAP_SPEAKERS = 10
+speakers, else the report says why there is none), minDCF, and
 actDCF / Cllr / min Cllr when evaluation wrote them. Several runs also get a table of the
 config keys that differ between them.
 
@@ -274,32 +275,45 @@ def chosen_curves(run, step, name, lists):
 
 @functools.lru_cache(maxsize=8)
 def manifest_speakers(data_dir):
-    """{utterance id: speaker} from data_dir/utterances.csv, or None when it cannot be read."""
+    """{utterance id or path: speaker} from data_dir/utterances.csv (paths as written there and as absolute
+    paths, so a trial list of file paths finds its speakers), or None when it cannot be read."""
     path = Path(data_dir) / "utterances.csv"
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return {row["id"]: row["speaker"] for row in csv.DictReader(f)}
+            rows = list(csv.DictReader(f))
+        speakers = {}
+        for row in rows:
+            audio = row["path"]
+            absolute = str(Path(audio) if Path(audio).is_absolute() else (Path(data_dir) / audio).resolve())
+            speakers.update({audio: row["speaker"], absolute: row["speaker"]})
+        speakers.update({row["id"]: row["speaker"] for row in rows})  # ids win over a path that looks alike
+        return speakers
     except (OSError, KeyError, csv.Error, UnicodeDecodeError):
         return None
 
 
 def trial_speakers(path, config):
-    """(enroll speakers, test speakers, where they came from) of a scores file's trials, or None when the
-    speakers cannot be known: the manifest of the config's data.dir when it names every utterance (Kaldi
-    corpora too), else the first path component of the ids (VoxCeleb layout: id10270/5r0dWxy17C8/00001.wav)."""
+    """(enroll speakers, test speakers, where they came from) of a scores file's trials, or (None, why) when
+    the speakers cannot be known. Only the manifest (utterances.csv of the config's data.dir) says who speaks:
+    each trial side must be one of its ids or paths. A path component is no speaker label (a list of file
+    paths would make every file's first folder, e.g. `data`, one speaker)."""
     try:
         ids = np.loadtxt(path, usecols=(0, 1), dtype=str, ndmin=2, comments=None)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as e:
+        return None, f"{path} is unreadable ({' '.join(str(e).split())})"
     data_dir = section(config, "data").get("dir")
-    manifest = manifest_speakers(str(data_dir)) if isinstance(data_dir, str) and data_dir else None
-    if manifest is not None and all(i in manifest for i in np.unique(ids)):
-        speakers = np.vectorize(manifest.__getitem__, otypes=[object])(ids)
-        return speakers[:, 0], speakers[:, 1], f"{Path(data_dir) / 'utterances.csv'}"
-    if np.char.find(ids, "/").min() > 0:
-        speakers = np.char.partition(ids, "/")[..., 0]
-        return speakers[:, 0], speakers[:, 1], "the first path component of the utterance ids"
-    return None
+    if not isinstance(data_dir, str) or not data_dir:
+        return None, "the run's config.yaml names no data.dir, whose utterances.csv says who speaks"
+    manifest = manifest_speakers(str(data_dir))
+    if manifest is None:
+        return None, f"{Path(data_dir) / 'utterances.csv'} is not readable (it says who speaks)"
+    unknown = [i for i in np.unique(ids) if i not in manifest and str(Path(i).resolve()) not in manifest]
+    if unknown:
+        return None, (f"{len(unknown)} utterance(s) of {path} (e.g. {unknown[0]}) are neither ids nor paths of "
+                      f"{Path(data_dir) / 'utterances.csv'}, so their speakers are not known")
+    lookup = np.vectorize(lambda i: manifest[i] if i in manifest else manifest[str(Path(i).resolve())], otypes=[object])
+    speakers = lookup(ids)
+    return speakers[:, 0], speakers[:, 1], f"{Path(data_dir) / 'utterances.csv'}"
 
 
 def add_confidence_intervals(run, level, resamples):
@@ -309,9 +323,8 @@ def add_confidence_intervals(run, level, resamples):
         if raw is None:
             continue
         speakers = trial_speakers(raw["path"], run.config)
-        if speakers is None or len(speakers[0]) != len(raw["scores"]):
-            run.notes.append(f"No EER confidence interval for {name}: the speakers of {raw['path']} are not known "
-                             "(no readable utterances.csv at the config's data.dir, and ids without a speaker folder).")
+        if speakers[0] is None:
+            run.notes.append(f"No EER confidence interval for {name}: {speakers[1]}.")
             continue
         if len(raw["scores"]) * resamples > 1e8:  # ~0.1 s a resample per 500k trials: say why we are waiting
             print(f"{run.label} {name}: bootstrapping the EER over speakers ({len(raw['scores']):,} trials, "

@@ -211,6 +211,13 @@ def compute_weighted_eer(scores, labels, weights):
     return eer
 
 
+# Fewer speakers than this and there is no EER interval. A speaker bootstrap resamples speakers, not trials:
+# k speakers have only C(2k - 1, k) distinct resamples (3 for 2 speakers, 126 for 5, 92,378 for 10), and
+# cluster-bootstrap percentile intervals are known to undercover with fewer than about 10 clusters (Cameron,
+# Gelbach & Miller 2008): with 2 test speakers the interval came out as 45.13 [45.13, 45.13] (issue 22).
+MIN_BOOTSTRAP_SPEAKERS = 10
+
+
 def eer_confidence_interval(scores, labels, enroll_speakers, test_speakers, level=0.95, n=1000, seed=0):
     """(low, high): a bootstrap confidence interval of the EER over speakers (fractions, as compute_eer).
 
@@ -222,7 +229,8 @@ def eer_confidence_interval(scores, labels, enroll_speakers, test_speakers, leve
     drawn twice counts its trials with others twice and its same-speaker trials four times (every
     pair of its copies). A replicate left without target or non-target trials has no EER and is
     dropped. The interval is the percentile one: the (1 - level)/2 and (1 + level)/2 quantiles of
-    the replicates' EERs. Seeded (numpy's default_rng(seed)): the same call gives the same interval.
+    the replicates' EERs. Fewer than MIN_BOOTSTRAP_SPEAKERS speakers, or replicates that all agree: a
+    one-line ValueError (no interval), never a zero-width one. Seeded (numpy's default_rng(seed)): the same call gives the same interval.
     One sort, then O(N) per replicate.
     """
     scores, labels = _check(scores, labels)
@@ -232,6 +240,9 @@ def eer_confidence_interval(scores, labels, enroll_speakers, test_speakers, leve
     if not 0 < level < 1 or n < 1:
         raise ValueError(f"level must be in (0, 1) and n >= 1, got level={level}, n={n}")
     speakers, codes = np.unique(np.r_[enroll_speakers, test_speakers], return_inverse=True)
+    if len(speakers) < MIN_BOOTSTRAP_SPEAKERS:
+        raise ValueError(f"the trials hold {len(speakers)} speakers, fewer than {MIN_BOOTSTRAP_SPEAKERS}: too few "
+                         "distinct speaker resamples for a bootstrap interval to mean anything")
     order, starts, thresholds = _sorted_sweep(scores)
     enroll_codes, test_codes = codes[:len(scores)][order], codes[len(scores):][order]
     labels = labels[order]
@@ -246,6 +257,8 @@ def eer_confidence_interval(scores, labels, enroll_speakers, test_speakers, leve
         raise ValueError(f"only {len(eers)} of {n} speaker resamples hold both target and non-target trials: "
                          f"{len(speakers)} speakers are too few for a speaker bootstrap")
     low, high = np.quantile(eers, [(1 - level) / 2, (1 + level) / 2])
+    if low == high:
+        raise ValueError(f"every speaker resample of the {len(speakers)} speakers gives the same EER: no interval")
     return float(low), float(high)
 
 
