@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from asv import metrics, plots
-from asv.run import best_entry, best_step, read_history, step_of
+from asv.run import CHOICE_FILE, best_entry, best_step, best_target, read_history, step_of
 from asv.plots import VALID, ppf  # noqa: F401  (report.ppf: the name the tests and older notebooks use)
 COLUMNS = [("eer", "EER %"), ("min_dcf_0.01", "minDCF 0.01"), ("min_dcf_0.05", "minDCF 0.05")]
 # Written by evaluation when the checkpoint has a calibration (min Cllr always): shown when present.
@@ -110,7 +110,17 @@ def collect(run):
 
     for entry in read_history(run, on_bad=bad_line):  # pruned checkpoints keep their validation line
         evals.setdefault(entry["step"], {})[VALID] = entry
-    return dict(sorted(evals.items()))
+    target = best_target(run)  # the averaged fallback `best` may point at: keyed by its folder name, listed last
+    if target and step_of(target) is None:
+        for eval_dir in sorted((run / target / "eval").glob("*")):
+            if eval_dir.is_dir() and (metrics := load_json(eval_dir / "metrics.json")) is not None:
+                evals.setdefault(target, {})[eval_dir.name] = metrics
+    return dict(sorted(evals.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(12))))
+
+
+def folder_of(run, step):
+    """A checkpoint's folder: step-N for a step, the folder itself for a name (the averaged fallback)."""
+    return run / (step if isinstance(step, str) else f"step-{step}")
 
 
 def choose_step(run, evals, protocol, metric):
@@ -118,6 +128,13 @@ def choose_step(run, evals, protocol, metric):
     if protocol == "superb":
         return None, "SUPERB protocol: every checkpoint is tested, the best on each test list is reported"
     step = best_step(run)
+    target = best_target(run)
+    if step is None and target is not None and (run / target).is_dir():
+        try:
+            why = json.loads((run / CHOICE_FILE).read_text())["line"]
+        except (OSError, ValueError, KeyError, TypeError):
+            why = "`best` link"
+        return target, why + ("" if target in evals else f"; {target} has no metrics.json")
     if step is not None:
         return step, "`best` link, ranked on validation" + ("" if step in evals else "; that step has no metrics.json")
     best = best_entry([{"step": s, **lists[VALID]} for s, lists in evals.items() if VALID in lists], metric)
@@ -128,7 +145,7 @@ def choose_step(run, evals, protocol, metric):
 
 def best_on_test(evals, name):
     """The step with the lowest EER on test list `name` (SUPERB's stage 4; not a fair selection)."""
-    scored = [s for s in evals if isinstance(evals[s].get(name, {}).get("eer"), (int, float))]
+    scored = [s for s in evals if isinstance(s, int) and isinstance(evals[s].get(name, {}).get("eer"), (int, float))]
     return min(scored, key=lambda s: (evals[s][name]["eer"], -s)) if scored else None
 
 
@@ -194,7 +211,7 @@ def short_names(paths):
 
 def read_layer_weights(run, step):
     """The featurizer's layer weights saved with `step` (a list of floats), or None when absent or unreadable."""
-    if step is None or not (path := run / f"step-{step}" / "layer_weights.json").exists():
+    if step is None or not (path := folder_of(run, step) / "layer_weights.json").exists():
         return None
     try:
         weights = json.loads(path.read_text())
@@ -256,7 +273,7 @@ def chosen_curves(run, step, name, lists):
     """
     curves = []
     for kind, suffix, prefix in [("raw", "", ""), ("AS-norm", "_asnorm", "asnorm_")]:
-        path = run / f"step-{step}" / "eval" / name / f"scores{suffix}.txt"
+        path = folder_of(run, step) / "eval" / name / f"scores{suffix}.txt"
         read = read_scores(path) if path.exists() else None
         if read is None:
             continue
@@ -374,7 +391,8 @@ def summary_lines(runs, protocol, level, resamples):
 def run_section(run):
     """Markdown lines for one run: how the step was chosen, its layer weights and plots, then every
     checkpoint per test list and the validation history."""
-    lines = [f"## {run.path}", "", f"Chosen checkpoint: step {run.chosen} ({run.how})." if run.chosen is not None
+    chosen = f"step {run.chosen}" if isinstance(run.chosen, int) else run.chosen
+    lines = [f"## {run.path}", "", f"Chosen checkpoint: {chosen} ({run.how})." if run.chosen is not None
              else f"No checkpoint chosen: {run.how}.", ""]
     weights_line = layer_weights_line(run.weights.get(run.chosen))
     if weights_line:
@@ -401,7 +419,7 @@ def run_section(run):
 
 def calibration_notes(run):
     """One line per chosen checkpoint whose calibration was refused (evaluation wrote the reason in metrics.json)."""
-    steps = sorted({s for s in [run.chosen, *run.picks.values()] if s is not None})
+    steps = sorted({s for s in [run.chosen, *run.picks.values()] if s is not None}, key=str)
     reasons = {s: r for s in steps for m in run.evals.get(s, {}).values()
                if isinstance(m.get("calibration"), dict) and (r := m["calibration"].get("refused"))}
     return [f"No calibration for step {s}: {r}. Its scores stay raw cosines (no actDCF or Cllr; min Cllr only)."
@@ -415,7 +433,7 @@ def history_lines(run):
         return []
     rows = [[f"**{s}** (chosen)" if s == run.chosen else s]
             + [fmt(key, run.evals[s][VALID].get(key)) for key, _ in COLUMNS]
-            + ["on disk" if (run.path / f"step-{s}").is_dir() else "pruned"] for s in steps]
+            + ["on disk" if folder_of(run.path, s).is_dir() else "pruned"] for s in steps]
     return [f"### {VALID} (validation history)", ""] + table(["step"] + [h for _, h in COLUMNS] + ["checkpoint"],
                                                              rows) + [""]
 

@@ -663,3 +663,20 @@ def test_no_interval_with_too_few_speakers_or_speakers_from_paths(tmp_path):
     assert report.main([str(run), "--no-plots"]) == 0
     text = (run / "report.md").read_text()
     assert "No EER confidence interval for test:" in text and "are neither ids nor paths of" in text
+
+
+def test_averaged_fallback_best_is_reported_with_its_reason(tmp_path):
+    """`best` -> avg-last3 (validation tied, asv.run.settle): the summary reports that folder, and says why."""
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path / "run", best="avg-last3", scores=True)
+    (run / "avg-last3" / "eval" / "vox1_o").mkdir(parents=True)
+    (run / "avg-last3" / "eval" / "vox1_o" / "metrics.json").write_text(json.dumps(
+        {"eer": 1.23, "eer_threshold": 0.5, "min_dcf_0.01": 0.12, "min_dcf_0.05": 0.05}))
+    write_scores(run / "avg-last3" / "eval" / "vox1_o" / "scores.txt", seed=9)
+    line = "checkpoint choice: validation cannot separate steps 100, 200 (eer 0, the same minDCFs): best is avg-last3"
+    (run / "choice.json").write_text(json.dumps({"line": line}))
+    assert report.main([str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert f"| {run} | vox1_o | avg-last3 | - | 1.23" in text
+    assert f"Chosen checkpoint: avg-last3 ({line})." in text
+    assert (run / "det_vox1_o.png").is_file()
