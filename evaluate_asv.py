@@ -15,7 +15,8 @@ Writes, per checkpoint and trial list, as one set: <ckpt_dir>/eval/<list>/scores
 a file goes to eval/<name>-<hash of its path>/, so it never overwrites the run's own results.
 A checkpoint with validation scores (eval/valid/scores.txt) is calibrated on them once
 (calibration.json): each list also gets scores_calibrated.txt (`enroll test llr label`), and
-metrics.json actDCF and Cllr (asv/metrics.py).
+metrics.json actDCF and Cllr (asv/metrics.py). Validation with fewer than 50 target or non-target trials, or
+perfectly separated, gets no calibration: calibration.json and metrics.json say why (docs/evaluation.md).
 Trial entries are utterance ids of the run's manifest (as in VoxCeleb's official lists), paths
 under --trials-root, or file paths.
 --average writes the mean of the checkpoints' weights as a new checkpoint folder of the run

@@ -412,10 +412,11 @@ def parse_args(argv=None):
                         help="without --trials: speakers held out for a generated 'test' list "
                              "(auto = max(2, 10%% of speakers); --demo: 8)")
     parser.add_argument("--valid-speakers", metavar="N", type=count_arg(0), default="auto",
-                        help="training speakers held out for the 'valid' list that picks checkpoints (auto = "
-                             "max(4, 3%% of non-test speakers), but no more than a third of them, and none when that "
-                             "is 1; 0: none, every non-test speaker trains, as in SUPERB: then report.py --protocol "
-                             "superb)")
+                        help="training speakers held out for the 'valid' list that picks checkpoints (auto = the "
+                             f"fewest, at least {VALID_MIN_SPEAKERS}, whose list holds {VALID_MIN_TRIALS} target and "
+                             f"{VALID_MIN_TRIALS} non-target trials, but no more than a third of the non-test "
+                             "speakers, and none when that is 1; --demo: 4; 0: none, every non-test speaker trains, "
+                             "as in SUPERB: then report.py --protocol superb)")
     parser.add_argument("--max-valid-utts", metavar="N", type=int, default=300,
                         help="validation utterances (round-robin over the valid speakers); every pair among them "
                              "is a validation trial")
@@ -471,13 +472,65 @@ def existing(out: Path, record: dict, overwrite: bool) -> dict | None:
     return previous
 
 
+# The auto rule for validation speakers counts trials, not speakers: the fewest speakers (at least
+# VALID_MIN_SPEAKERS, so non-target trials span many voices) whose all-pair list holds VALID_MIN_TRIALS target
+# and as many non-target trials. 1,000 targets put the binomial standard error of a 5% miss rate at 0.7%,
+# small enough to tell checkpoints apart that differ by a few points of EER. Never more than a third of the
+# training pool (most speakers still train): a corpus too small for the trial counts says so in one line.
+VALID_MIN_TRIALS = 1000
+VALID_MIN_SPEAKERS = 10
+
+
+def valid_trial_counts(sizes: list[int], max_utts: int) -> tuple[int, int]:
+    """(target, non-target) trials of all_pair_trials over speakers with these utterance counts: the
+    utterances taken round-robin up to max_utts, every pair among them a trial."""
+    taken, left = [0] * len(sizes), max_utts
+    while left > 0 and any(t < n for t, n in zip(taken, sizes)):
+        for i, n in enumerate(sizes):
+            if taken[i] < n and left > 0:
+                taken[i] += 1
+                left -= 1
+    total = sum(taken)
+    targets = sum(t * (t - 1) // 2 for t in taken)
+    return targets, total * (total - 1) // 2 - targets
+
+
+def auto_valid_speakers(order: list[str], sizes: dict, max_utts: int, cap: int) -> tuple[list[str], str]:
+    """The first k of `order` (a seeded order of eligible training speakers) for the auto rule (see
+    VALID_MIN_TRIALS), k <= cap; and a line saying what the list holds and why k."""
+    best, best_k = -1, 0
+    for k in range(2, min(cap, len(order)) + 1):
+        targets, nontargets = valid_trial_counts([sizes[s] for s in order[:k]], max_utts)
+        if k >= min(VALID_MIN_SPEAKERS, cap) and min(targets, nontargets) >= VALID_MIN_TRIALS:
+            best_k = k
+            break
+        if min(targets, nontargets) > best:  # short of the counts: the k that comes closest (max_valid_utts
+            best, best_k = min(targets, nontargets), k  # spread over more speakers gives fewer targets)
+    if best_k < 2:
+        return [], "validation: none (a third of the training speakers is fewer than 2)"
+    k = best_k
+    chosen = order[:k]
+    targets, nontargets = valid_trial_counts([sizes[s] for s in chosen], max_utts)
+    line = f"validation: {k} speakers, {targets} target and {nontargets} non-target trials"
+    if min(targets, nontargets) < VALID_MIN_TRIALS:
+        line += (f" (fewer than the {VALID_MIN_TRIALS} of each the auto rule asks for: the most this corpus gives "
+                 "within a third of its training speakers and --max-valid-utts; checkpoint choice falls back to the average of the last checkpoints "
+                 "when validation ties)")
+    return list(chosen), line
+
+
 def split_speakers(args, by_speaker, test_speakers, rng):
     """The valid speakers: taken out of training, so checkpoint selection never sees test trials."""
     train_pool = [s for s in sorted(by_speaker) if s not in test_speakers]
     count = args.valid_speakers
-    if count == "auto":
-        count = 4 if args.demo else min(max(4, round(0.03 * len(train_pool))), len(train_pool) // 3)
-        count = count if count >= 2 else 0  # one speaker makes no different-speaker trials: no validation then
+    if count == "auto" and not args.demo:
+        eligible = sorted(s for s in train_pool if len(by_speaker[s]) >= 2)
+        order = rng.sample(eligible, len(eligible))
+        chosen, line = auto_valid_speakers(order, {s: len(by_speaker[s]) for s in eligible}, args.max_valid_utts,
+                                           len(train_pool) // 3)
+        count = len(chosen)
+    elif count == "auto":
+        count = 4  # the demo: its 4 validation speakers are part of what README shows
     elif count == 1:
         raise SystemExit("--valid-speakers 1: a list of one speaker has no different-speaker trials, so no EER; "
                          "give 0 (no validation) or >= 2")
@@ -485,6 +538,9 @@ def split_speakers(args, by_speaker, test_speakers, rng):
         hint = " (VoxCeleb1-E/H name every speaker: pass --trials veri_test2.txt)" if args.voxceleb1 else ""
         raise SystemExit(f"{len(test_speakers)} of {len(by_speaker)} speakers are test speakers: too few left "
                          f"for {count} valid and >= 2 training speakers{hint}")
+    if args.valid_speakers == "auto" and not args.demo:
+        print(line)
+        return set(chosen)
     return choose_speakers(by_speaker, train_pool, count, "valid", rng) if count else set()
 
 

@@ -10,8 +10,9 @@ else the step with the best validation metric. The best step *on test* is shown 
 reference only: picking it would tune on the test set.
 
 The summary gives each test list's EER with a bootstrap confidence interval over speakers
-(from the chosen checkpoint's scores.txt; speakers from the data folder's utterances.csv when
-config.yaml's data.dir is readable, else the utterance ids' first path component), minDCF, and
+(from the chosen checkpoint's scores.txt; speakers from the data folder's utterances.csv, matched by
+utterance id or path: never guessed from a path; at least asv.metrics.MIN_BOOTSTRAP_SPEAKERS = 10
+speakers, else the report says why there is none), minDCF, and
 actDCF / Cllr / min Cllr when evaluation wrote them. Several runs also get a table of the
 config keys that differ between them.
 
@@ -34,7 +35,7 @@ import numpy as np
 import yaml
 
 from asv import metrics, plots
-from asv.run import best_entry, best_step, read_history, step_of
+from asv.run import CHOICE_FILE, best_entry, best_step, best_target, read_history, step_of
 from asv.plots import VALID, ppf  # noqa: F401  (report.ppf: the name the tests and older notebooks use)
 COLUMNS = [("eer", "EER %"), ("min_dcf_0.01", "minDCF 0.01"), ("min_dcf_0.05", "minDCF 0.05")]
 # Written by evaluation when the checkpoint has a calibration (min Cllr always): shown when present.
@@ -109,7 +110,17 @@ def collect(run):
 
     for entry in read_history(run, on_bad=bad_line):  # pruned checkpoints keep their validation line
         evals.setdefault(entry["step"], {})[VALID] = entry
-    return dict(sorted(evals.items()))
+    target = best_target(run)  # the averaged fallback `best` may point at: keyed by its folder name, listed last
+    if target and step_of(target) is None:
+        for eval_dir in sorted((run / target / "eval").glob("*")):
+            if eval_dir.is_dir() and (metrics := load_json(eval_dir / "metrics.json")) is not None:
+                evals.setdefault(target, {})[eval_dir.name] = metrics
+    return dict(sorted(evals.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(12))))
+
+
+def folder_of(run, step):
+    """A checkpoint's folder: step-N for a step, the folder itself for a name (the averaged fallback)."""
+    return run / (step if isinstance(step, str) else f"step-{step}")
 
 
 def choose_step(run, evals, protocol, metric):
@@ -117,6 +128,13 @@ def choose_step(run, evals, protocol, metric):
     if protocol == "superb":
         return None, "SUPERB protocol: every checkpoint is tested, the best on each test list is reported"
     step = best_step(run)
+    target = best_target(run)
+    if step is None and target is not None and (run / target).is_dir():
+        try:
+            why = json.loads((run / CHOICE_FILE).read_text())["line"]
+        except (OSError, ValueError, KeyError, TypeError):
+            why = "`best` link"
+        return target, why + ("" if target in evals else f"; {target} has no metrics.json")
     if step is not None:
         return step, "`best` link, ranked on validation" + ("" if step in evals else "; that step has no metrics.json")
     best = best_entry([{"step": s, **lists[VALID]} for s, lists in evals.items() if VALID in lists], metric)
@@ -127,7 +145,7 @@ def choose_step(run, evals, protocol, metric):
 
 def best_on_test(evals, name):
     """The step with the lowest EER on test list `name` (SUPERB's stage 4; not a fair selection)."""
-    scored = [s for s in evals if isinstance(evals[s].get(name, {}).get("eer"), (int, float))]
+    scored = [s for s in evals if isinstance(s, int) and isinstance(evals[s].get(name, {}).get("eer"), (int, float))]
     return min(scored, key=lambda s: (evals[s][name]["eer"], -s)) if scored else None
 
 
@@ -193,7 +211,7 @@ def short_names(paths):
 
 def read_layer_weights(run, step):
     """The featurizer's layer weights saved with `step` (a list of floats), or None when absent or unreadable."""
-    if step is None or not (path := run / f"step-{step}" / "layer_weights.json").exists():
+    if step is None or not (path := folder_of(run, step) / "layer_weights.json").exists():
         return None
     try:
         weights = json.loads(path.read_text())
@@ -255,7 +273,7 @@ def chosen_curves(run, step, name, lists):
     """
     curves = []
     for kind, suffix, prefix in [("raw", "", ""), ("AS-norm", "_asnorm", "asnorm_")]:
-        path = run / f"step-{step}" / "eval" / name / f"scores{suffix}.txt"
+        path = folder_of(run, step) / "eval" / name / f"scores{suffix}.txt"
         read = read_scores(path) if path.exists() else None
         if read is None:
             continue
@@ -274,32 +292,45 @@ def chosen_curves(run, step, name, lists):
 
 @functools.lru_cache(maxsize=8)
 def manifest_speakers(data_dir):
-    """{utterance id: speaker} from data_dir/utterances.csv, or None when it cannot be read."""
+    """{utterance id or path: speaker} from data_dir/utterances.csv (paths as written there and as absolute
+    paths, so a trial list of file paths finds its speakers), or None when it cannot be read."""
     path = Path(data_dir) / "utterances.csv"
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return {row["id"]: row["speaker"] for row in csv.DictReader(f)}
+            rows = list(csv.DictReader(f))
+        speakers = {}
+        for row in rows:
+            audio = row["path"]
+            absolute = str(Path(audio) if Path(audio).is_absolute() else (Path(data_dir) / audio).resolve())
+            speakers.update({audio: row["speaker"], absolute: row["speaker"]})
+        speakers.update({row["id"]: row["speaker"] for row in rows})  # ids win over a path that looks alike
+        return speakers
     except (OSError, KeyError, csv.Error, UnicodeDecodeError):
         return None
 
 
 def trial_speakers(path, config):
-    """(enroll speakers, test speakers, where they came from) of a scores file's trials, or None when the
-    speakers cannot be known: the manifest of the config's data.dir when it names every utterance (Kaldi
-    corpora too), else the first path component of the ids (VoxCeleb layout: id10270/5r0dWxy17C8/00001.wav)."""
+    """(enroll speakers, test speakers, where they came from) of a scores file's trials, or (None, why) when
+    the speakers cannot be known. Only the manifest (utterances.csv of the config's data.dir) says who speaks:
+    each trial side must be one of its ids or paths. A path component is no speaker label (a list of file
+    paths would make every file's first folder, e.g. `data`, one speaker)."""
     try:
         ids = np.loadtxt(path, usecols=(0, 1), dtype=str, ndmin=2, comments=None)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as e:
+        return None, f"{path} is unreadable ({' '.join(str(e).split())})"
     data_dir = section(config, "data").get("dir")
-    manifest = manifest_speakers(str(data_dir)) if isinstance(data_dir, str) and data_dir else None
-    if manifest is not None and all(i in manifest for i in np.unique(ids)):
-        speakers = np.vectorize(manifest.__getitem__, otypes=[object])(ids)
-        return speakers[:, 0], speakers[:, 1], f"{Path(data_dir) / 'utterances.csv'}"
-    if np.char.find(ids, "/").min() > 0:
-        speakers = np.char.partition(ids, "/")[..., 0]
-        return speakers[:, 0], speakers[:, 1], "the first path component of the utterance ids"
-    return None
+    if not isinstance(data_dir, str) or not data_dir:
+        return None, "the run's config.yaml names no data.dir, whose utterances.csv says who speaks"
+    manifest = manifest_speakers(str(data_dir))
+    if manifest is None:
+        return None, f"{Path(data_dir) / 'utterances.csv'} is not readable (it says who speaks)"
+    unknown = [i for i in np.unique(ids) if i not in manifest and str(Path(i).resolve()) not in manifest]
+    if unknown:
+        return None, (f"{len(unknown)} utterance(s) of {path} (e.g. {unknown[0]}) are neither ids nor paths of "
+                      f"{Path(data_dir) / 'utterances.csv'}, so their speakers are not known")
+    lookup = np.vectorize(lambda i: manifest[i] if i in manifest else manifest[str(Path(i).resolve())], otypes=[object])
+    speakers = lookup(ids)
+    return speakers[:, 0], speakers[:, 1], f"{Path(data_dir) / 'utterances.csv'}"
 
 
 def add_confidence_intervals(run, level, resamples):
@@ -309,9 +340,8 @@ def add_confidence_intervals(run, level, resamples):
         if raw is None:
             continue
         speakers = trial_speakers(raw["path"], run.config)
-        if speakers is None or len(speakers[0]) != len(raw["scores"]):
-            run.notes.append(f"No EER confidence interval for {name}: the speakers of {raw['path']} are not known "
-                             "(no readable utterances.csv at the config's data.dir, and ids without a speaker folder).")
+        if speakers[0] is None:
+            run.notes.append(f"No EER confidence interval for {name}: {speakers[1]}.")
             continue
         if len(raw["scores"]) * resamples > 1e8:  # ~0.1 s a resample per 500k trials: say why we are waiting
             print(f"{run.label} {name}: bootstrapping the EER over speakers ({len(raw['scores']):,} trials, "
@@ -361,14 +391,15 @@ def summary_lines(runs, protocol, level, resamples):
 def run_section(run):
     """Markdown lines for one run: how the step was chosen, its layer weights and plots, then every
     checkpoint per test list and the validation history."""
-    lines = [f"## {run.path}", "", f"Chosen checkpoint: step {run.chosen} ({run.how})." if run.chosen is not None
+    chosen = f"step {run.chosen}" if isinstance(run.chosen, int) else run.chosen
+    lines = [f"## {run.path}", "", f"Chosen checkpoint: {chosen} ({run.how})." if run.chosen is not None
              else f"No checkpoint chosen: {run.how}.", ""]
     weights_line = layer_weights_line(run.weights.get(run.chosen))
     if weights_line:
         lines += [weights_line, ""]
     if run.plots:
         lines += ["Plots:", ""] + [f"- {path}" for path in run.plots] + [""]
-    for note in run.notes:
+    for note in run.notes + calibration_notes(run):
         lines += [note, ""]
     evals = run.evals
     for name in list_names(evals):
@@ -386,6 +417,15 @@ def run_section(run):
     return lines + history_lines(run)
 
 
+def calibration_notes(run):
+    """One line per chosen checkpoint whose calibration was refused (evaluation wrote the reason in metrics.json)."""
+    steps = sorted({s for s in [run.chosen, *run.picks.values()] if s is not None}, key=str)
+    reasons = {s: r for s in steps for m in run.evals.get(s, {}).values()
+               if isinstance(m.get("calibration"), dict) and (r := m["calibration"].get("refused"))}
+    return [f"No calibration for step {s}: {r}. Its scores stay raw cosines (no actDCF or Cllr; min Cllr only)."
+            for s, r in reasons.items()]
+
+
 def history_lines(run):
     """The validation history (valid_history.jsonl), pruned checkpoints included and marked."""
     steps = [s for s in run.evals if VALID in run.evals[s]]
@@ -393,7 +433,7 @@ def history_lines(run):
         return []
     rows = [[f"**{s}** (chosen)" if s == run.chosen else s]
             + [fmt(key, run.evals[s][VALID].get(key)) for key, _ in COLUMNS]
-            + ["on disk" if (run.path / f"step-{s}").is_dir() else "pruned"] for s in steps]
+            + ["on disk" if folder_of(run.path, s).is_dir() else "pruned"] for s in steps]
     return [f"### {VALID} (validation history)", ""] + table(["step"] + [h for _, h in COLUMNS] + ["checkpoint"],
                                                              rows) + [""]
 

@@ -26,11 +26,14 @@ tests/test_api.py runs exactly this example::
     model.save_enrolled("enrolled.npz")  # later: model.load_enrolled("enrolled.npz")
 
 Embeddings come from asv.embed's `eval_loader` and `embed`, the code evaluation runs: whole
-recordings, length-sorted batches within data.eval_batch_secs, too-short ones repeated to the
-model's minimum, the upstream on data.eval_chunk_secs windows when set. So a file, the same file
+recordings, length-sorted batches within data.eval_batch_secs, the upstream on data.eval_chunk_secs windows when set. So a file, the same file
 read with asv.audio.load_audio, and evaluate_asv.py all give one embedding. The API runs in this
 process, in full precision, on `device` (no Accelerator: its state is shared by every
 Accelerator of a process, so a notebook could not pick a device per model).
+
+Degenerate input is refused in one line naming the file, as evaluation refuses it: a recording shorter
+than the model's receptive field (models.min_input_samples) or without speech energy (RMS below
+asv.embed.NO_SPEECH_RMS, -80 dBFS) would otherwise score any other recording as the same speaker.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ import torch
 
 from .metrics import load_calibration, resolve_threshold
 from .data import read_audio_list, read_manifest
-from .embed import Extractors, audio_durations, cohort_paths, embed, eval_loader, load_extractors
+from .embed import Extractors, audio_durations, check_lengths, cohort_paths, embed, eval_loader, load_extractors
 from .run import atomic_write
 from .models import asnorm_scores, cohort_stats, cosine_scores
 
@@ -157,8 +160,8 @@ class Model:
         scored as `score` scores."""
         if not self.enrolled:
             raise ValueError("no enrolled speakers: call enroll(speaker, files) first")
-        if top < 1:
-            raise ValueError(f"top must be >= 1, got {top}")
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+            raise ValueError(f"top must be a whole number >= 1, got {top!r}")
         names = list(self.enrolled)
         scores = self._scores(np.stack([self.enrolled[n] for n in names]), self._embed(_one(test, "test")))[:, 0]
         return [(names[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")[:top]]
@@ -191,9 +194,11 @@ class Model:
         """Files (str) and waveforms (T,) -> (N, E), through evaluation's loader and embed()."""
         durations = [x.numel() / self.sample_rate if isinstance(x, torch.Tensor) else audio_durations([x], {})[0]
                      for x in items]  # for length-sorted batches; a missing or unreadable file stops here
+        names = [x if isinstance(x, str) else f"waveform {i} ({x.numel()} samples)" for i, x in enumerate(items)]
+        check_lengths(names, durations, self.sample_rate, self._min_samples)  # too short: refused before embedding
         loader = self._run.prepare(eval_loader(items, durations, self.cfg, self._min_samples))
         chunk = int(self.cfg.data.eval_chunk_secs * self.sample_rate)
-        (table,), _ = embed(self._run, [self._upstream], [self._encoder], loader, len(items), -1, chunk)
+        (table,), _ = embed(self._run, [self._upstream], [self._encoder], loader, len(items), -1, chunk, names=names)
         return table
 
     def _threshold(self, threshold: str | float | None) -> tuple[float | None, str | None, str]:
@@ -203,6 +208,9 @@ class Model:
         if isinstance(threshold, str):
             value, description = resolve_threshold(self.checkpoint, threshold)
             return value, threshold, description
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+            raise ValueError(f"threshold {threshold!r}: expected a finite number on the raw cosine scale, a name "
+                             "(eer, min_dcf:<p>, far:<rate>, frr:<rate>, bayes:<p>) or None")
         return float(threshold), "value", "given by the caller"
 
     def _verdict(self, a: np.ndarray, b: np.ndarray, limit: tuple) -> Verification:
@@ -210,7 +218,7 @@ class Model:
         score = float(cosine_scores(np.concatenate([a, b]), np.array([0]), np.array([1]))[0])
         asnorm = float(self._scores(a, b)[0, 0]) if self.cfg.score.asnorm else None
         calibration = load_calibration(self.checkpoint)
-        llr = float(calibration.llr(score)) if calibration is not None else None
+        llr = float(calibration.llr(score)) if calibration is not None and calibration.fitted else None
         value, name, description = limit
         accept = None if value is None else score >= value
         return Verification(score, llr, value, name, description, accept, asnorm)

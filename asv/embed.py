@@ -208,6 +208,21 @@ def audio_durations(paths: list[str], known: dict[str, float]) -> list[float]:
     return out
 
 
+# Below this RMS (full scale 1.0), -80 dBFS, a recording holds no speech energy and is refused: silence in 16-bit
+# audio (dither, a quiet room) sits near 3e-5 (-90 dBFS); speech, even quiet telephone speech, is above 1e-3.
+NO_SPEECH_RMS = 1e-4
+
+
+def check_lengths(names: list[str], durations: list[float], sample_rate: int, min_samples: int):
+    """A one-line ValueError naming the first recording shorter than the model's receptive field (min_samples):
+    its embedding would come from a few samples repeated, and score any other recording as the same speaker."""
+    for name, secs in zip(names, durations):
+        if round(secs * sample_rate) < min_samples:
+            raise ValueError(f"{name}: {1000 * secs:.1f} ms of audio, shorter than the model's receptive field "
+                             f"({min_samples} samples = {1000 * min_samples / sample_rate:.0f} ms at {sample_rate} Hz): "
+                             "too short to embed")
+
+
 def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_samples: int):
     batches = length_batches(durations, cfg.data.eval_batch_secs)
     return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples),
@@ -217,13 +232,15 @@ def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_sampl
 
 @torch.no_grad()
 def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: int = -1, chunk_samples: int = 0,
-          store=None):
+          store=None, names: list[str] | None = None):
     """Embed every utterance of a (prepared) loader with each (upstream, encoder) pair.
 
     Returns (list of (U, E) float32 arrays, one per encoder; (U,) bool, True where embedded).
     Pairs that share an upstream object share its pass. Utterances are placed by their index, so
     the padding duplicates that even batches add under several processes are harmless. `store(index,
-    hidden, frames)` is handed each upstream pass (FeatureCache.writer).
+    hidden, frames)` is handed each upstream pass (FeatureCache.writer). `names` (one per utterance): refuse
+    recordings without speech energy (RMS of their samples below NO_SPEECH_RMS) with a one-line ValueError
+    naming the first, raised on every process alike once all are embedded (so none waits on another).
     """
     modules = [*upstreams, *encoders]
     was_training = [m.training for m in modules]
@@ -236,6 +253,7 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
     plain = [e if isinstance(e, SpeakerEncoder) else accelerator.unwrap_model(e) for e in encoders]
     tables = [np.zeros((num_utts, e.downstream.embed_dim), np.float32) for e in plain]
     done = np.zeros(num_utts, dtype=bool)
+    rms = np.full(num_utts, np.inf)  # of each utterance's own samples (its padding left out)
     total = len(loader) if max_batches < 0 else min(len(loader), max_batches)
     bar = progress(loader, total=total, desc="embedding", unit="batch", enabled=accelerator.is_main_process)
     for n, (wavs, lengths, index) in enumerate(bar):
@@ -249,14 +267,25 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
                     store(index, hidden, frames)
                 for i in members:
                     embs[i] = encoders[i](hidden, frames).float()
+        if names is not None and isinstance(wavs, torch.Tensor):  # stored hidden states passed the check when stored
+            mask = torch.arange(wavs.shape[1], device=wavs.device)[None, :] < lengths[:, None]
+            energy = ((wavs.double() ** 2) * mask).sum(1) / lengths.clamp(min=1)
+            energy = accelerator.gather_for_metrics(accelerator.pad_across_processes(energy.sqrt())).cpu().numpy()
         # batches differ in size between processes: pad to a common size, gather, drop the pads
         index = accelerator.gather_for_metrics(accelerator.pad_across_processes(index, pad_index=-1)).cpu().numpy()
         real = index >= 0
+        if names is not None and isinstance(wavs, torch.Tensor):
+            rms[index[real]] = energy[real]
         for table, emb in zip(tables, embs):
             table[index[real]] = accelerator.gather_for_metrics(accelerator.pad_across_processes(emb)).cpu().numpy()[real]
         done[index[real]] = True
     for m, mode in zip(modules, was_training):
         m.train(mode)
+    quiet = np.flatnonzero(rms < NO_SPEECH_RMS)
+    if names is not None and len(quiet):
+        more = f" ({len(quiet) - 1} more such file(s))" if len(quiet) > 1 else ""
+        raise ValueError(f"{names[quiet[0]]}: no speech energy (RMS {rms[quiet[0]]:.1e} of full scale, below "
+                         f"{NO_SPEECH_RMS:g} = -80 dBFS): nothing to embed{more}")
     return tables, done
 
 
@@ -266,6 +295,7 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
     cache, files found in it skip decoding and the upstream; the others' hidden states are stored in it."""
     cfg = ex.cfg
     durations = durations if durations is not None else audio_durations(paths, {})
+    check_lengths(paths, durations, cfg.data.sample_rate, ex.min_samples)
     accelerator.print(f"embedding {len(paths)} files with {len(ex.ckpts)} checkpoint(s) on "
                       f"{accelerator.num_processes} process(es)")
     upstreams = [u.to(accelerator.device) for u in ex.upstreams]
@@ -273,7 +303,7 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
     chunk_samples = int(cfg.data.eval_chunk_secs * cfg.data.sample_rate)
     if cache is None:
         loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples))
-        return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch, chunk_samples)
+        return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch, chunk_samples, names=paths)
     found = np.array([cache.has(p) for p in paths], dtype=bool)
     cache.found = int(found.sum())
     tables = [np.zeros((len(paths), e.downstream.embed_dim), np.float32) for e in ex.encoders]
@@ -292,7 +322,7 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
         else:
             loader = accelerator.prepare(eval_loader(subset, secs, cfg, ex.min_samples))
             part, part_done = embed(accelerator, upstreams, encoders, loader, len(rows), cfg.eval_batch, chunk_samples,
-                                    cache.writer(subset))
+                                    cache.writer(subset), names=subset)
         for table, p in zip(tables, part):
             table[rows] = p
         done[rows] = part_done
@@ -455,6 +485,9 @@ def checkpoint_calibrations(accelerator, ckpts: list[Path]) -> dict:
     if missing:
         accelerator.print(f"note: {len(missing)} checkpoint(s) without validation scores ({missing[0] / VALID_SCORES}"
                           f"{', ...' if len(missing) > 1 else ''}): no calibrated scores, min Cllr only")
+    for c, cal in cals.items():
+        if cal is not None and cal.refused:
+            accelerator.print(f"note: {c}: no calibration ({cal.refused}); raw scores only")
     return cals
 
 
@@ -514,7 +547,7 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
             labels, cal = trials.labels[keep], cals.get(ckpt)
             m = {**metrics.compute_metrics(scores, labels), **calibration_metrics(scores, labels, cal)}
             files = {"scores.txt": scores_text(trials, keep, scores)}
-            if cal is not None:
+            if cal is not None and cal.fitted:
                 files["scores_calibrated.txt"] = scores_text(trials, keep, cal.llr(scores))
             line = metrics_line(ckpt, spec.name, m) + calibration_line(m)
             if cohort:

@@ -236,8 +236,8 @@ def test_lists(evals):
 
 def eer_series(run, name, color=None, prefix=""):
     """One EER-vs-step line: validation (dashed, from the history) or test list `name` (evaluated checkpoints)."""
-    points = [(s, lists[name]["eer"]) for s, lists in run.evals.items()
-              if isinstance(lists.get(name, {}).get("eer"), (int, float))]
+    points = [(s, lists[name]["eer"]) for s, lists in run.evals.items()  # steps only: an averaged `best` has none
+              if isinstance(s, int) and isinstance(lists.get(name, {}).get("eer"), (int, float))]
     return {"label": prefix + name, "points": points, "color": color,
             "linestyle": "--" if name == VALID else "-", "marker": "." if name == VALID else "o"}
 
@@ -254,7 +254,7 @@ def multi_layer_history(weights):
 def run_plots(plt, run, formats):
     """Every plot of one run, under its folder; returns the paths and notes about lists without scores."""
     panel = {"title": "", "series": [eer_series(run, name) for name in [VALID] + test_lists(run.evals)],
-             "chosen": {} if run.chosen is None else {"gray": run.chosen}}
+             "chosen": {"gray": run.chosen} if isinstance(run.chosen, int) else {}}
     paths = save(eer_vs_step_figure(plt, [panel], str(run.path)), run.path / "eer_vs_step", formats)
     missing, name = [], run.path.resolve().name or str(run.path)
     if run.chosen is not None:
@@ -263,7 +263,7 @@ def run_plots(plt, run, formats):
             if not curves:
                 missing.append(list_name)
                 continue
-            title = f"{name}: {list_name}, step {run.chosen}"
+            title = f"{name}: {list_name}, " + (f"step {run.chosen}" if isinstance(run.chosen, int) else run.chosen)
             paths += save(det_figure(plt, curves, "DET " + title), run.path / f"det_{list_name}", formats)
             paths += save(histogram_figure(plt, curves, "Scores " + title), run.path / f"scores_{list_name}", formats)
     chosen_weights = run.weights.get(run.chosen)
@@ -295,7 +295,7 @@ def comparison_plots(plt, runs, stem, formats, protocol):
         if curves:
             paths += save(det_figure(plt, curves, f"DET {name}, checkpoints {which}"), f"{stem}_det_{name}", formats)
     panels = [{"title": name, "chosen": {run.color: run.picks[name] for run in runs
-                                         if run.picks.get(name) is not None},
+                                         if isinstance(run.picks.get(name), int)},
                "series": [eer_series(run, shown, run.color, f"{run.label} ") for run in runs
                           for shown in dict.fromkeys([VALID, name])]}
               for name in names or [VALID]]

@@ -148,12 +148,7 @@ def point_best(exp, step: int | None):
     if step is None:
         link.unlink(missing_ok=True)
         return
-    if link.is_symlink() and os.readlink(link) == f"step-{step}":
-        return
-    tmp = Path(exp) / "best.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(f"step-{step}")
-    os.replace(tmp, link)
+    point_target(exp, f"step-{step}")
 
 
 def best_step(exp) -> int | None:
@@ -161,8 +156,35 @@ def best_step(exp) -> int | None:
     return step_of(os.readlink(link)) if link.is_symlink() else None
 
 
+def best_target(exp) -> str | None:
+    """The folder name `best` points at: step-N, or FALLBACK_NAME when validation tied; None without a link."""
+    link = Path(exp) / "best"
+    return os.readlink(link) if link.is_symlink() else None
+
+
+# When validation cannot separate the best checkpoints (two or more tie on the metric and both minDCFs, as
+# every checkpoint does at EER 0% and minDCF 0 on a small validation set), `best` is the average of the
+# newest FALLBACK_LAST checkpoints on disk (WeSpeaker's average_model), not whichever a score margin favours:
+# on the few-utterances corpus of issue 22 the margin chose a checkpoint 1.4 points of test EER worse than
+# another equally "perfect" one. CHOICE_FILE says which was chosen and why, in one line.
+FALLBACK_LAST = 3
+FALLBACK_NAME = f"avg-last{FALLBACK_LAST}"
+CHOICE_FILE = "choice.json"
+
+
+def tied_best(entries: list[dict], metric: str) -> list[dict]:
+    """The entries that rank first on everything validation measures (metric, minDCF 0.01 and 0.05; not the
+    score margin, which orders checkpoints that make the same decisions)."""
+    best = best_entry(entries, metric)
+    if best is None:
+        return []
+    measured = lambda e: rank_key(e, metric)[:3]  # noqa: E731
+    return [e for e in entries if isinstance(e.get(metric), (int, float)) and measured(e) == measured(best)]
+
+
 def settle(exp, metric: str, keep: int) -> int | None:
-    """Make history, `best` and pruning agree with the checkpoints on disk; returns the best step."""
+    """Make history, `best` and pruning agree with the checkpoints on disk; returns the best step (the best
+    ranked one, also when `best` is the averaged fallback)."""
     exp = Path(exp)
     checkpoints = complete_checkpoints(exp)
     history = {e["step"]: e for e in read_history(exp)}
@@ -175,15 +197,71 @@ def settle(exp, metric: str, keep: int) -> int | None:
         write_history(exp, [*history.values(), *missing.values()])
         history.update(missing)
     on_disk = {step_of(c) for c in checkpoints}
-    best = best_entry([e for s, e in history.items() if s in on_disk], metric)
-    point_best(exp, best["step"] if best else None)
+    entries = [e for s, e in history.items() if s in on_disk]
+    best = best_entry(entries, metric)
     if keep > 0:  # the newest `keep`, and always the best
         for old in checkpoints[:-keep]:
             if best is None or step_of(old) != best["step"]:
                 doomed = old.with_name(old.name + ".del")  # renamed first: a half-deleted step-N never counts
                 os.replace(old, doomed)
                 shutil.rmtree(doomed)
+    checkpoints = complete_checkpoints(exp)
+    tied = tied_best(entries, metric)
+    if len(tied) >= 2 and len(checkpoints) >= 2:
+        last = checkpoints[-FALLBACK_LAST:]
+        line = (f"checkpoint choice: validation cannot separate steps {', '.join(str(e['step']) for e in tied)} "
+                f"({metric} {tied[0][metric]:.4g}, the same minDCFs): best is {FALLBACK_NAME}, the average of the "
+                f"last {len(last)} checkpoints (steps {', '.join(str(step_of(c)) for c in last)})")
+        _average_fallback(exp, last, line)
+        point_target(exp, FALLBACK_NAME)
+    else:
+        point_best(exp, best["step"] if best else None)
+        line = None if best is None else f"checkpoint choice: step {best['step']}, first on validation {metric}"
+    _record_choice(exp, line)
     return best["step"] if best else None
+
+
+def _average_fallback(exp: Path, last: list[Path], line: str):
+    """exp/FALLBACK_NAME holds the mean of `last`, (re)built only when those checkpoints changed."""
+    out = exp / FALLBACK_NAME
+    recover_dir(out)
+    record = out / "averaged.json"
+    try:
+        if json.loads(record.read_text())["steps"] == [step_of(c) for c in last]:
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    average_checkpoints(last, out)
+    write_json(out / "choice.json", {"why": line})
+
+
+def _record_choice(exp: Path, line: str | None):
+    """exp/choice.json {"line": ...}; the line is also appended to train.log when it changes."""
+    path = exp / CHOICE_FILE
+    old = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text()).get("line")
+        except (OSError, ValueError, AttributeError):
+            old = None
+    if line is None:
+        path.unlink(missing_ok=True)
+        return
+    if line != old:
+        write_json(path, {"line": line})
+        with open(exp / "train.log", "a", encoding="utf-8") as f:  # whole lines, appended
+            f.write(line + "\n")
+
+
+def point_target(exp, name: str):
+    """exp/best -> `name` (a folder of the run), replaced atomically."""
+    link = Path(exp) / "best"
+    if link.is_symlink() and os.readlink(link) == name:
+        return
+    tmp = Path(exp) / "best.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(name)
+    os.replace(tmp, link)
 
 
 def clear_partial_saves(exp):

@@ -102,8 +102,8 @@ def test_a_file_and_its_array_embed_the_same(home, model):
     assert folder.shape == (4, model.embed_dim)
     # tolerance: alone vs batched, float32 summation order only (~1e-6 on O(1) embeddings)
     np.testing.assert_allclose(folder[2], by_file[0], atol=1e-5)
-    short = model.embed(wav[:50])  # shorter than the model's minimum: repeated, as evaluation does
-    assert short.shape == (1, model.embed_dim) and np.isfinite(short).all()
+    shortest = model.embed(wav[:model._min_samples])  # exactly the receptive field: embedded
+    assert shortest.shape == (1, model.embed_dim) and np.isfinite(shortest).all()
 
 
 def test_scores_are_evaluations(home, model):
@@ -158,6 +158,70 @@ def test_bad_input_is_one_line(home, tmp_path):
     model.enroll("x", path)
     with pytest.raises(ValueError, match="threshold 'far:2'"):  # refused before the test file is embedded
         model.verify("x", tmp_path / "missing.wav", "far:2")
+
+
+def write_wav(path, wav, rate=16000):
+    import soundfile
+    soundfile.write(str(path), np.asarray(wav, np.float32), rate, subtype="PCM_16")
+    return str(path)
+
+
+def degenerate_files(home, folder, model):
+    """(a file of 1 sample, a file one sample short of the receptive field, a near-silent file of 2 s: dither
+    at -96 dBFS, what a muted microphone records), each of which got `score 1.0000 ... same speaker` before."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    real = load_audio(corpus_file(home, "spk05/sess1/utt2.wav"), model.sample_rate).numpy()
+    return (write_wav(folder / "one_sample.wav", real[:1]),
+            write_wav(folder / "short.wav", real[:model._min_samples - 1]),
+            write_wav(folder / "quiet.wav", rng.normal(0, 1.5e-5, 32000)))
+
+
+def test_degenerate_input_is_refused(home, model, tmp_path):
+    one, short, quiet = degenerate_files(home, tmp_path, model)
+    good = corpus_file(home, "spk05/sess1/utt2.wav")
+    wav = load_audio(good, model.sample_rate)
+    cases = [
+        (lambda: model.embed(one), re.escape(one) + r": 0\.1 ms of audio, shorter than the model's receptive field"),
+        (lambda: model.embed([good, short]), re.escape(short) + ": .* shorter than the model's receptive field"),
+        (lambda: model.embed(wav[:model._min_samples - 1]), r"waveform 0 \(\d+ samples\): .*receptive field"),
+        (lambda: model.embed([good, quiet]), re.escape(quiet) + r": no speech energy \(RMS \d\.\de-05"),
+        (lambda: model.embed(wav * 1e-5), r"waveform 0 .*: no speech energy"),
+        (lambda: model.score(good, quiet), re.escape(quiet) + ": no speech energy"),
+        (lambda: model.compare(one, good), re.escape(one) + ": .*receptive field"),
+    ]
+    model.enroll("x", good)
+    cases += [
+        (lambda: model.verify("x", quiet), re.escape(quiet) + ": no speech energy"),
+        (lambda: model.verify("x", good, threshold=float("nan")), "threshold nan: expected a finite number"),
+        (lambda: model.verify("x", good, threshold=True), "threshold True: expected a finite number"),
+        (lambda: model.identify(good, top=1.5), r"top must be a whole number >= 1, got 1\.5"),
+        (lambda: model.identify(good, top=0), "top must be a whole number >= 1, got 0"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value), str(error.value)
+    assert len(model.identify(good, top=np.int64(1))) == 1  # a numpy integer is a whole number
+
+
+def test_degenerate_input_is_refused_by_the_verbs(home, model, tmp_path):
+    """--pair, --extract and trial-list evaluation refuse as the API does: one line naming the file."""
+    one, short, quiet = degenerate_files(home, tmp_path / "audio", model)
+    good = corpus_file(home, "spk05/sess1/utt2.wav")
+    ckpt = home / "exp" / "demo" / "best"
+    (tmp_path / "trials.txt").write_text(f"1 {good} {good}\n0 {good} {quiet}\n")
+    for args, bad, why in [(["--pair", good, one], one, "receptive field"),
+                           (["--pair", quiet, good], quiet, "no speech energy"),
+                           (["--extract", tmp_path / "audio", "--out", tmp_path / "e.npz"], one, "receptive field"),
+                           (["--trials", tmp_path / "trials.txt"], quiet, "no speech energy")]:
+        result = subprocess.run([sys.executable, "evaluate_asv.py", "--ckpt_dir", ckpt, *map(str, args)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode != 0, result.stdout
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {bad}: ") and why in last, result.stderr
+        assert "same speaker" not in result.stdout
+    assert not (tmp_path / "e.npz").exists()
 
 
 def test_enrolled_speakers_saved_and_loaded(home, model, tmp_path):

@@ -60,13 +60,59 @@ def test_fit_improves_cllr_of_raw_scores_on_held_out_trials():
     assert calibrated < 1  # better than knowing nothing, which raw cosines used as LLRs are not much better than
 
 
+def shifted_test_scores():
+    """Test trials broader than validation's (another channel): what a small validation set overstates."""
+    rng = np.random.default_rng(9)
+    return np.r_[rng.normal(0.55, 0.15, 1000), rng.normal(0.15, 0.15, 4000)], np.r_[np.ones(1000, int), np.zeros(4000, int)]
+
+
+@pytest.mark.parametrize("targets, nontargets, why", [(40, 150, "fewer than 50"),  # 4 speakers x 5 utterances
+                                                      (60, 600, "perfectly separated")])
+def test_separated_or_small_validation_is_refused_and_never_worse_than_raw(targets, nontargets, why):
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.normal(MT, 0.05, targets), rng.normal(MN, 0.05, nontargets)]  # 10 sd apart: separated
+    labels = np.r_[np.ones(targets, int), np.zeros(nontargets, int)]
+    cal = metrics.fit_calibration(scores, labels)
+    assert why in cal.refused and "\n" not in cal.refused and not cal.fitted
+    test, test_labels = shifted_test_scores()
+    # the refused calibration is the identity: what the user gets is the raw score, never worse than it
+    assert metrics.compute_cllr(cal.llr(test), test_labels) <= metrics.compute_cllr(test, test_labels)
+    m = metrics.calibration_metrics(test, test_labels, cal)
+    assert m["calibration"] == {"refused": cal.refused} and "cllr" not in m  # nothing calibrated is claimed
+    with pytest.raises(ValueError, match="no calibration"):
+        cal.score_at(0.0)  # no Bayes threshold from a refused calibration
+
+
+def test_regularised_fit_on_nearly_separated_validation_lowers_test_cllr():
+    scores, labels = gaussian_scores(300, 3000, seed=2)  # 5 sd apart: a handful of trials overlap
+    assert metrics.compute_eer(scores, labels)[0] < 0.01
+    cal = metrics.fit_calibration(scores, labels)
+    assert cal.fitted
+    test, test_labels = shifted_test_scores()
+    calibrated, raw = metrics.compute_cllr(cal.llr(test), test_labels), metrics.compute_cllr(test, test_labels)
+    assert metrics.compute_min_cllr(test, test_labels) <= calibrated < raw
+    assert calibrated < 0.5  # the unregularised fit (C = 1e6) gives 0.59 here: its scale (58) trusts the few overlaps
+
+
+def test_refusal_is_saved_and_read_back(tmp_path):
+    rng = np.random.default_rng(0)
+    ckpt = checkpoint_with_validation(tmp_path, np.r_[rng.normal(MT, 0.05, 40), rng.normal(MN, 0.05, 150)],
+                                      np.r_[np.ones(40, int), np.zeros(150, int)])
+    cal = metrics.ensure_calibration(ckpt)
+    saved = json.loads((ckpt / "calibration.json").read_text())
+    assert saved["refused"] == cal.refused != "" and metrics.load_calibration(ckpt) == cal
+    with pytest.raises(ValueError, match="no calibration"):
+        metrics.resolve_threshold(ckpt, "bayes:0.01")
+
+
 def test_save_load_round_trip(tmp_path):
     assert metrics.load_calibration(tmp_path) is None
     cal = Calibration(scale=12.5, offset=-3.25, prior=0.5, num_trials=1128, num_targets=264)
     metrics.save_calibration(tmp_path, cal)
     assert metrics.load_calibration(tmp_path) == cal
     assert json.loads((tmp_path / "calibration.json").read_text())["scale"] == 12.5
-    for broken in ("{", '{"scale": 1}', '{"scale": "x", "offset": 0, "prior": 0.5, "num_trials": 1, "num_targets": 1}'):
+    for broken in ("{", '{"scale": 1}', '{"scale": "x", "offset": 0, "prior": 0.5, "num_trials": 1, "num_targets": 1, '
+                   '"refused": ""}', '{"scale": 1, "offset": 0, "prior": 0.5, "num_trials": 1, "num_targets": 1, "refused": 3}'):
         (tmp_path / "calibration.json").write_text(broken)
         with pytest.raises(ValueError, match="calibration.json") as e:
             metrics.load_calibration(tmp_path)

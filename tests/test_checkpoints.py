@@ -154,10 +154,41 @@ def test_settle_points_best_and_prunes_keeping_the_newest_and_the_best(tmp_path)
 
 
 def test_settle_with_keep_zero_keeps_everything(tmp_path):
-    for s in (100, 200, 300):
-        save(tmp_path, s, metrics(3.0))
-    assert settle(tmp_path, "eer", keep=0) == 300  # a three-way tie: the later step
+    for s, eer in ((100, 3.0), (200, 3.5), (300, 4.0)):
+        save(tmp_path, s, metrics(eer))
+    assert settle(tmp_path, "eer", keep=0) == 100
     assert steps(tmp_path) == [100, 200, 300]
+
+
+def real_model(ckpt: Path, value: float):
+    """A model.pt that averaging can read: one tensor holding `value`."""
+    import torch
+    torch.save({"encoder": {"w": torch.full((2,), float(value))}, "meta": {"upstream": "fbank"}}, ckpt / "model.pt")
+
+
+def test_validation_that_cannot_separate_falls_back_to_the_average_of_the_last(tmp_path):
+    """Every checkpoint at EER 0 and minDCF 0 (a small validation set): no score margin decides; `best` is the
+    mean of the newest three, said in one line in train.log and choice.json."""
+    import torch
+    from asv.run import CHOICE_FILE, FALLBACK_NAME, best_target
+    for s, margin in ((100, 0.3), (200, 0.1), (300, 0.5), (400, 0.2)):
+        real_model(save(tmp_path, s, metrics(0.0, 0.0, 0.0, margin)), s)
+    assert settle(tmp_path, "eer", keep=0) == 300  # the ranking's first (largest margin), still returned
+    assert best_target(tmp_path) == FALLBACK_NAME and best_step(tmp_path) is None
+    mean = torch.load(tmp_path / "best" / "model.pt", weights_only=True)["encoder"]["w"]
+    assert mean.tolist() == [300.0, 300.0]  # (200 + 300 + 400) / 3
+    line = json.loads((tmp_path / CHOICE_FILE).read_text())["line"]
+    assert line.startswith("checkpoint choice: validation cannot separate steps 100, 200, 300, 400 (eer 0")
+    assert f"best is {FALLBACK_NAME}, the average of the last 3 checkpoints (steps 200, 300, 400)" in line
+    assert (tmp_path / "train.log").read_text() == line + "\n"
+    settle(tmp_path, "eer", keep=0)
+    assert (tmp_path / "train.log").read_text() == line + "\n"  # said once, not at every save
+    # a checkpoint that validation ranks first on its own (a lower minDCF): best is that step again
+    real_model(save(tmp_path, 500, metrics(0.0, 0.0, 0.0, 0.0)), 500)
+    for s in (100, 200, 300, 400):
+        record_validation(tmp_path, s, metrics(0.0, 0.01, 0.0, 0.5))
+    assert settle(tmp_path, "eer", keep=0) == 500 and best_target(tmp_path) == "step-500"
+    assert json.loads((tmp_path / CHOICE_FILE).read_text())["line"] == "checkpoint choice: step 500, first on validation eer"
 
 
 def test_best_is_never_pruned_even_as_the_oldest(tmp_path):

@@ -171,6 +171,11 @@ def test_eer_interval_errors():
     # targets of speaker a, non-targets b-c: a draw of 3 speakers holds all three 2 times in 9
     with pytest.raises(ValueError, match="too few"):
         metrics.eer_confidence_interval(scores, labels, ["a", "b", "a", "b"], ["a", "c", "a", "c"], n=200)
+    # 9 speakers: fewer than MIN_BOOTSTRAP_SPEAKERS, refused before any resample
+    spk = [f"s{i % 9}" for i in range(18)]
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="9 speakers, fewer than 10"):
+        metrics.eer_confidence_interval(rng.normal(size=18), np.arange(18) % 2, spk, spk[::-1])
     with pytest.raises(ValueError, match="one speaker per trial"):
         metrics.eer_confidence_interval(scores, labels, ["a"], ["b"])
     with pytest.raises(ValueError, match="level"):

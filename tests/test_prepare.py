@@ -606,3 +606,24 @@ def test_effects_are_computed_once_per_data_folder(corpus, tmp_path, capsys, mon
     trim_once(out, train, 16000, workers=0, show_progress=False)
     prepare("--corpus", corpus, "--out", tmp_path / "none", "--effects", "none")
     assert not (tmp_path / "none" / EFFECTS_FILE).exists()
+
+
+def test_auto_validation_counts_trials_not_speakers():
+    """A corpus with 5 utterances per speaker needs more validation speakers than one with 50 for the same
+    trial counts; a corpus too small for them gets the most it can give within a third of its speakers."""
+    def auto(num_speakers, per_speaker, max_utts=300):
+        order = [f"s{i:03d}" for i in range(num_speakers)]
+        return prep.auto_valid_speakers(order, dict.fromkeys(order, per_speaker), max_utts, num_speakers // 3)
+
+    rich, rich_line = auto(200, 50)
+    assert len(rich) == prep.VALID_MIN_SPEAKERS  # 10 x C(30, 2) = 4350 targets already
+    assert prep.valid_trial_counts([50] * 10, 300) == (4350, 40500) and "fewer than" not in rich_line
+    poor, poor_line = auto(200, 5)
+    assert len(poor) == 60  # 60 x 5 = the 300 utterances: 600 targets, the most any count gives
+    assert prep.valid_trial_counts([5] * 60, 300) == (600, 44250)
+    assert "validation: 60 speakers, 600 target and 44250 non-target trials (fewer than the 1000" in poor_line
+    assert len(auto(400, 5, max_utts=1000)[0]) == 100  # more utterances allowed: 100 x C(5, 2) = 1000 targets
+    # the corpus of issue 22 (83 speakers of 5 utterances, 8 tested): 25 speakers, not 4 (40 targets)
+    small, line = auto(75, 5)
+    assert len(small) == 25 and "validation: 25 speakers, 250 target and 7500 non-target trials" in line
+    assert 75 - len(small) >= 2 * len(small)  # most speakers still train

@@ -36,7 +36,8 @@ def write_scores(path, num_trials=300, seed=0, shift=0.0):
 
 
 def make_run(path, best="step-200", config=None, data=FAKE, scores=False, weights=None):
-    """A fake run; `scores`: scores.txt for every test list, `weights`: {step: layer weights}."""
+    """A fake run; `scores`: scores.txt for every test list (and a data folder whose utterances.csv names
+    their speakers, which the EER interval needs), `weights`: {step: layer weights}."""
     for step, lists in data.items():
         for name, (eer, dcf1, dcf5) in lists.items():
             d = path / f"step-{step}" / "eval" / name
@@ -48,7 +49,14 @@ def make_run(path, best="step-200", config=None, data=FAKE, scores=False, weight
                 write_scores(d / "scores.txt", seed=step)
         if weights and step in weights:
             (path / f"step-{step}" / "layer_weights.json").write_text(json.dumps(weights[step]))
-    (path / "config.yaml").write_text(config or "train:\n  valid_metric: eer\n")
+    if config is None:
+        config = "train:\n  valid_metric: eer\n"
+        if scores:
+            data_dir = path.with_name(path.name + "_data")
+            ids = {f"id{i % k:05d}/{side}/{i:05d}.wav" for i in range(300) for k, side in ((17, "a"), (13, "b"))}
+            write_manifest(data_dir, {u: u.split("/")[0] for u in ids})
+            config += f"data:\n  dir: {data_dir}\n"
+    (path / "config.yaml").write_text(config)
     if best:
         (path / "best").symlink_to(best)  # relative, as training writes it
     return path
@@ -588,7 +596,8 @@ def test_speakers_from_the_manifest_when_ids_name_no_speaker(tmp_path):
     report.manifest_speakers.cache_clear()
     assert report.main([str(run), "--no-plots"]) == 0
     text = (run / "report.md").read_text()
-    assert "No EER confidence interval for test: the speakers of" in text and "bootstrap" not in text
+    assert f"No EER confidence interval for test: {data / 'utterances.csv'} is not readable" in text
+    assert "bootstrap" not in text
 
 
 def test_bad_inputs_warn_in_one_line_and_the_report_comes_out(tmp_path, capsys):
@@ -611,3 +620,64 @@ def test_bad_inputs_warn_in_one_line_and_the_report_comes_out(tmp_path, capsys):
     assert "| key | seed1 | fbank |" in text
     assert "vox1_o: no readable scores.txt for seed1, not on its DET plot." in text
     assert (tmp_path / "r_det_vox1_o.svg").exists()
+
+
+def test_refused_calibration_is_said(tmp_path):
+    run = make_run(tmp_path / "run")
+    path = run / "step-200" / "eval" / "vox1_o" / "metrics.json"
+    reason = "validation holds 40 target and 150 non-target trials, fewer than 50 of each: too few to fit"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "min_cllr": 0.2, "calibration": {"refused": reason}}))
+    assert report.main([str(run), "--no-plots"]) == 0
+    text = (run / "report.md").read_text()
+    assert f"No calibration for step 200: {reason}. Its scores stay raw cosines" in text
+
+
+def test_no_interval_with_too_few_speakers_or_speakers_from_paths(tmp_path):
+    """Two speakers: every resample is one of 3, so no interval (not `45.13 [45.13, 45.13]`); a list of
+    file paths outside the manifest: no speakers (not its first folder); paths that are in it: an interval."""
+    run = tmp_path / "run"
+    (run / "best").parent.mkdir(parents=True)
+    (run / "best").symlink_to("step-10")
+    data = tmp_path / "data"
+    for num_speakers, expect in ((2, "2 speakers, fewer than 10"), (24, None)):
+        enroll, test, scores, labels = speaker_trials(5, 0.0, num_speakers=num_speakers, per_speaker=6)
+        write_trials(run / "step-10" / "eval" / "test", enroll, test, scores, labels)
+        write_manifest(data, {u: u.split("/")[0] for u in set(enroll) | set(test)})
+        (run / "config.yaml").write_text(yaml.safe_dump({"data": {"dir": str(data)}}))
+        report.manifest_speakers.cache_clear()
+        assert report.main([str(run), "--no-plots"]) == 0
+        text = (run / "report.md").read_text()
+        if expect:
+            assert f"No EER confidence interval for test: the trials hold {expect}" in text and "[CI]" not in text
+        else:
+            assert "EER % [CI]" in text
+    # the same trials as file paths: absolute paths under data/, then paths the manifest does not know
+    as_path = {u: str(data / "wav" / u) for u in set(enroll) | set(test)}
+    write_trials(run / "step-10" / "eval" / "test", [as_path[u] for u in enroll], [as_path[u] for u in test],
+                 scores, labels)
+    write_manifest(data, {f"wav/{u}": u.split("/")[0] for u in as_path})  # ids = paths relative to data/
+    report.manifest_speakers.cache_clear()
+    assert report.main([str(run), "--no-plots"]) == 0
+    assert "EER % [CI]" in (run / "report.md").read_text()  # found by path: absolute = data/ + wav/...
+    write_manifest(data, {f"other/{u}": u.split("/")[0] for u in as_path})
+    report.manifest_speakers.cache_clear()
+    assert report.main([str(run), "--no-plots"]) == 0
+    text = (run / "report.md").read_text()
+    assert "No EER confidence interval for test:" in text and "are neither ids nor paths of" in text
+
+
+def test_averaged_fallback_best_is_reported_with_its_reason(tmp_path):
+    """`best` -> avg-last3 (validation tied, asv.run.settle): the summary reports that folder, and says why."""
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path / "run", best="avg-last3", scores=True)
+    (run / "avg-last3" / "eval" / "vox1_o").mkdir(parents=True)
+    (run / "avg-last3" / "eval" / "vox1_o" / "metrics.json").write_text(json.dumps(
+        {"eer": 1.23, "eer_threshold": 0.5, "min_dcf_0.01": 0.12, "min_dcf_0.05": 0.05}))
+    write_scores(run / "avg-last3" / "eval" / "vox1_o" / "scores.txt", seed=9)
+    line = "checkpoint choice: validation cannot separate steps 100, 200 (eer 0, the same minDCFs): best is avg-last3"
+    (run / "choice.json").write_text(json.dumps({"line": line}))
+    assert report.main([str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert f"| {run} | vox1_o | avg-last3 | - | 1.23" in text
+    assert f"Chosen checkpoint: avg-last3 ({line})." in text
+    assert (run / "det_vox1_o.png").is_file()
