@@ -192,6 +192,33 @@ def clear_partial_saves(exp):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+PICKLED = (".bin", ".pkl", ".pt", ".pth")  # what torch.load reads in a checkpoint folder (Accelerate's and ours)
+
+
+def check_pickles(folder):
+    """Refuse, before anything is loaded, a file of a checkpoint folder that torch would unpickle (Accelerate's
+    optimizer.bin and random_states_N.pkl, model.pt) unless it is a torch.save zip whose pickle names only what
+    a weights-only load allows (tensors, numbers, the numpy arrays of RNG states): a crafted pickle runs code.
+
+    Accelerate loads these with weights_only=True, but skips a random-state file it cannot load without a word
+    (the resume is then not exact); this check names the file instead."""
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # the numpy globals Accelerate's own load allows
+
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix not in PICKLED or not path.is_file():
+            continue
+        try:
+            with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise ValueError(f"{path}: not a file torch.save wrote ({reason}); refused unread") from None
+        if unsafe:
+            raise ValueError(f"{path}: its pickle calls {', '.join(sorted(unsafe))}, which loading would run; "
+                             "refused unread (a crafted or foreign file, not one train_asv.py wrote)")
+
+
 # ---------------------------------------------------------------------------- averaging
 
 def average_checkpoints(ckpts: list, out) -> Path:
