@@ -31,7 +31,7 @@ from .models import (
     model_meta,
     run_chunked,
 )
-from .run import atomic_write, recover_dir, replace_dir, run_config, write_text
+from .run import atomic_write, check_replaceable, recover_dir, replace_dir, run_config, write_text
 from .metrics import VALID_SCORES, calibration_line, calibration_metrics, ensure_calibration, has_validation_scores
 
 FORMAT = 1  # bump when the upstream code changes what it returns: old entries are then never read
@@ -353,6 +353,7 @@ def eval_folder(ckpt: Path, name: str, source: Path | None = None) -> Path:
 
 def write_eval_set(folder: Path, files: dict[str, str]):
     """One list's results (scores.txt, metrics.json, ...) replace the previous set as a whole."""
+    check_replaceable(folder, "result set")
     recover_dir(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half set must not join this one

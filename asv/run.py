@@ -66,6 +66,40 @@ def replace_dir(new: Path, final: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def what_is(path) -> str | None:
+    """What an existing path is, by what this code writes into each kind of folder (None: nothing there)."""
+    path = Path(path)
+    if path.is_symlink():
+        return "link"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "file"
+    if (path / "averaged.json").is_file() and (path / "model.pt").is_file():
+        return "average"
+    if (path / "model.pt").is_file() or step_of(path) is not None:
+        return "checkpoint"
+    if (path / "metrics.json").is_file() and path.parent.name == "eval":
+        return "result set"
+    if (path / "config.yaml").is_file() or (path / "run.json").is_file():
+        return "run folder"
+    if (path / "prepare.json").is_file() or (path / "utterances.csv").is_file():
+        return "preparation"
+    return "folder" if any(path.iterdir()) else "empty folder"
+
+
+def check_replaceable(path, kind: str):
+    """The one check before anything replaces `path` as a whole (replace_dir): absent, an empty folder, or a
+    `kind` this code wrote before (its `.old`, left by a kill mid-swap, counts as it). Anything else, e.g. a
+    run's logs/, speakers.txt, config.yaml or a step-N checkpoint named as --average's OUT, is refused."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    found = what_is(path) if path.exists() or path.is_symlink() or not old.exists() else what_is(old)
+    if found not in (None, "empty folder", kind):
+        raise ValueError(f"{path}: is a {found}, not a previous {kind}; refused (it would be replaced as a whole): "
+                         "choose another name")
+
+
 def recover_dir(final: Path):
     """Undo a `replace_dir` that a kill cut short: the old folder comes back if no new one arrived."""
     final = Path(final)
@@ -266,6 +300,7 @@ def _one_run(ckpts: list[Path], out: Path):
         raise ValueError(f"{out}: the averaged checkpoint must sit in the run folder {run}, beside its config.yaml")
     if step_of(out) is not None or out.name == "best" or out.suffix in (".tmp", ".old"):
         raise ValueError(f"{out}: training owns that name (step-N, best, .tmp, .old): choose e.g. avg-last3")
+    check_replaceable(out, "average")
 
 
 def _model_state(ckpt: Path) -> dict:
