@@ -416,10 +416,31 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
     return checkpoints
 
 
+# What an evaluation may override on top of the run's config.yaml; the rest (optim, loss, augment, the architecture,
+# train.* but mixed_precision) is training's: it changes nothing an evaluation does, or breaks the checkpoint.
+EVAL_KEYS = ("num_workers", "eval_batch", "data.dir", "data.sample_rate", "data.eval_batch_secs",
+             "data.eval_chunk_secs", "upstream.ckpt", "train.mixed_precision", "score")
+# Overrides that leave every score as the run's config gives it: an embedding never depends on its batch-mates,
+# and data.dir may only name the same data (its fingerprint is checked). The others give results of their own.
+SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir")
+
+
 def run_config(ckpt_or_run: Path, overrides: list[str] = ()) -> Config:
     """The config of the run a checkpoint (or run folder) belongs to, with overrides for evaluation."""
     folder = Path(ckpt_or_run)
     run = folder if (folder / "config.yaml").is_file() else folder.absolute().parent
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{folder}: no config.yaml here or in {run}: not a run or checkpoint folder of train_asv.py")
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if not any(key == k or key.startswith(k + ".") for k in EVAL_KEYS):
+            raise ValueError(f"override '{text}': {key} is a training key, which an evaluation never reads; "
+                             f"evaluation takes {', '.join(EVAL_KEYS)} (score.*)")
     return load_config(str(run / "config.yaml"), overrides)
+
+
+def eval_overrides(ckpt: Path, cfg: Config) -> dict:
+    """{dotted key: value} of `cfg` that differ from the run's recorded config and change results: an evaluation
+    with any writes its own result set (eval/<list>@<hash>/), never the run's recorded one."""
+    changes = config_changes(run_config(ckpt), cfg)
+    return {k: new for k, (_, new) in sorted(changes.items()) if k not in SAME_RESULTS}
