@@ -41,7 +41,7 @@ from asv.embed import evaluate_checkpoints, read_inputs, resolve_lists
 from asv.embed import FeatureCache
 from asv.run import atomic_write
 from asv.models.export import check_export_path, export_program, save_program
-from asv.run import run_config
+from asv.run import eval_overrides, run_config
 from asv.train import check_launch, one_line
 
 
@@ -203,6 +203,11 @@ def main():
         # the inputs are read and checked before any model is built: a missing file is one line, at once
         cfg, inputs = run_config(Path(args.ckpt_dir[0]), args.overrides), None
         if args.pair:
+            changed = eval_overrides(Path(args.ckpt_dir[0]), cfg)
+            if changed:  # thresholds and calibration are measured on validation scores under the run's config
+                raise ValueError(f"--pair with {', '.join(f'{k}={v}' for k, v in changed.items())}: those overrides "
+                                 f"change the scores, so {args.ckpt_dir[0]}'s thresholds and calibration.json (fit on "
+                                 "its validation scores) do not apply; drop them")
             audio_durations(list(args.pair), {})
         elif args.extract:
             inputs = extract_inputs(args.extract, Path(args.out))

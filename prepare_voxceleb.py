@@ -44,7 +44,7 @@ import soundfile as sf
 from asv.audio import AUDIO_EXTENSIONS, SUPERB_RATE, AudioError, header_frames, header_subtype, load_audio, progress
 from asv.data import read_kaldi_folder, read_manifest, read_trials, read_utt2spk, stored_path, trim_once
 from asv.demo import make_demo_corpus
-from asv.run import atomic_write, recover_dir, replace_dir, write_json
+from asv.run import atomic_write, recover_dir, replace_dir, what_is, write_json
 
 # Official VoxCeleb1 trial lists (file stem -> list name); "2" = cleaned version.
 OFFICIAL_TRIALS = {
@@ -458,6 +458,8 @@ def existing(out: Path, record: dict, overwrite: bool) -> dict | None:
     """What `out` holds: None (nothing, or --overwrite), or the prepare.json of a preparation made with these
     very arguments (the caller then checks the corpus did not change). Refuses any other content."""
     recover_dir(out)
+    if what_is(out) in ("file", "link"):
+        raise SystemExit(f"{out}: is a {what_is(out)}, not a folder: choose another --out")
     if not out.exists() or not any(out.iterdir()):
         return None
     saved = out / "prepare.json"

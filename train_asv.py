@@ -29,8 +29,8 @@ from asv.data import (compute_effects, read_effects, read_manifest, read_trials,
 from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of, resolve_lists, score_trials,
                        scores_text, trial_audio, trial_rows, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
-from asv.run import (RunLock, best_entry, clear_partial_saves, complete_checkpoints, open_run, rank_key, read_history,
-                     record_validation, settle, truncate_history, write_json, write_text)
+from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, complete_checkpoints, open_run, rank_key,
+                     read_history, record_validation, settle, truncate_history, write_json, write_text)
 from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, label_encoder, lr_at, make_accelerator,
                        one_line, prepare, set_schedules, train_step)
 
@@ -151,9 +151,11 @@ class Validation:
         return result
 
 
-def save_checkpoint(accelerator, cfg, step: int, upstream, encoder, head, valid: dict | None, valid_scores: str):
-    """Every process saves its part into step-N.tmp; once all are in, the main process renames it to
-    step-N, records the validation and settles `best` and pruning (asv/run.py)."""
+def save_checkpoint(accelerator, cfg, state: TrainState, upstream, encoder, head, valid: dict | None,
+                    valid_scores: str):
+    """Every process saves its part into step-N.tmp; once all are in, the main process adds the train state
+    (JSON), renames the folder to step-N, records the validation and settles `best` and pruning (asv/run.py)."""
+    step = state.step
     exp = Path(cfg.exp_dir)
     final, tmp = exp / f"step-{step}", exp / f"step-{step}.tmp"
     try:
@@ -165,6 +167,7 @@ def save_checkpoint(accelerator, cfg, step: int, upstream, encoder, head, valid:
                             accelerator.unwrap_model(head))
             # for report.py, which never loads a model: which upstream layers the featurizer relies on
             write_json(tmp / "layer_weights.json", enc.featurizer.layer_weights())
+            state.save(tmp)
             if valid is not None:
                 write_json(tmp / "eval" / "valid" / "metrics.json", valid)
                 write_text(tmp / "eval" / "valid" / "scores.txt", valid_scores)
@@ -190,11 +193,16 @@ def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
     folder = Path(t.resume_ckpt_dir) if t.resume_ckpt_dir else checkpoints[-1] if checkpoints else None
     if folder is None:
         return
+    check_pickles(folder)  # nothing is unpickled before every file of the folder is known to hold only data
+    if accelerator.is_main_process:
+        migrate_train_state(folder)
+    accelerator.wait_for_everyone()
     try:
         accelerator.load_state(str(folder))
     except Exception as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ValueError(f"{folder}: cannot resume from it ({first})") from None
+    state.load(folder)
     if accelerator.is_main_process:  # what came after the resume point is redone: its records go
         truncate_history(exp, state.step)
         for later in [c for c in complete_checkpoints(exp) if int(c.name[5:]) > state.step]:
@@ -202,6 +210,23 @@ def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
         settle(exp, t.valid_metric, t.keep_num_ckpts)
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {folder} at step {state.step}")
+
+
+def migrate_train_state(folder: Path):
+    """A checkpoint of an earlier version holds the train state as Accelerate's custom_checkpoint_0.pkl, which
+    Accelerate unpickles with weights_only=False: read it weights-only (three integers) into train_state.json."""
+    old = folder / "custom_checkpoint_0.pkl"
+    if not old.is_file():
+        return
+    if not (folder / TrainState.FILE).is_file():
+        try:
+            saved = torch.load(old, map_location="cpu", weights_only=True)
+            state = TrainState()
+            state.load_state_dict({k: saved[k] for k in state.state_dict()})
+        except Exception as e:
+            raise ValueError(f"{old}: not a train state ({' '.join(str(e).split())[:200]})") from None
+        state.save(folder)
+    old.unlink()
 
 
 def open_run_folder(accelerator, cfg, amend: bool):
@@ -227,8 +252,7 @@ def build_run(accelerator, cfg, checkpoints: list[Path]):
         accelerator.print(f"initialised from {t.init_from}")
     validation = Validation(accelerator, cfg, min_input_samples(parts.upstream, parts.encoder))
     (loader,) = prepare(accelerator, parts, loader)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainState()  # saved and loaded as JSON beside Accelerate's state (never registered: a pickle)
     resume(accelerator, cfg, checkpoints, state)
     return parts, loader, validation, state, about
 
@@ -299,7 +323,7 @@ def train(cfg, amend: bool = False):
         improved = valid is not None and (best is None or rank_key({"step": step, **valid}, t.valid_metric)
                                           < rank_key(best, t.valid_metric))
         if step % t.save_step == 0 or step == t.total_steps or improved:
-            save_checkpoint(accelerator, cfg, step, parts.upstream, parts.encoder, parts.head, valid, validation.scores)
+            save_checkpoint(accelerator, cfg, state, parts.upstream, parts.encoder, parts.head, valid, validation.scores)
             tic = time.time()
     log.bar.close()
     if state.step < t.total_steps:

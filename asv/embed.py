@@ -31,7 +31,7 @@ from .models import (
     model_meta,
     run_chunked,
 )
-from .run import atomic_write, recover_dir, replace_dir, run_config, write_text
+from .run import atomic_write, check_replaceable, eval_overrides, recover_dir, replace_dir, run_config, write_text
 from .metrics import VALID_SCORES, calibration_line, calibration_metrics, ensure_calibration, has_validation_scores
 
 FORMAT = 1  # bump when the upstream code changes what it returns: old entries are then never read
@@ -153,6 +153,7 @@ class Extractors:
     ckpts: list[Path]
     upstreams: list[torch.nn.Module]
     encoders: list[torch.nn.Module]
+    overrides: dict = dataclasses.field(default_factory=dict)  # result-changing overrides (asv.run.eval_overrides)
 
     def extractor(self, i: int = 0) -> Extractor:
         return Extractor(self.upstreams[i], self.encoders[i]).eval()
@@ -189,7 +190,7 @@ def load_extractors(ckpt_dirs: list, overrides: list[str] = ()) -> Extractors:
         load_model_file(str(ckpt / "model.pt"), encoder, upstream, meta_of(cfg, upstream))
         upstreams.append(upstream.eval())
         encoders.append(encoder.eval())
-    return Extractors(cfg, ckpts, upstreams, encoders)
+    return Extractors(cfg, ckpts, upstreams, encoders, eval_overrides(ckpts[0], cfg))
 
 
 def audio_durations(paths: list[str], known: dict[str, float]) -> list[float]:
@@ -372,17 +373,24 @@ def validation_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
     return result
 
 
-def eval_folder(ckpt: Path, name: str, source: Path | None = None) -> Path:
+def eval_folder(ckpt: Path, name: str, source: Path | None = None, overrides: dict | None = None) -> Path:
     """Where one list's results go: eval/<name> for the data folder's lists; a list given as a file gets
-    its name plus a hash of its path, so it can never overwrite the run's own valid/test results."""
-    if source is None:
-        return ckpt / "eval" / name
-    digest = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:8]
-    return ckpt / "eval" / f"{name}-{digest}"
+    its name plus a hash of its path, so it can never overwrite the run's own valid/test results; an
+    evaluation with result-changing config overrides gets @<hash of them>: eval/test@1a2b3c4d."""
+    if source is not None:
+        name += "-" + hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:8]
+    if overrides:
+        name += "@" + overrides_hash(overrides)
+    return ckpt / "eval" / name
+
+
+def overrides_hash(overrides: dict) -> str:
+    return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def write_eval_set(folder: Path, files: dict[str, str]):
     """One list's results (scores.txt, metrics.json, ...) replace the previous set as a whole."""
+    check_replaceable(folder, "result set")
     recover_dir(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half set must not join this one
@@ -529,7 +537,10 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
     if cohort and len(cohort) < cfg.score.cohort_size:
         accelerator.print(f"note: score.cohort_size={cfg.score.cohort_size}, but {cfg.data.dir} has "
                           f"{len(cohort)} training utterances: the cohort holds them all")
-    cals = checkpoint_calibrations(accelerator, ex.ckpts) if accelerator.is_main_process else {}
+    cals = checkpoint_calibrations(accelerator, ex.ckpts) if accelerator.is_main_process and not ex.overrides else {}
+    if ex.overrides:  # the calibration is fit on validation scores of the run's config: it never applies here
+        accelerator.print(f"note: overrides {', '.join(f'{k}={v}' for k, v in ex.overrides.items())} change the "
+                          f"scores: results go to eval/<list>@{overrides_hash(ex.overrides)}/, not calibrated")
     row = {p: i for i, p in enumerate(paths)}
     tables, done = embed_files(accelerator, ex, paths, inputs.durations, cache)
     if done.sum() < len(paths):
@@ -556,10 +567,12 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
                 files["scores_asnorm.txt"] = scores_text(trials, keep, normed)
                 files["metrics_asnorm.json"] = metrics_json(m["asnorm"])
                 line += f" | AS-norm EER {m['asnorm']['eer']:.2f}% minDCF0.01 {m['asnorm']['min_dcf_0.01']:.4f}"
+            if ex.overrides:
+                m["overrides"] = ex.overrides
             files["metrics.json"] = metrics_json(m)
-            folder = eval_folder(ckpt, spec.name, spec.path if spec.user_file else None)
+            folder = eval_folder(ckpt, spec.name, spec.path if spec.user_file else None, ex.overrides)
             write_eval_set(folder, files)
             out[str(ckpt)][folder.name] = m
-            accelerator.print(line + (f" | {folder}" if spec.user_file else ""))
+            accelerator.print(line + (f" | {folder}" if spec.user_file or ex.overrides else ""))
     accelerator.wait_for_everyone()
     return out

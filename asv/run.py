@@ -66,6 +66,40 @@ def replace_dir(new: Path, final: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def what_is(path) -> str | None:
+    """What an existing path is, by what this code writes into each kind of folder (None: nothing there)."""
+    path = Path(path)
+    if path.is_symlink():
+        return "link"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "file"
+    if (path / "averaged.json").is_file() and (path / "model.pt").is_file():
+        return "average"
+    if (path / "model.pt").is_file() or step_of(path) is not None:
+        return "checkpoint"
+    if (path / "metrics.json").is_file() and path.parent.name == "eval":
+        return "result set"
+    if (path / "config.yaml").is_file() or (path / "run.json").is_file():
+        return "run folder"
+    if (path / "prepare.json").is_file() or (path / "utterances.csv").is_file():
+        return "preparation"
+    return "folder" if any(path.iterdir()) else "empty folder"
+
+
+def check_replaceable(path, kind: str):
+    """The one check before anything replaces `path` as a whole (replace_dir): absent, an empty folder, or a
+    `kind` this code wrote before (its `.old`, left by a kill mid-swap, counts as it). Anything else, e.g. a
+    run's logs/, speakers.txt, config.yaml or a step-N checkpoint named as --average's OUT, is refused."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    found = what_is(path) if path.exists() or path.is_symlink() or not old.exists() else what_is(old)
+    if found not in (None, "empty folder", kind):
+        raise ValueError(f"{path}: is a {found}, not a previous {kind}; refused (it would be replaced as a whole): "
+                         "choose another name")
+
+
 def recover_dir(final: Path):
     """Undo a `replace_dir` that a kill cut short: the old folder comes back if no new one arrived."""
     final = Path(final)
@@ -270,6 +304,33 @@ def clear_partial_saves(exp):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+PICKLED = (".bin", ".pkl", ".pt", ".pth")  # what torch.load reads in a checkpoint folder (Accelerate's and ours)
+
+
+def check_pickles(folder):
+    """Refuse, before anything is loaded, a file of a checkpoint folder that torch would unpickle (Accelerate's
+    optimizer.bin and random_states_N.pkl, model.pt) unless it is a torch.save zip whose pickle names only what
+    a weights-only load allows (tensors, numbers, the numpy arrays of RNG states): a crafted pickle runs code.
+
+    Accelerate loads these with weights_only=True, but skips a random-state file it cannot load without a word
+    (the resume is then not exact); this check names the file instead."""
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # the numpy globals Accelerate's own load allows
+
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix not in PICKLED or not path.is_file():
+            continue
+        try:
+            with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise ValueError(f"{path}: not a file torch.save wrote ({reason}); refused unread") from None
+        if unsafe:
+            raise ValueError(f"{path}: its pickle calls {', '.join(sorted(unsafe))}, which loading would run; "
+                             "refused unread (a crafted or foreign file, not one train_asv.py wrote)")
+
+
 # ---------------------------------------------------------------------------- averaging
 
 def average_checkpoints(ckpts: list, out) -> Path:
@@ -317,6 +378,7 @@ def _one_run(ckpts: list[Path], out: Path):
         raise ValueError(f"{out}: the averaged checkpoint must sit in the run folder {run}, beside its config.yaml")
     if step_of(out) is not None or out.name == "best" or out.suffix in (".tmp", ".old"):
         raise ValueError(f"{out}: training owns that name (step-N, best, .tmp, .old): choose e.g. avg-last3")
+    check_replaceable(out, "average")
 
 
 def _model_state(ckpt: Path) -> dict:
@@ -432,10 +494,31 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
     return checkpoints
 
 
+# What an evaluation may override on top of the run's config.yaml; the rest (optim, loss, augment, the architecture,
+# train.* but mixed_precision) is training's: it changes nothing an evaluation does, or breaks the checkpoint.
+EVAL_KEYS = ("num_workers", "eval_batch", "data.dir", "data.sample_rate", "data.eval_batch_secs",
+             "data.eval_chunk_secs", "upstream.ckpt", "train.mixed_precision", "score")
+# Overrides that leave every score as the run's config gives it: an embedding never depends on its batch-mates,
+# and data.dir may only name the same data (its fingerprint is checked). The others give results of their own.
+SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir")
+
+
 def run_config(ckpt_or_run: Path, overrides: list[str] = ()) -> Config:
     """The config of the run a checkpoint (or run folder) belongs to, with overrides for evaluation."""
     folder = Path(ckpt_or_run)
     run = folder if (folder / "config.yaml").is_file() else folder.absolute().parent
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{folder}: no config.yaml here or in {run}: not a run or checkpoint folder of train_asv.py")
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if not any(key == k or key.startswith(k + ".") for k in EVAL_KEYS):
+            raise ValueError(f"override '{text}': {key} is a training key, which an evaluation never reads; "
+                             f"evaluation takes {', '.join(EVAL_KEYS)} (score.*)")
     return load_config(str(run / "config.yaml"), overrides)
+
+
+def eval_overrides(ckpt: Path, cfg: Config) -> dict:
+    """{dotted key: value} of `cfg` that differ from the run's recorded config and change results: an evaluation
+    with any writes its own result set (eval/<list>@<hash>/), never the run's recorded one."""
+    changes = config_changes(run_config(ckpt), cfg)
+    return {k: new for k, (_, new) in sorted(changes.items()) if k not in SAME_RESULTS}

@@ -4,6 +4,7 @@ steps, the log meter, trackers and the label encoder."""
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from .augment import spec_augment
 from .config import ConfigError, LossConfig, OptimConfig, SchedulerConfig
 from .embed import build_models
 from .models import build_head
-from .run import write_text
+from .run import write_json, write_text
 
 
 def lr_at(step: int, peak: float, s: SchedulerConfig, total_steps: int) -> float:
@@ -53,10 +54,13 @@ def make_optimizer(o: OptimConfig, params):
 
 @dataclass
 class TrainState:
-    """Registered with Accelerate, so save_state/load_state carry it with the model and optimizer."""
+    """Where training stands; saved as train_state.json in each checkpoint (JSON, never a pickle: nothing a
+    resume reads can run code)."""
     step: int = 0            # optimizer steps done
     micro_batches: int = 0   # batches drawn from the loader (skip_first_batches on resume)
     skipped_steps: int = 0   # updates skipped for a non-finite loss or gradient
+
+    FILE = "train_state.json"
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +68,24 @@ class TrainState:
     def load_state_dict(self, state: dict):
         for key, value in state.items():
             setattr(self, key, int(value))
+
+    def save(self, folder: Path):
+        write_json(Path(folder) / self.FILE, self.state_dict())
+
+    def load(self, folder: Path):
+        """Read folder/train_state.json; anything but the three counters as non-negative integers is one line."""
+        path = Path(folder) / self.FILE
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing (a checkpoint train_asv.py wrote holds it)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+        fields = set(self.state_dict())
+        if (not isinstance(state, dict) or set(state) != fields
+                or not all(type(v) is int and v >= 0 for v in state.values())):
+            raise ValueError(f"{path}: not a train state (expected the non-negative integers {', '.join(sorted(fields))})")
+        self.load_state_dict(state)
 
 
 class NonFiniteGuard:

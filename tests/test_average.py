@@ -90,6 +90,36 @@ def test_refusals_are_one_line(tmp_path):
     assert not (run / "avg").exists() and not (tmp_path / "avg").exists()
 
 
+@pytest.mark.parametrize("name", ["logs", "speakers.txt", "config.yaml", "notes", "eval-like"])
+def test_out_that_is_a_run_file_is_refused_and_left_alone(tmp_path, name):
+    """--average OUT names a run file or folder that is not an earlier average: refused before anything moves."""
+    run = tmp_path / "run"
+    model_file(run / "step-1", 1)
+    (run / "config.yaml").write_text("exp_dir: run\n")
+    (run / "speakers.txt").write_text("spk00\n")
+    (run / "logs").mkdir()
+    (run / "logs" / "events.out").write_text("tensorboard")
+    (run / "notes").mkdir()
+    (run / "notes" / "mine.txt").write_text("mine")
+    (run / "eval-like").mkdir()
+    (run / "eval-like" / "metrics.json").write_text("{}")
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=f"{run / name}: is a .*, not a previous average; refused") as error:
+        average_checkpoints([run / "step-1"], run / name)
+    assert "\n" not in str(error.value)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not list(run.glob("*.old")) and not list(run.glob("*.tmp"))
+
+
+def test_an_earlier_average_is_replaced(tmp_path):
+    run = tmp_path / "run"
+    model_file(run / "step-1", 1)
+    model_file(run / "step-2", 2)
+    average_checkpoints([run / "step-1"], run / "avg")
+    average_checkpoints([run / "step-1", run / "step-2"], run / "avg")
+    assert json.loads((run / "avg" / "averaged.json").read_text())["steps"] == [1, 2]
+
+
 @pytest.fixture(scope="module")
 def run_of_two(tmp_path_factory):
     """The demo data and a run of two (untrained, different) demo-config checkpoints, BatchNorm statistics moved."""

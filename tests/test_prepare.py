@@ -248,6 +248,15 @@ def test_other_arguments_and_foreign_folders_are_refused(corpus, tmp_path):
     assert sorted(os.listdir(mine)) == ["notes.txt"]
 
 
+def test_an_out_that_is_a_file_is_refused_and_kept(corpus, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit, match=f"{out}: is a file, not a folder"):
+            prepare("--corpus", corpus, "--out", out, *extra)
+    assert out.read_text() == "mine"
+
+
 def test_a_failure_mid_prepare_leaves_the_previous_preparation_intact(corpus, tmp_path, monkeypatch):
     out = tmp_path / "out"
     prepare("--corpus", corpus, "--out", out)

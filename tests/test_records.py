@@ -1,0 +1,92 @@
+"""What a run folder's record guarantees: evaluations with overrides never replace the run's recorded results,
+evaluation checks the data it runs on against the data the run was trained on, a resume from another run is
+refused or recorded, and the logs say what happened (a resume, another process count, an average).
+
+One tiny run (2 steps, validated, one checkpoint) per module; a test that changes it works on a copy.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_faults import assert_one_line_error, make_corpus, prepare, run, train
+
+STEPS = ["train.save_step=2", "train.eval_step=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("records").resolve()
+    make_corpus(root)
+    train(root / "data", root / "exp", "train.total_steps=2", *STEPS)
+    result = run("evaluate_asv.py", "--ckpt_dir", root / "exp" / "step-2")
+    assert (root / "exp" / "step-2" / "eval" / "test" / "metrics.json").is_file(), result.stdout
+    return root
+
+
+@pytest.fixture
+def exp(trained, tmp_path) -> Path:
+    exp = tmp_path / "exp"
+    shutil.copytree(trained / "exp", exp, symlinks=True)
+    return exp
+
+
+def evaluate(*args):
+    return run("evaluate_asv.py", "--ckpt_dir", *map(str, args), check=False)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- 3. overrides go to their own result set
+
+def test_an_overridden_evaluation_writes_its_own_named_set(exp):
+    ckpt = exp / "step-2"
+    recorded = snapshot(ckpt / "eval")
+    result = evaluate(ckpt, "eval_batch=1")
+    assert result.returncode == 0, result.stderr
+    sets = [p for p in (ckpt / "eval").iterdir() if p.name.startswith("test@")]
+    assert len(sets) == 1 and str(sets[0]) in result.stdout
+    assert json.loads((sets[0] / "metrics.json").read_text())["overrides"] == {"eval_batch": 1}
+    assert {k: v for k, v in snapshot(ckpt / "eval").items() if not str(k).startswith("test@")} == recorded
+
+
+def test_an_override_that_changes_no_score_writes_the_recorded_set(exp):
+    ckpt = exp / "step-2"
+    before = json.loads((ckpt / "eval" / "test" / "metrics.json").read_text())
+    result = evaluate(ckpt, "num_workers=0", "data.eval_batch_secs=3")
+    assert result.returncode == 0, result.stderr
+    assert not [p for p in (ckpt / "eval").iterdir() if "@" in p.name]
+    after = json.loads((ckpt / "eval" / "test" / "metrics.json").read_text())
+    # other batches pad each file differently: float32 sums over the frames round differently (~1e-7 relative
+    # each, over a few hundred frames), nothing more
+    keys = ("num_trials", "eer", "min_dcf_0.01", "min_dcf_0.05")
+    assert [after[k] for k in keys] == pytest.approx([before[k] for k in keys], abs=1e-5)
+    assert "overrides" not in after
+
+
+def test_validation_scores_and_calibration_stay_the_runs(exp):
+    """--trials valid under an override must not move --pair's thresholds (eval/valid/scores.txt) away from the
+    calibration.json fitted on them."""
+    ckpt = exp / "step-2"
+    valid, calibration = ckpt / "eval" / "valid" / "scores.txt", ckpt / "calibration.json"
+    before = valid.read_bytes(), calibration.read_bytes()
+    result = evaluate(ckpt, "--trials", "valid", "data.sample_rate=8000")
+    assert result.returncode == 0, result.stderr
+    assert (valid.read_bytes(), calibration.read_bytes()) == before
+
+
+@pytest.mark.parametrize("override", ["optim.lr=1", "train.total_steps=9", "augment.noise_prob=0.5",
+                                      "downstream.channels=64"])
+def test_training_keys_are_refused_by_evaluation(exp, override):
+    before = snapshot(exp)
+    assert_one_line_error(evaluate(exp / "step-2", override), override.split("=")[0], "training key")
+    assert snapshot(exp) == before
+
+
+def test_pair_refuses_overrides_that_change_the_scores(trained, exp):
+    wavs = sorted((trained / "corpus").rglob("*.wav"))[:2]
+    result = evaluate(exp / "step-2", "--pair", *wavs, "data.sample_rate=8000")
+    assert_one_line_error(result, "--pair with data.sample_rate=8000", "calibration.json")
