@@ -71,6 +71,8 @@ class OptimConfig:
     lr: float = 1e-4                # peak learning rate (SUPERB: 1e-4)
     weight_decay: float = 0.01      # decoupled for adamw, L2 otherwise (SUPERB: torch's AdamW default, 0.01)
     momentum: float = 0.9           # sgd only
+    upstream_lr_ratio: float = 1.0  # a trainable SSL upstream's lr as a fraction of optim.lr (e.g. 0.1)
+    layer_decay: float = 1.0        # layer-wise lr decay: transformer layer i of a trainable upstream (of n run) gets decay^(n-i) (1.0: none)
 
 
 @dataclass
@@ -175,7 +177,8 @@ AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "tra
 NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts", "train.seed",
                 "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps", "scheduler.final_lr_ratio",
                 "loss.margin_warmup_start", "loss.margin_warmup_steps")
-POSITIVE = ("data.max_secs", "data.eval_batch_secs", "optim.lr", "loss.scale")
+POSITIVE = ("data.max_secs", "data.eval_batch_secs", "optim.lr", "loss.scale", "optim.upstream_lr_ratio",
+            "optim.layer_decay")
 # What a re-run may change in an existing run folder without being refused: nothing here alters
 # what the trained weights are (train.total_steps only while the lr schedule ignores it)
 SAFE_TO_CHANGE = ("exp_dir", "num_workers", "eval_batch", "data.eval_batch_secs", "data.eval_chunk_secs", "score.",
@@ -326,6 +329,12 @@ def _check(cfg: Config):
         raise ConfigError(f"featurizer.layer_selections must be layer numbers >= 0, got {layers}")
     cfg.featurizer.layer_selections = sorted(set(layers))  # as s3prl's Featurizer: order and repeats mean nothing
     u = cfg.upstream
+    if cfg.optim.layer_decay > 1:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1] (1.0: no decay), got {cfg.optim.layer_decay}")
+    finetune = u.trainable and u.name not in FEATURES
+    for key in ("upstream_lr_ratio", "layer_decay"):
+        if not finetune and getattr(cfg.optim, key) != getattr(OptimConfig(), key):
+            raise ConfigError(f"optim.{key} applies to a trainable SSL upstream only (upstream.trainable=true)")
     for key, applies in UPSTREAM_KEYS.items():
         if not applies(u.name) and getattr(u, key) != getattr(UpstreamConfig(), key):
             raise ConfigError(f"upstream.{key} does not apply to upstream.name={u.name}")
