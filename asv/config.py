@@ -177,8 +177,7 @@ AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "tra
 NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts", "train.seed",
                 "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps", "scheduler.final_lr_ratio",
                 "loss.margin_warmup_start", "loss.margin_warmup_steps")
-POSITIVE = ("data.max_secs", "data.eval_batch_secs", "optim.lr", "loss.scale", "optim.upstream_lr_ratio",
-            "optim.layer_decay")
+POSITIVE = ("data.max_secs", "data.eval_batch_secs", "optim.lr", "loss.scale")
 # What a re-run may change in an existing run folder without being refused: nothing here alters
 # what the trained weights are (train.total_steps only while the lr schedule ignores it)
 SAFE_TO_CHANGE = ("exp_dir", "num_workers", "eval_batch", "data.eval_batch_secs", "data.eval_chunk_secs", "score.",
@@ -329,7 +328,9 @@ def _check(cfg: Config):
         raise ConfigError(f"featurizer.layer_selections must be layer numbers >= 0, got {layers}")
     cfg.featurizer.layer_selections = sorted(set(layers))  # as s3prl's Featurizer: order and repeats mean nothing
     u = cfg.upstream
-    if cfg.optim.layer_decay > 1:
+    if cfg.optim.upstream_lr_ratio <= 0:  # a frozen upstream is upstream.trainable=false
+        raise ConfigError(f"config key 'optim.upstream_lr_ratio' must be > 0, got {cfg.optim.upstream_lr_ratio}")
+    if not 0 < cfg.optim.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay must be in (0, 1] (1.0: no decay), got {cfg.optim.layer_decay}")
     finetune = u.trainable and u.name not in FEATURES
     for key in ("upstream_lr_ratio", "layer_decay"):
