@@ -72,6 +72,8 @@ class OptimConfig:
     lr: float = 1e-4                # peak learning rate (SUPERB: 1e-4)
     weight_decay: float = 0.01      # decoupled for adamw, L2 otherwise (SUPERB: torch's AdamW default, 0.01)
     momentum: float = 0.9           # sgd only
+    upstream_lr_ratio: float = 1.0  # a trainable SSL upstream's lr as a fraction of optim.lr (e.g. 0.1)
+    layer_decay: float = 1.0        # layer-wise lr decay: transformer layer i of a trainable upstream (of n run) gets decay^(n-i) (1.0: none)
 
 
 @dataclass
@@ -327,6 +329,14 @@ def _check(cfg: Config):
         raise ConfigError(f"featurizer.layer_selections must be layer numbers >= 0, got {layers}")
     cfg.featurizer.layer_selections = sorted(set(layers))  # as s3prl's Featurizer: order and repeats mean nothing
     u = cfg.upstream
+    if cfg.optim.upstream_lr_ratio <= 0:  # a frozen upstream is upstream.trainable=false
+        raise ConfigError(f"config key 'optim.upstream_lr_ratio' must be > 0, got {cfg.optim.upstream_lr_ratio}")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1] (1.0: no decay), got {cfg.optim.layer_decay}")
+    finetune = u.trainable and u.name not in FEATURES
+    for key in ("upstream_lr_ratio", "layer_decay"):
+        if not finetune and getattr(cfg.optim, key) != getattr(OptimConfig(), key):
+            raise ConfigError(f"optim.{key} applies to a trainable SSL upstream only (upstream.trainable=true)")
     for key, applies in UPSTREAM_KEYS.items():
         if not applies(u.name) and getattr(u, key) != getattr(UpstreamConfig(), key):
             raise ConfigError(f"upstream.{key} does not apply to upstream.name={u.name}")

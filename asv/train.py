@@ -248,9 +248,26 @@ def build_parts(cfg, num_classes: int) -> Parts:
         encoder.feature_augment = lambda feats, lengths: spec_augment(feats, lengths, cfg.augment, spec_rng)
     head = build_head(cfg.downstream.embed_dim, num_classes, cfg.loss)
     trained = [encoder, head] + ([upstream] if cfg.upstream.trainable else [])
-    params = [p for m in trained for p in m.parameters()]
-    return Parts(upstream, encoder, head, trained, params, make_optimizer(cfg.optim, params), spec_rng,
+    groups = param_groups(cfg, encoder, head, upstream)
+    params = [p for g in groups for p in g["params"]]
+    return Parts(upstream, encoder, head, trained, params, make_optimizer(cfg.optim, groups), spec_rng,
                  cfg.upstream.trainable)
+
+
+def param_groups(cfg, encoder, head, upstream) -> list[dict]:
+    """Optimizer groups, each with its `lr_ratio` to the schedule's lr (set_schedules keeps it): the downstream
+    and head at 1; a trainable SSL upstream at optim.upstream_lr_ratio, its layers decayed from the top
+    (layer i of n: layer_decay^(n - i); the transformer input's group counts as layer 0)."""
+    groups = [{"name": "downstream", "params": [p for m in (encoder, head) for p in m.parameters()], "lr_ratio": 1.0}]
+    if cfg.upstream.trainable and hasattr(upstream, "layer_groups"):
+        layers = upstream.layer_groups()
+        top = len(layers) - 1
+        for i, params in enumerate(layers):
+            ratio = cfg.optim.upstream_lr_ratio * cfg.optim.layer_decay ** (top - i)
+            groups.append({"name": f"upstream.{i}", "params": params, "lr_ratio": ratio})
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g["lr_ratio"]
+    return [g for g in groups if g["params"]]
 
 
 def prepare(accelerator, parts: Parts, *loaders):
@@ -286,6 +303,7 @@ def train_step(accelerator, parts: Parts, wavs, lengths, labels, clip: float):
 
 def set_schedules(accelerator, cfg, parts: Parts, step: int):
     """The lr and the margin of optimizer step `step`: pure functions of the step."""
+    lr = lr_at(step, cfg.optim.lr, cfg.scheduler, cfg.train.total_steps)
     for group in parts.optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg.optim.lr, cfg.scheduler, cfg.train.total_steps)
+        group["lr"] = lr * group["lr_ratio"]  # each group's own share of the schedule (param_groups)
     accelerator.unwrap_model(parts.head).margin = margin_at(step, cfg.loss)

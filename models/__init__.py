@@ -17,10 +17,12 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from .campplus import CAMPPlus
 from .ecapa import ECAPA
 from .featurizer import WeightedSum
 from .heads import AAMSoftmax, AMSoftmax, MarginSoftmax
 from .pooling import POOLINGS
+from .resnet import ResNet34
 from .scoring import asnorm_scores, cohort_stats, cosine_scores
 from .superb_xvector import SuperbXvector
 from .upstream import UPSTREAMS, build_upstream, run_chunked
@@ -30,6 +32,8 @@ DOWNSTREAMS = {
     "superb_xvector": SuperbXvector,  # SUPERB's x-vector, exactly as s3prl builds it
     "xvector_bn": XVectorBN,          # the same TDNN with BatchNorm: learns fast from scratch
     "ecapa": ECAPA,                   # ECAPA-TDNN
+    "resnet34": ResNet34,             # WeSpeaker's ResNet34 (32 base channels) on filterbanks
+    "campplus": CAMPPlus,             # 3D-Speaker's CAM++ on filterbanks
 }
 
 LOSSES = {  # loss.name -> margin head (models/heads.py)

@@ -161,6 +161,28 @@ class SSLUpstream(nn.Module):
                 x, frames = block(x, frames)
         return x.transpose(1, 2), frames
 
+    def freeze_unused(self):
+        """Fine-tuning: what never learns gets no gradient. The CNN feature extractor stays frozen (as every
+        peer keeps it); the transformer layers above the deepest selected one are never run, and neither is
+        the final layer norm where torchaudio applies it after the last layer (`layer_norm_first` False:
+        its _preprocess applies it only when True). Frozen, they are outside the optimizer and outside
+        DDP's reducer, which otherwise waits for their gradients and fails at the next synced step."""
+        transformer = self.model.encoder.transformer
+        self.model.feature_extractor.requires_grad_(False)
+        transformer.layers[self.layers[-1]:].requires_grad_(False)
+        if not transformer.layer_norm_first:
+            transformer.layer_norm.requires_grad_(False)
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters that learn, bottom to top: [0] what makes the transformer input (feature
+        projection, positional conv, a leading layer norm), [i] transformer layer i (1..deepest selected).
+        train.build_parts gives each its learning rate (optim.layer_decay)."""
+        transformer = self.model.encoder.transformer
+        below = [self.model.encoder.feature_projection, transformer.pos_conv_embed, transformer.layer_norm]
+        groups = [[p for m in below for p in m.parameters()]]
+        groups += [list(layer.parameters()) for layer in transformer.layers[:self.layers[-1]]]
+        return [[p for p in g if p.requires_grad] for g in groups]
+
     def forward(self, wavs: torch.Tensor, lengths: torch.Tensor):
         if self.normalize_waveform:
             mask = frame_mask(lengths, wavs.shape[1])
@@ -212,6 +234,8 @@ def build_upstream(cfg, sample_rate: int, layers: list[int] = ()) -> nn.Module:
         upstream = SSLUpstream(cfg.name, cfg.ckpt, cfg.random_init, cfg.arch, list(layers), cfg.padded_group_norm)
     if not cfg.trainable:
         upstream.eval().requires_grad_(False)
+    elif isinstance(upstream, SSLUpstream):
+        upstream.freeze_unused()
     return upstream
 
 
