@@ -204,7 +204,10 @@ def build_run(accelerator, cfg, checkpoints: list[Path]):
         load_model_file(t.init_from, parts.encoder, parts.upstream, meta_of(cfg, parts.upstream), parts.head)
         accelerator.print(f"initialised from {t.init_from}")
     validation = Validation(accelerator, cfg, min_input_samples(parts.upstream, parts.encoder))
-    (loader,) = prepare(accelerator, parts, loader)
+    if validation.enabled:  # prepared too: each process embeds its share, on its device
+        loader, validation.loader = prepare(accelerator, parts, loader, validation.loader)
+    else:
+        (loader,) = prepare(accelerator, parts, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     resume(accelerator, cfg, checkpoints, state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -215,6 +216,21 @@ def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_sampl
                                        num_workers=cfg.num_workers)
 
 
+def device_of(module: torch.nn.Module, fallback: torch.device) -> torch.device:
+    """Where a module's weights are, so where its input must go: its first parameter or buffer."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return fallback
+
+
+def to_device(x, device: torch.device):
+    """A batch tensor, or a list of them (stored hidden states), onto `device`; non_blocking: from pinned
+    memory the copy overlaps the work already queued."""
+    if isinstance(x, (list, tuple)):
+        return [t.to(device, non_blocking=True) for t in x]
+    return x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: int = -1, chunk_samples: int = 0,
           store=None):
@@ -235,6 +251,9 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
     # unwrap only what training wrapped (DDP): unwrap_model imports torch._dynamo, ~3 s of every evaluation
     plain = [e if isinstance(e, SpeakerEncoder) else accelerator.unwrap_model(e) for e in encoders]
     tables = [np.zeros((num_utts, e.downstream.embed_dim), np.float32) for e in plain]
+    # a PassThrough upstream has no weights: its batch (stored hidden states) goes where the encoder is
+    devices = {key: device_of(upstreams[m[0]], device_of(encoders[m[0]], accelerator.device))
+               for key, m in groups.items()}
     done = np.zeros(num_utts, dtype=bool)
     total = len(loader) if max_batches < 0 else min(len(loader), max_batches)
     bar = progress(loader, total=total, desc="embedding", unit="batch", enabled=accelerator.is_main_process)
@@ -243,8 +262,10 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
             break
         embs = [None] * len(encoders)
         with accelerator.autocast():
-            for members in groups.values():
-                hidden, frames = run_chunked(upstreams[members[0]], wavs, lengths, chunk_samples)
+            for key, members in groups.items():
+                device = devices[key]
+                hidden, frames = run_chunked(upstreams[members[0]], to_device(wavs, device),
+                                             to_device(lengths, device), chunk_samples)
                 if store:
                     store(index, hidden, frames)
                 for i in members:
