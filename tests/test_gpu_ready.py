@@ -75,3 +75,49 @@ def test_embed_feeds_each_batch_on_its_upstreams_device():
     (table,), done = embed(Accelerator(cpu=True), [upstream], [encoder], batches, 3)
     assert done.all() and table.shape[0] == 3
     assert upstream.seen == [torch.Size([2, 16000]), torch.Size([1, 8000])]
+
+
+def bf16_frames(channels=3, frames=2999, pad=40):
+    """Activations exactly representable in bf16 (so the float64 reference sees the same inputs): mean ~1,
+    std ~0.1, one row of `frames` valid frames padded to frames + pad."""
+    torch.manual_seed(0)
+    x = (1 + 0.1 * torch.randn(1, channels, frames + pad)).bfloat16()
+    return x, torch.tensor([frames])
+
+
+def reference_stats(x, n, unbiased):
+    v = x[..., :n].double()
+    return torch.cat([v.mean(-1), v.std(-1, unbiased=unbiased)], dim=1)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_stats_pool_counts_2999_frames_under_bf16(unbiased):
+    """bf16 holds integers exactly only up to 256: a count cast to it makes 2999 frames 2992 (0.23% off)."""
+    from asv.models.pooling import StatsPool
+    x, lengths = bf16_frames()
+    ref = reference_stats(x, 2999, unbiased).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = StatsPool(3, unbiased=unbiased)(x.clone(), lengths)
+    assert out.dtype == torch.float32
+    # float32 sums over 3000 frames: error ~sqrt(T) * 2^-24 ~ 3e-6 relative on the mean; the variance
+    # E[x^2] - mean^2 loses ~100x to cancellation (std/mean = 0.1), so 1e-3 on the std
+    torch.testing.assert_close(out[:, :3], ref[:, :3], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out[:, 3:], ref[:, 3:], rtol=1e-3, atol=0)
+    # the packed path (SUPERB's x-vector pools each utterance alone)
+    one = StatsPool(3, unbiased=unbiased).one(x[0, :, :2999])
+    torch.testing.assert_close(one, ref[0], rtol=1e-3, atol=0)
+
+
+def test_attentive_pool_counts_2999_frames_under_bf16():
+    """Uniform attention (zero scores) is the plain mean and std over the 2999 valid frames."""
+    from asv.models.pooling import AttentiveStatsPool
+    x, lengths = bf16_frames()
+    pool = AttentiveStatsPool(3, attention_dim=4).eval()
+    with torch.no_grad():
+        pool.score.weight.zero_()
+        pool.score.bias.zero_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pool(x, lengths)
+    ref = reference_stats(x, 2999, False).float()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=0)  # float32 sums (see the stats pool test)
