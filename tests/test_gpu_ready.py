@@ -1,6 +1,8 @@
 """The CUDA path, proven on the CPU (issue 24): where CUDA behaves differently from the CPU, the test
 emulates CUDA's rule (an autocast that runs `acos` in fp32, an upstream on another device than the
 loader's batches) so that what would break on the first GPU run breaks here."""
+import os
+
 import pytest
 import torch
 
@@ -121,3 +123,46 @@ def test_attentive_pool_counts_2999_frames_under_bf16():
     ref = reference_stats(x, 2999, False).float()
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=0)  # float32 sums (see the stats pool test)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    out = tmp_path_factory.mktemp("demo") / "data"
+    subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(out)], cwd=REPO, check=True,
+                   capture_output=True)
+    return out
+
+
+def quick_run(demo, exp, *overrides):
+    from asv.config import load_config
+    from tests.conftest import REPO
+    return load_config(str(REPO / "configs" / "demo.yaml"), [
+        f"data.dir={demo}", f"exp_dir={exp}", "num_workers=0", "data.batch_size=8", "train.total_steps=2",
+        "train.log_step=1", "train.save_step=2", "eval_batch=1", "train.test_after_train=false",
+        "train.log_with=none", *overrides])
+
+
+def test_deterministic_mode_is_in_force_in_the_training_step(demo, tmp_path, monkeypatch):
+    import train_asv
+    seen = []
+    real_step = train_asv.train_step
+
+    def step(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train_asv, "train_step", step)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # restored (absent) after the test
+    try:
+        train_asv.train(quick_run(demo, tmp_path / "exp", "train.deterministic=true"))
+        assert len(seen) == 2 and set(seen) == {(True, True, False, ":4096:8")}
+    finally:
+        from asv.config import TrainConfig
+        from asv.train import set_backends
+        set_backends(TrainConfig())  # the defaults again, for the tests that follow in this process
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
