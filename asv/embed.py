@@ -213,7 +213,7 @@ def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_sampl
     batches = length_batches(durations, cfg.data.eval_batch_secs)
     return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples),
                                        batch_sampler=batches, collate_fn=collate_padded,
-                                       num_workers=cfg.num_workers)
+                                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
 
 
 def device_of(module: torch.nn.Module, fallback: torch.device) -> torch.device:
@@ -307,7 +307,8 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
         if hit:  # stored hidden states in the place of audio, through an upstream that passes them on
             stored = StoredHidden([cache.entry(p) for p in subset])
             loader = torch.utils.data.DataLoader(stored, batch_sampler=length_batches(secs, cfg.data.eval_batch_secs),
-                                                 collate_fn=collate_hidden, num_workers=cfg.num_workers)
+                                                 collate_fn=collate_hidden, num_workers=cfg.num_workers,
+                                                 pin_memory=torch.cuda.is_available())
             part, part_done = embed(accelerator, [PassThrough()] * len(encoders), encoders,
                                     accelerator.prepare(loader), len(rows), cfg.eval_batch)
         else:

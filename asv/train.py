@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import LoggerType, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration
 
 from .audio import progress
 from .augment import spec_augment
@@ -221,7 +221,9 @@ def make_accelerator(cfg, exp: Path | None = None) -> Accelerator:
     wanted = trackers(t.log_with) if exp else None
     project = ProjectConfiguration(project_dir=str(exp), logging_dir=str(exp / "logs")) if exp else None
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulate,
-                              log_with=wanted, project_config=project)  # TensorBoard: exp/logs/<run name>/
+                              log_with=wanted, project_config=project,  # TensorBoard: exp/logs/<run name>/
+                              # prepared loaders copy (pinned) batches to the device without waiting for it
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))
     check_launch(accelerator)
     # Accelerate drops a tracker whose package is missing with only a debug message: say it instead
     missing = [n for n in (wanted if isinstance(wanted, list) else []) if n not in {str(x) for x in accelerator.log_with}]

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from asv.models import LOSSES
 
@@ -166,3 +167,103 @@ def test_deterministic_mode_is_in_force_in_the_training_step(demo, tmp_path, mon
         from asv.train import set_backends
         set_backends(TrainConfig())  # the defaults again, for the tests that follow in this process
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, op by op, what makes the host wait for a CUDA device: a value read back (item, int(),
+    bool(): aten._local_scalar_dense; tolist, counted where it is called), an output whose size depends
+    on the data (nonzero, masked_select, indexing with a boolean mask), and a copy from the host (from
+    pageable memory it waits for the device first). The CPU has no such waits, so a CPU run counts them
+    by construction; `to` names the device that stands in for CUDA in the copies counted."""
+
+    def __init__(self, monkeypatch, to: str = "cuda"):
+        super().__init__()
+        self.reads, self.to = [], to
+        plain = torch.Tensor.tolist
+
+        def tolist(t):
+            self.reads.append("tolist")
+            return plain(t)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero", "masked_select"):
+            self.reads.append(name)
+        elif name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.reads.append("boolean index")
+        elif name == "_to_copy" and args[0].device.type == "cpu" and str(kwargs.get("device")) == self.to:
+            self.reads.append("copy from the host")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["superb_xvector", "xvector_bn", "ecapa"])
+def test_a_training_micro_batch_waits_for_the_device_at_most_once(monkeypatch, name):
+    """Encoder (featurizer, SpecAugment, downstream) and margin head, forward and backward. SUPERB's
+    x-vector packs its valid frames (data-dependent sizes): it reads the frame counts once; the others
+    never wait. (The step's one other wait, the finite-gradient check, is once per optimizer step.)"""
+    from asv.augment import spec_augment
+    from asv.config import AugmentConfig, LossConfig, downstream_options
+    from asv.models import build_encoder, build_head
+
+    class Frames(torch.nn.Module):  # hidden states as a 3-layer SSL upstream gives them (sizes only)
+        num_layers, hidden_size = 3, 32
+    torch.manual_seed(0)
+    opts = downstream_options(name)
+    for key in ("channels", "proj_dim", "hidden_size"):
+        if hasattr(opts, key):
+            setattr(opts, key, 32 if name != "ecapa" else 64)
+    encoder = build_encoder(Frames(), opts).train()
+    aug = AugmentConfig(specaug_prob=1.0)
+    encoder.feature_augment = lambda feats, lengths: spec_augment(feats, lengths, aug, torch.Generator().manual_seed(0))
+    head = build_head(opts.embed_dim, 4, LossConfig(name="aamsoftmax"))
+    hidden = [torch.randn(3, 200, 32) for _ in range(3)]
+    frames, labels = torch.tensor([200, 150, 90]), torch.tensor([0, 1, 3])
+    with HostReads(monkeypatch) as reads:
+        loss, _ = head(encoder(hidden, frames), labels)
+        loss.backward()
+    assert reads.reads == (["tolist"] if name == "superb_xvector" else [])
+
+
+def test_spec_augment_copies_its_draws_to_the_device_once(monkeypatch):
+    """The draws are made on the CPU generator (the run's seed decides them); the features sit on the
+    device (`meta` stands in for CUDA): one copy for all of them, not one per mask."""
+    from asv.augment import spec_augment
+    from asv.config import AugmentConfig
+    cfg = AugmentConfig(specaug_prob=1.0, specaug_time_masks=2, specaug_freq_masks=2)
+    feats, lengths = torch.empty(4, 100, 40, device="meta"), torch.full((4,), 100, device="meta")
+    with HostReads(monkeypatch, to="meta") as reads:
+        out = spec_augment(feats, lengths, cfg, torch.Generator().manual_seed(0))
+    assert out.shape == feats.shape and reads.reads == ["copy from the host"]
+
+
+def test_tf32_is_on_for_cuda_matmuls_and_convolutions_unless_asked_off():
+    """torch's default is off: base.yaml trains in fp32, so WavLM's matmuls on an H100 would be full fp32."""
+    from asv.config import Config
+    from asv.train import make_accelerator
+    cfg = Config()
+    try:
+        make_accelerator(cfg)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        cfg.train.tf32 = False
+        make_accelerator(cfg)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
+def test_loaders_pin_their_batches_when_cuda_is_there(monkeypatch):
+    """Pinned batches let the prepared loader's non_blocking copy overlap the step before."""
+    from asv.config import Config
+    from asv.data import Utterance, train_loader
+    from asv.embed import eval_loader
+    from asv.train import make_accelerator
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = Config()
+    cfg.num_workers = 0
+    utts = [Utterance(f"u{i}", f"/nowhere/{i}.wav", "s", 3.0, 16000, "train") for i in range(12)]
+    assert train_loader(cfg, utts, [0] * 12, [3.0] * 12).pin_memory
+    assert eval_loader([u.path for u in utts], [3.0] * 12, cfg, 400).pin_memory
+    monkeypatch.undo()
+    assert make_accelerator(cfg).dataloader_config.non_blocking
