@@ -5,9 +5,8 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from asv.models import LOSSES
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def cuda_acos(monkeypatch):
@@ -66,10 +65,10 @@ class ElsewhereUpstream(torch.nn.Module):
 def test_embed_feeds_each_batch_on_its_upstreams_device():
     """Validation's loader yields CPU tensors; the upstream sits on the accelerator's device."""
     from accelerate import Accelerator
+    from asv.models import build_encoder
 
     from asv.config import downstream_options
     from asv.embed import embed
-    from asv.models import build_encoder
 
     upstream = ElsewhereUpstream()
     encoder = build_encoder(upstream, downstream_options("xvector_bn"))
@@ -203,9 +202,10 @@ def test_a_training_micro_batch_waits_for_the_device_at_most_once(monkeypatch, n
     """Encoder (featurizer, SpecAugment, downstream) and margin head, forward and backward. SUPERB's
     x-vector packs its valid frames (data-dependent sizes): it reads the frame counts once; the others
     never wait. (The step's one other wait, the finite-gradient check, is once per optimizer step.)"""
+    from asv.models import build_encoder, build_head
+
     from asv.augment import spec_augment
     from asv.config import AugmentConfig, LossConfig, downstream_options
-    from asv.models import build_encoder, build_head
 
     class Frames(torch.nn.Module):  # hidden states as a 3-layer SSL upstream gives them (sizes only)
         num_layers, hidden_size = 3, 32
