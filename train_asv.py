@@ -30,9 +30,9 @@ from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors
                        scores_text, trial_audio, trial_rows, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
 from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, complete_checkpoints, open_run, rank_key,
-                     read_history, record_validation, settle, truncate_history, write_json, write_text)
-from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, label_encoder, lr_at, make_accelerator,
-                       one_line, prepare, set_schedules, train_step)
+                     read_history, record_launch, record_validation, settle, truncate_history, write_json, write_text)
+from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, global_batch, label_encoder, lr_at,
+                       make_accelerator, one_line, prepare, set_schedules, train_step)
 
 
 def main():
@@ -236,6 +236,11 @@ def open_run_folder(accelerator, cfg, amend: bool):
     lock = RunLock(exp) if accelerator.is_main_process else None  # before anything in exp is touched
     if accelerator.is_main_process:
         open_run(exp, cfg, amend)
+        n, batch = accelerator.num_processes, global_batch(cfg, accelerator.num_processes)
+        before = record_launch(exp, n, batch)
+        if before and before.get("global_batch") != batch:  # a resume on another process count
+            accelerator.print(f"note: this run was trained with {before.get('processes')} process(es), "
+                              f"{before.get('global_batch')} utterances per optimizer step; it goes on with {n}, {batch}")
         clear_partial_saves(exp)
         settle(exp, t.valid_metric, t.keep_num_ckpts)
     accelerator.wait_for_everyone()
@@ -251,7 +256,10 @@ def build_run(accelerator, cfg, checkpoints: list[Path]):
         load_model_file(t.init_from, parts.encoder, parts.upstream, meta_of(cfg, parts.upstream), parts.head)
         accelerator.print(f"initialised from {t.init_from}")
     validation = Validation(accelerator, cfg, min_input_samples(parts.upstream, parts.encoder))
-    (loader,) = prepare(accelerator, parts, loader)
+    if validation.enabled:  # prepared too: each process embeds its share, on its device
+        loader, validation.loader = prepare(accelerator, parts, loader, validation.loader)
+    else:
+        (loader,) = prepare(accelerator, parts, loader)
     state = TrainState()  # saved and loaded as JSON beside Accelerate's state (never registered: a pickle)
     resume(accelerator, cfg, checkpoints, state)
     return parts, loader, validation, state, about
@@ -284,7 +292,9 @@ def train(cfg, amend: bool = False):
         m.train()
     batches = accelerator.skip_first_batches(loader, state.micro_batches) if state.micro_batches else loader
     accelerator.print(f"training {sum(p.numel() for p in parts.params) / 1e6:.2f}M parameters on {about}; "
-                      f"{accelerator.num_processes} process(es), {torch.get_num_threads()} threads each")
+                      f"{accelerator.num_processes} process(es), {torch.get_num_threads()} threads each; global batch "
+                      f"{cfg.data.batch_size} x {t.gradient_accumulate} x {accelerator.num_processes} = "
+                      f"{global_batch(cfg, accelerator.num_processes)} utterances per optimizer step")
     seen, tic = 0, time.time()
     for wavs, lengths, labels in batches:  # ---- stage 2: the training loop
         if state.step >= t.total_steps:

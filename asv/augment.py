@@ -153,23 +153,30 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: AugmentConfig,
     if cfg.specaug_prob <= 0:
         return feats
 
-    def rand(*shape):  # uniform [0, 1) on the CPU generator, then moved to the features' device
-        return torch.rand(*shape, generator=generator).to(feats.device)
+    # every uniform [0, 1) draw of the batch at once, on the CPU generator, in the order they are used
+    # (one draw of B per mask's width, its start, then `chosen`: the same numbers as B at a time), and
+    # ONE copy to the features' device: from pageable memory each copy would wait for the device
+    time_masks = cfg.specaug_time_masks if cfg.specaug_time_width > 0 else 0
+    freq_masks = cfg.specaug_freq_masks if cfg.specaug_freq_width > 0 else 0
+    draws = torch.rand(2 * time_masks + 2 * freq_masks + 1, B, generator=generator)
+    if feats.is_cuda:
+        draws = draws.pin_memory()
+    rand = iter(draws.to(feats.device, non_blocking=True))  # next(rand): the next (B,) draw
 
     lengths = lengths.to(feats.device).long()
     t = torch.arange(T, device=feats.device)[None, :]  # (1, T)
     f = torch.arange(F, device=feats.device)[None, :]  # (1, F)
     time_mask = torch.zeros(B, T, dtype=torch.bool, device=feats.device)
     freq_mask = torch.zeros(B, F, dtype=torch.bool, device=feats.device)
-    for _ in range(cfg.specaug_time_masks if cfg.specaug_time_width > 0 else 0):
-        width = torch.minimum((rand(B) * cfg.specaug_time_width).long() + 1, lengths)  # (B,) in 1..W, <= length
-        start = (rand(B) * (lengths - width + 1)).long()  # (B,): the mask ends inside the valid frames
+    for _ in range(time_masks):
+        width = torch.minimum((next(rand) * cfg.specaug_time_width).long() + 1, lengths)  # (B,) in 1..W, <= length
+        start = (next(rand) * (lengths - width + 1)).long()  # (B,): the mask ends inside the valid frames
         time_mask |= (t >= start[:, None]) & (t < (start + width)[:, None])
-    for _ in range(cfg.specaug_freq_masks if cfg.specaug_freq_width > 0 else 0):
-        width = ((rand(B) * cfg.specaug_freq_width).long() + 1).clamp_max(F)
-        start = (rand(B) * (F - width + 1)).long()
+    for _ in range(freq_masks):
+        width = ((next(rand) * cfg.specaug_freq_width).long() + 1).clamp_max(F)
+        start = (next(rand) * (F - width + 1)).long()
         freq_mask |= (f >= start[:, None]) & (f < (start + width)[:, None])
-    chosen = rand(B) < cfg.specaug_prob  # (B,): utterances that get masks at all
+    chosen = next(rand) < cfg.specaug_prob  # (B,): utterances that get masks at all
     valid = t < lengths[:, None]  # (B, T)
     mask = (time_mask[:, :, None] | freq_mask[:, None, :]) & (valid & chosen[:, None])[:, :, None]  # (B, T, F)
     return feats.masked_fill(mask, 0.0)

@@ -122,6 +122,8 @@ class TrainConfig:
     gradient_clipping: float = 1000.0  # max global grad norm (SUPERB: 1e3, in effect none; 0: off)
     gradient_accumulate: int = 5    # micro-batches per optimizer step (SUPERB: 5)
     mixed_precision: str = "no"     # no | fp16 | bf16 (via Accelerate)
+    tf32: bool = True               # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere or newer)
+    deterministic: bool = False     # torch deterministic algorithms, cuDNN without autotuning: bit-repeatable CUDA runs, slower (docs/training.md)
     seed: int = 0                   # model init, sample order, crops: the same seed gives the same run (SUPERB: 0)
     auto_resume: bool = True        # re-running the same command resumes from the newest complete checkpoint
     resume_ckpt_dir: str = ""       # resume from this step-* folder instead

@@ -522,8 +522,10 @@ def train_loader(cfg, utts: list[Utterance], labels: list[int], durations: list[
                                 multiple=multiple)
     augmenter = Augmenter(a, d.sample_rate) if a.noise_prob or a.rir_prob or a.speed_prob else None
     dataset = TrainDataset(utts, labels, d.sample_rate, d.crop, d.effects, augmenter, trims)
+    # pinned batches on CUDA: the prepared loader's non_blocking copy then overlaps the step before
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_padded,
-                                       num_workers=workers, persistent_workers=workers > 0)
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=torch.cuda.is_available())
 
 
 def collate_padded(items):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -228,7 +229,22 @@ def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_sampl
     batches = length_batches(durations, cfg.data.eval_batch_secs)
     return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples),
                                        batch_sampler=batches, collate_fn=collate_padded,
-                                       num_workers=cfg.num_workers)
+                                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+
+
+def device_of(module: torch.nn.Module, fallback: torch.device) -> torch.device:
+    """Where a module's weights are, so where its input must go: its first parameter or buffer."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return fallback
+
+
+def to_device(x, device: torch.device):
+    """A batch tensor, or a list of them (stored hidden states), onto `device`; non_blocking: from pinned
+    memory the copy overlaps the work already queued."""
+    if isinstance(x, (list, tuple)):
+        return [t.to(device, non_blocking=True) for t in x]
+    return x.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -253,6 +269,9 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
     # unwrap only what training wrapped (DDP): unwrap_model imports torch._dynamo, ~3 s of every evaluation
     plain = [e if isinstance(e, SpeakerEncoder) else accelerator.unwrap_model(e) for e in encoders]
     tables = [np.zeros((num_utts, e.downstream.embed_dim), np.float32) for e in plain]
+    # a PassThrough upstream has no weights: its batch (stored hidden states) goes where the encoder is
+    devices = {key: device_of(upstreams[m[0]], device_of(encoders[m[0]], accelerator.device))
+               for key, m in groups.items()}
     done = np.zeros(num_utts, dtype=bool)
     rms = np.full(num_utts, np.inf)  # of each utterance's own samples (its padding left out)
     total = len(loader) if max_batches < 0 else min(len(loader), max_batches)
@@ -262,8 +281,10 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
             break
         embs = [None] * len(encoders)
         with accelerator.autocast():
-            for members in groups.values():
-                hidden, frames = run_chunked(upstreams[members[0]], wavs, lengths, chunk_samples)
+            for key, members in groups.items():
+                device = devices[key]
+                hidden, frames = run_chunked(upstreams[members[0]], to_device(wavs, device),
+                                             to_device(lengths, device), chunk_samples)
                 if store:
                     store(index, hidden, frames)
                 for i in members:
@@ -317,7 +338,8 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
         if hit:  # stored hidden states in the place of audio, through an upstream that passes them on
             stored = StoredHidden([cache.entry(p) for p in subset])
             loader = torch.utils.data.DataLoader(stored, batch_sampler=length_batches(secs, cfg.data.eval_batch_secs),
-                                                 collate_fn=collate_hidden, num_workers=cfg.num_workers)
+                                                 collate_fn=collate_hidden, num_workers=cfg.num_workers,
+                                                 pin_memory=torch.cuda.is_available())
             part, part_done = embed(accelerator, [PassThrough()] * len(encoders), encoders,
                                     accelerator.prepare(loader), len(rows), cfg.eval_batch)
         else:

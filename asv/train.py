@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import LoggerType, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration
 
 from .audio import progress
 from .augment import spec_augment
@@ -210,14 +210,42 @@ class Log:
                 f.write(line + "\n")
 
 
+def global_batch(cfg, processes: int) -> int:
+    """Utterances per optimizer step: data.batch_size per process x train.gradient_accumulate x processes.
+    It grows with the process count: SUPERB's 10 x 5 = 50 on one GPU is 400 on eight (docs/training.md)."""
+    return cfg.data.batch_size * cfg.train.gradient_accumulate * processes
+
+
+def set_backends(t):
+    """train.tf32 and train.deterministic, before any model is built or any CUDA kernel runs (cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when it first starts). Both leave CPU arithmetic as it is.
+
+    TF32 runs fp32 matmuls and convolutions on tensor cores with a 10-bit mantissa (about 1e-3 relative
+    per product): base.yaml trains in fp32, and without it every WavLM matmul on an H100 is full fp32.
+    Deterministic: every op picks a deterministic kernel (or raises, naming the op, when CUDA has none),
+    cuBLAS a fixed workspace, cuDNN no autotuning; without it atomics in scatter/index backward and cuDNN's
+    chosen algorithms make two CUDA runs of the same seed differ in the last bits, then more."""
+    # the flags every torch >= 2.6 knows; they leave the CPU's (oneDNN's) fp32 precision alone
+    torch.backends.cuda.matmul.allow_tf32 = t.tf32
+    torch.backends.cudnn.allow_tf32 = t.tf32
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(t.deterministic)
+    torch.backends.cudnn.deterministic = t.deterministic
+    torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing: run-to-run differences
+
+
 def make_accelerator(cfg, exp: Path | None = None) -> Accelerator:
     """The Accelerator a run trains with (train_asv.py and the benchmarks): precision, accumulation,
     trackers writing into exp/logs; refuses a launch Accelerate would split into independent runs."""
     t = cfg.train
+    set_backends(t)
     wanted = trackers(t.log_with) if exp else None
     project = ProjectConfiguration(project_dir=str(exp), logging_dir=str(exp / "logs")) if exp else None
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulate,
-                              log_with=wanted, project_config=project)  # TensorBoard: exp/logs/<run name>/
+                              log_with=wanted, project_config=project,  # TensorBoard: exp/logs/<run name>/
+                              # prepared loaders copy (pinned) batches to the device without waiting for it
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))
     check_launch(accelerator)
     # Accelerate drops a tracker whose package is missing with only a debug message: say it instead
     missing = [n for n in (wanted if isinstance(wanted, list) else []) if n not in {str(x) for x in accelerator.log_with}]

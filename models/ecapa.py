@@ -59,7 +59,7 @@ class SERes2Block(nn.Module):
             y = conv(chunk if y is None else chunk + y, mask)  # each chunk also sees the previous one's output
             out.append(y)
         h = self.post(torch.cat(out, dim=1), mask)  # (B, C, T), zero on padding
-        s = self.se(h.sum(-1) / n)  # squeeze: mean over valid frames only -> channel gates (B, C)
+        s = self.se(h.sum(-1, dtype=torch.float32) / n)  # squeeze: mean over valid frames only -> channel gates (B, C)
         return x + h * s.unsqueeze(-1)  # both terms are zero on padding
 
 
@@ -93,7 +93,7 @@ class ECAPA(nn.Module):
         """feats (B, T, D), lengths (B,) valid frames -> (B, embed_dim)."""
         lengths = lengths.clamp(min=1, max=feats.shape[1])
         mask = frame_mask(lengths, feats.shape[1]).unsqueeze(1)  # (B, 1, T) bool
-        n = lengths.view(-1, 1).to(feats.dtype)  # (B, 1)
+        n = lengths.view(-1, 1).float()  # (B, 1) counts in float32: bf16 would make 2999 frames 2992
         x = self.layer1(feats.transpose(1, 2) * mask, mask)  # (B, C, T); the input's padding zeroed first
         outs = []
         for block in self.blocks:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .pooling import StatsPool, frame_mask
+from .pooling import StatsPool
 
 CONTEXTS = (5, 3, 3, 1, 1)
 DILATIONS = (1, 2, 3, 1, 1)
@@ -108,11 +108,19 @@ class SuperbXvector(nn.Module):
         if torch.compiler.is_exporting():  # packing has data-dependent sizes: the padded batch, same numbers
             x = self.tdnns(self.projector(feats).transpose(1, 2))  # (B, aggregation_size, T - 14)
             return self.affine(self.pooling(x, lengths - self.context))
-        if int(lengths.min()) <= self.context:
-            raise ValueError(f"input of {int(lengths.min())} frames is shorter than the x-vector context "
+        # packing has data-dependent sizes: the lengths are read on the host, once (the one wait for the
+        # device in this forward), and the packed rows are picked by an index built from them there
+        counts = lengths.tolist()
+        if min(counts) <= self.context:
+            raise ValueError(f"input of {min(counts)} frames is shorter than the x-vector context "
                              f"({self.context + 1} frames)")
-        packed = feats[frame_mask(lengths, feats.shape[1])]  # (L, D): every row's valid frames, in order
+        T = feats.shape[1]
+        rows = torch.cat([torch.arange(n) + row * T for row, n in enumerate(counts)])
+        if feats.is_cuda:
+            rows = rows.pin_memory()
+        # (L, D): every row's valid frames, in order (what feats[frame_mask(lengths, T)] gives, without its nonzero)
+        packed = feats.reshape(-1, feats.shape[2]).index_select(0, rows.to(feats.device, non_blocking=True))
         x = self.tdnns(self.projector(packed).T)  # (aggregation_size, L - 14)
-        valid = (lengths - self.context).tolist()  # output frames of each row whose context lies inside it
+        valid = [n - self.context for n in counts]  # output frames of each row whose context lies inside it
         pieces = torch.split(x, [n for v in valid for n in (v, self.context)][:-1], dim=1)[::2]  # per row
         return self.affine(torch.stack([self.pooling.one(p) for p in pieces]))

@@ -88,6 +88,7 @@ def clean_run(demo, tmp_path_factory):
     exp = tmp_path_factory.mktemp("clean") / "exp"
     result = launch(*train_args(demo, exp))
     assert "2 process(es)" in result.stdout  # the run really had two processes
+    (exp.parent / "stdout.txt").write_text(result.stdout)
     return exp, losses((exp / "train.log").read_text())
 
 
@@ -101,6 +102,14 @@ def test_two_processes_train_and_save(clean_run):
         assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     history = [json.loads(line)["step"] for line in (exp / "valid_history.jsonl").read_text().splitlines()]
     assert history == [10, 20] and os.readlink(exp / "best") in ("step-10", "step-20")
+
+
+def test_the_global_batch_is_printed_and_recorded(clean_run):
+    """configs/demo.yaml: 16 utterances per process (QUICK) x 1 micro-batch x 2 processes."""
+    exp, _ = clean_run
+    assert "global batch 16 x 1 x 2 = 32 utterances per optimizer step" in (exp.parent / "stdout.txt").read_text()
+    run = json.loads((exp / "run.json").read_text())
+    assert run["processes"] == 2 and run["global_batch"] == 32
 
 
 @pytest.mark.parametrize("repeat", range(int(os.environ.get("ASV_RESUME_REPEATS", "1"))))
