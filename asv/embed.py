@@ -209,8 +209,8 @@ def audio_durations(paths: list[str], known: dict[str, float]) -> list[float]:
 
 
 # data.eval_batch_secs 0: the fastest batching where evaluation runs (benchmarks/benchmark.py --only evaluation).
-# CPU: 60 s batches (2 AMD EPYC cores: 2.5x one utterance per batch for the log-mel x-vector, 1.2x for WavLM
-# Base+, in spite of 1.12-1.33x padding). GPU: 600 s, as one utterance leaves most of the device idle. Every
+# CPU: 60 s batches (2 AMD EPYC cores, two runs: 1.5-2.5x one utterance per batch for the log-mel x-vector,
+# 1.2-1.4x for WavLM Base+, in spite of 1.1-1.3x padding). GPU: 600 s, as one utterance leaves most of the device idle. Every
 # normalisation is per utterance, so the choice changes speed and memory, not embeddings.
 CPU_EVAL_BATCH_SECS, GPU_EVAL_BATCH_SECS = 60.0, 600.0
 
