@@ -128,7 +128,8 @@ class Validation:
         self.paths = sorted(set(audio.values()))
         self.rows = trial_rows({p: i for i, p in enumerate(self.paths)}, self.trials, audio)
         durations = {u.path: u.duration for u in utts}
-        self.loader = eval_loader(self.paths, [durations[p] for p in self.paths], cfg, min_samples)
+        self.loader = eval_loader(self.paths, [durations[p] for p in self.paths], cfg, min_samples,
+                                  accelerator.device)
 
     def due(self, step: int) -> bool:
         t = self.cfg.train

@@ -26,7 +26,8 @@ tests/test_api.py runs exactly this example::
     model.save_enrolled("enrolled.npz")  # later: model.load_enrolled("enrolled.npz")
 
 Embeddings come from asv.embed's `eval_loader` and `embed`, the code evaluation runs: whole
-recordings, length-sorted batches within data.eval_batch_secs, the upstream on data.eval_chunk_secs windows when set. So a file, the same file
+recordings, length-sorted batches within data.eval_batch_secs (0: per device), too-short ones repeated to the
+model's minimum, the upstream on data.eval_chunk_secs windows when set. So a file, the same file
 read with asv.audio.load_audio, and evaluate_asv.py all give one embedding. The API runs in this
 process, in full precision, on `device` (no Accelerator: its state is shared by every
 Accelerator of a process, so a notebook could not pick a device per model).
@@ -196,7 +197,7 @@ class Model:
                      for x in items]  # for length-sorted batches; a missing or unreadable file stops here
         names = [x if isinstance(x, str) else f"waveform {i} ({x.numel()} samples)" for i, x in enumerate(items)]
         check_lengths(names, durations, self.sample_rate, self._min_samples)  # too short: refused before embedding
-        loader = self._run.prepare(eval_loader(items, durations, self.cfg, self._min_samples))
+        loader = self._run.prepare(eval_loader(items, durations, self.cfg, self._min_samples, self._run.device))
         chunk = int(self.cfg.data.eval_chunk_secs * self.sample_rate)
         (table,), _ = embed(self._run, [self._upstream], [self._encoder], loader, len(items), -1, chunk, names=names)
         return table

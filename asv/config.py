@@ -34,7 +34,7 @@ class DataConfig:
     min_secs: float = 2.0           # superb: drop training utterances of at most this (after effects) | fixed: shortest crop
     max_secs: float = 8.0           # superb: random crop of longer utterances | fixed: longest crop
     batch_size: int = 10            # utterances per batch per process (SUPERB: 10)
-    eval_batch_secs: float = 60.0   # audio seconds per evaluation batch, length-sorted (CPU: 20-60 is fastest; GPU: more)
+    eval_batch_secs: float = 0.0    # audio seconds per evaluation batch, length-sorted; 0: the fastest for the device (CPU: 60, GPU: 600). Embeddings do not depend on it
     eval_chunk_secs: float = 0.0    # >0: upstream on windows this long at evaluation: memory bounded by it, not the longest file
 
 
@@ -177,10 +177,10 @@ UPSTREAM_KEYS = {  # upstream keys that only some upstreams read: name -> does i
 }
 AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "train.log_step", "train.eval_step",
                 "train.save_step", "train.gradient_accumulate", "loss.sub_centers", "score.cohort_size", "score.top_k")
-NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts", "train.seed",
-                "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps", "scheduler.final_lr_ratio",
-                "loss.margin_warmup_start", "loss.margin_warmup_steps")
-POSITIVE = ("data.max_secs", "data.eval_batch_secs", "optim.lr", "loss.scale")
+NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_batch_secs", "data.eval_chunk_secs", "train.keep_num_ckpts",
+                "train.seed", "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps",
+                "scheduler.final_lr_ratio", "loss.margin_warmup_start", "loss.margin_warmup_steps")
+POSITIVE = ("data.max_secs", "optim.lr", "loss.scale")
 # What a re-run may change in an existing run folder without being refused: nothing here alters
 # what the trained weights are (train.total_steps only while the lr schedule ignores it)
 SAFE_TO_CHANGE = ("exp_dir", "num_workers", "eval_batch", "data.eval_batch_secs", "data.eval_chunk_secs", "score.",

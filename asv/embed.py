@@ -225,8 +225,24 @@ def check_lengths(names: list[str], durations: list[float], sample_rate: int, mi
                              "too short to embed")
 
 
-def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_samples: int):
-    batches = length_batches(durations, cfg.data.eval_batch_secs)
+
+# data.eval_batch_secs 0: the fastest batching where evaluation runs (benchmarks/benchmark.py --only evaluation).
+# CPU: 60 s batches (2 AMD EPYC cores, two runs: 1.5-2.5x one utterance per batch for the log-mel x-vector,
+# 1.2-1.4x for WavLM Base+, in spite of 1.1-1.3x padding). GPU: 600 s, as one utterance leaves most of the device idle. Every
+# normalisation is per utterance, so the choice changes speed and memory, not embeddings.
+CPU_EVAL_BATCH_SECS, GPU_EVAL_BATCH_SECS = 60.0, 600.0
+
+
+def eval_batch_secs(cfg: Config, device) -> float:
+    """Audio seconds per evaluation batch on `device`: data.eval_batch_secs, or the device's fastest when it is 0."""
+    if cfg.data.eval_batch_secs > 0:
+        return cfg.data.eval_batch_secs
+    return CPU_EVAL_BATCH_SECS if torch.device(device).type == "cpu" else GPU_EVAL_BATCH_SECS
+
+
+def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_samples: int, device):
+    """Length-sorted batches of whole utterances, as large as eval_batch_secs(cfg, device) allows."""
+    batches = length_batches(durations, eval_batch_secs(cfg, device))
     return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples),
                                        batch_sampler=batches, collate_fn=collate_padded,
                                        num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
@@ -324,7 +340,7 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
     encoders = [e.to(accelerator.device) for e in ex.encoders]
     chunk_samples = int(cfg.data.eval_chunk_secs * cfg.data.sample_rate)
     if cache is None:
-        loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples))
+        loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples, accelerator.device))
         return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch, chunk_samples, names=paths)
     found = np.array([cache.has(p) for p in paths], dtype=bool)
     cache.found = int(found.sum())
@@ -337,13 +353,13 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
         subset, secs = [paths[i] for i in rows], [durations[i] for i in rows]
         if hit:  # stored hidden states in the place of audio, through an upstream that passes them on
             stored = StoredHidden([cache.entry(p) for p in subset])
-            loader = torch.utils.data.DataLoader(stored, batch_sampler=length_batches(secs, cfg.data.eval_batch_secs),
+            loader = torch.utils.data.DataLoader(stored, batch_sampler=length_batches(secs, eval_batch_secs(cfg, accelerator.device)),
                                                  collate_fn=collate_hidden, num_workers=cfg.num_workers,
                                                  pin_memory=torch.cuda.is_available())
             part, part_done = embed(accelerator, [PassThrough()] * len(encoders), encoders,
                                     accelerator.prepare(loader), len(rows), cfg.eval_batch)
         else:
-            loader = accelerator.prepare(eval_loader(subset, secs, cfg, ex.min_samples))
+            loader = accelerator.prepare(eval_loader(subset, secs, cfg, ex.min_samples, accelerator.device))
             part, part_done = embed(accelerator, upstreams, encoders, loader, len(rows), cfg.eval_batch, chunk_samples,
                                     cache.writer(subset), names=subset)
         for table, p in zip(tables, part):

@@ -186,7 +186,7 @@ def simple_vs_batched(ckpt: Path, paths: list[str], durations: list[float], over
         return np.stack(out)
 
     def batched():
-        loader = accelerator.prepare(eval_loader(paths, durations, cfg, need))
+        loader = accelerator.prepare(eval_loader(paths, durations, cfg, need, accelerator.device))
         (table,), done = embed(accelerator, [upstream], [encoder], loader, len(paths), -1,
                                int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         assert done.all()

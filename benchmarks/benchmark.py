@@ -45,7 +45,7 @@ from asv import metrics
 from asv.audio import load_audio
 from asv.config import load_config
 from asv.data import length_batches, read_manifest, train_loader
-from asv.embed import build_models, embed, eval_loader
+from asv.embed import build_models, embed, eval_batch_secs, eval_loader
 from asv.models import cosine_scores, min_input_samples
 from asv.models.pooling import StatsPool
 from asv.train import build_parts, make_accelerator, prepare
@@ -283,22 +283,36 @@ def bench_eval(name, cfg, paths, secs, accelerator):
 
     tables = {}
 
-    def ours(bf16=False, workers=None):
-        cfg.num_workers, saved = (cfg.num_workers if workers is None else workers), cfg.num_workers
+    def ours(bf16=False, workers=None, batch_secs=None):
+        saved = cfg.num_workers, cfg.data.eval_batch_secs
+        cfg.num_workers = cfg.num_workers if workers is None else workers
+        cfg.data.eval_batch_secs = cfg.data.eval_batch_secs if batch_secs is None else batch_secs
         try:
-            loader = accelerator.prepare(eval_loader(paths, secs, cfg, need))
+            loader = accelerator.prepare(eval_loader(paths, secs, cfg, need, device))
         finally:
-            cfg.num_workers = saved
+            cfg.num_workers, cfg.data.eval_batch_secs = saved
         # evaluate_asv.py gets this from train.mixed_precision=bf16 (Accelerate's autocast); the
         # benchmark's Accelerator is fp32, so the same autocast is opened around it
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            (tables[bf16],), _ = embed(accelerator, [upstream], [encoder], loader, len(paths), -1,
-                                       int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
+            key = bf16 if batch_secs is None else batch_secs
+            (tables[key],), _ = embed(accelerator, [upstream], [encoder], loader, len(paths), -1,
+                                      int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         sync(device)
 
-    runs = [("simple (batch 1, full length)", simple), (f"ours (asv.embed.embed, {cfg.num_workers} workers)", ours)]
+    # the default batching (data.eval_batch_secs 0: the device's own) against one utterance per batch (1e-9 s:
+    # every batch holds one file) and fixed padded batches, the same embed() path
+    default_secs = eval_batch_secs(cfg, device)
+    runs = [("simple (batch 1, full length)", simple),
+            (f"ours, default on {device.type}: {default_secs:g} s batches ({cfg.num_workers} workers)", ours)]
+    batch_secs = {runs[1][0]: default_secs}
+    for fixed in (s for s in (1e-9, 60.0, 600.0) if s != default_secs):
+        what = "1 utterance per batch" if fixed < 1 else f"data.eval_batch_secs={fixed:g}"
+        label = f"ours, {what} ({cfg.num_workers} workers)"
+        runs.append((label, lambda fixed=fixed: ours(batch_secs=fixed)))
+        batch_secs[label] = fixed
     if cfg.num_workers > 0:  # the same, decoding files in the main process
-        runs.append(("ours (asv.embed.embed, 0 workers)", lambda: ours(workers=0)))
+        runs.append(("ours, default batching, 0 workers", lambda: ours(workers=0)))
+        batch_secs[runs[-1][0]] = default_secs
     # bf16 pays only where the hardware has bf16 arithmetic (CUDA; CPUs with AVX512-BF16 or AMX)
     bf16_ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.cpu._is_avx512_bf16_supported()
     if bf16_ok:
@@ -311,10 +325,13 @@ def bench_eval(name, cfg, paths, secs, accelerator):
             elapsed = time.perf_counter() - tic
         out[label] = (total / elapsed, mem.mb)
     s_rate = out["simple (batch 1, full length)"][0]
-    # audio the model actually runs over (padding included) per second of real audio: few utterances
-    # of spread-out lengths pad much more than a whole test set, whose sorted neighbours are close
-    batches = length_batches(secs, cfg.data.eval_batch_secs)
-    padded = sum(len(b) * max(secs[i] for i in b) for b in batches) / total
+
+    def padding(label):
+        """audio the model actually runs over (padding included) per second of real audio: few utterances
+        of spread-out lengths pad much more than a whole test set, whose sorted neighbours are close"""
+        batches = length_batches(secs, batch_secs.get(label, default_secs))
+        return f"{sum(len(b) * max(secs[i] for i in b) for b in batches) / total:.2f} ({len(batches)} batches)"
+
     # a simple way already near the hardware's peak leaves batching nothing to win
     gflop = gflop_per_audio_second(upstream, encoder, cfg.data.sample_rate, device)
     print(f"{name}: {gflop:.2f} GFLOP per audio second (torch.utils.flop_counter); achieved: "
@@ -323,8 +340,13 @@ def bench_eval(name, cfg, paths, secs, accelerator):
         a, b = torch.from_numpy(tables[False]), torch.from_numpy(tables[True])
         cos = torch.nn.functional.cosine_similarity(a, b).min().item()
         print(f"{name}: bf16 vs fp32 embeddings, lowest cosine over {len(paths)} utterances: {cos:.5f}")
+    for fixed in (k for k in tables if not isinstance(k, bool)):  # batching changes speed, not embeddings
+        a, b = torch.from_numpy(tables[False]), torch.from_numpy(tables[fixed])
+        cos = torch.nn.functional.cosine_similarity(a, b).min().item()
+        print(f"{name}: default batching vs {fixed:g} s batches, lowest cosine over {len(paths)} "
+              f"utterances: {cos:.7f}")
     return [[name, label, f"{rate:.1f}", f"{mem:.0f}", f"{rate / s_rate:.2f}x",
-             "1.00" if label.startswith("simple") else f"{padded:.2f} ({len(batches)} batches)"]
+             "1.00" if label.startswith("simple") else padding(label)]
             for label, (rate, mem) in out.items()]
 
 
@@ -496,6 +518,8 @@ def parse_args():
     parser.add_argument("--eval-utts-ssl", type=int, default=None,
                         help="utterances for the WavLM eval (default: --eval-utts on CUDA, 8 on CPU: ~1.5 audio s/s)")
     parser.add_argument("--trials", type=int, default=1_000_000, help="trials for the metrics benchmark")
+    parser.add_argument("--only", choices=("training", "evaluation", "metrics", "pieces"),
+                        help="run one section (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--precision-child", choices=("no", "bf16"), help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, default=10, help=argparse.SUPPRESS)
@@ -572,22 +596,26 @@ def main():
     device, quick, gpu_rows = accelerator.device, args.quick, []
     print_header(device, quick)
     with tempfile.TemporaryDirectory(prefix="asv_bench_") as tmp:
-        training_section(args, Path(tmp), device, gpu_rows)
-        evaluation_section(args, Path(tmp), accelerator)
+        if args.only in (None, "training"):
+            training_section(args, Path(tmp), device, gpu_rows)
+        if args.only in (None, "evaluation"):
+            evaluation_section(args, Path(tmp), accelerator)
 
     # ---- 3. metrics
     n_trials = 100_000 if quick else args.trials
-    print(f"[bench] metrics on {n_trials} trials", file=sys.stderr, flush=True)
-    table(f"metrics on {n_trials:,} trials (median of {3 if quick else 5} runs; peak from tracemalloc)",
-          ["implementation", "ms", "peak MB", "EER %", "minDCF 0.01", "minDCF 0.05"],
-          bench_metrics(n_trials, 3 if quick else 5))
+    if args.only in (None, "metrics"):
+        print(f"[bench] metrics on {n_trials} trials", file=sys.stderr, flush=True)
+        table(f"metrics on {n_trials:,} trials (median of {3 if quick else 5} runs; peak from tracemalloc)",
+              ["implementation", "ms", "peak MB", "EER %", "minDCF 0.01", "minDCF 0.05"],
+              bench_metrics(n_trials, 3 if quick else 5))
 
     # ---- 4. small pieces
-    table("vectorised pieces (median ms)", ["what", "simple way", "ms", "ours", "ms", "speed-up"],
-          bench_small(device, quick))
+    if args.only in (None, "pieces"):
+        table("vectorised pieces (median ms)", ["what", "simple way", "ms", "ours", "ms", "speed-up"],
+              bench_small(device, quick))
 
     # ---- 5. CUDA only
-    if device.type == "cuda":
+    if device.type == "cuda" and args.only is None:
         table("WavLM Base+ frozen, training step through Accelerate (synthetic batch, 10 x 5 s)",
               ["precision", "variant", "upstream output dtype", "ms/step", "steps/s", "peak MB"],
               bench_precision(10, 5.0, 3 if quick else 20, gpu_rows))

@@ -200,7 +200,8 @@ def check_eval(sizes: dict, data: Path, device):
     rates, memory = {}, {}
     for label, batch_secs in (("length-sorted batches", sizes["eval_batch_secs"]), ("batch 1", 1e-9)):
         cfg.data.eval_batch_secs = batch_secs  # 1e-9: every batch holds a single file
-        loader = accelerator.prepare(eval_loader(paths, secs, cfg, min_input_samples(upstream, encoder)))
+        need = min_input_samples(upstream, encoder)
+        loader = accelerator.prepare(eval_loader(paths, secs, cfg, need, accelerator.device))
         embed(accelerator, [upstream], [encoder], loader, len(paths), max_batches=2)  # warm-up
         sync(device)
         reset_peak(device)

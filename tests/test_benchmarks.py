@@ -46,6 +46,10 @@ def test_benchmark_quick(real_mini, vox1_meta):
     assert {"simple (batch 1, full length)"} <= {row[1] for row in evaluation}
     for row in evaluation:
         positive(row[2]), positive(row[3]), positive(row[4])
+    # batching changes speed only: every alternative batching's embeddings against the default's
+    # tolerance: float32 rounding of the same frames in another order, 1 - cosine ~1e-12
+    agreement = re.findall(r"default batching vs \S+ s batches, lowest cosine over \d+ utterances: ([\d.]+)", out)
+    assert len(agreement) >= 4 and all(float(c) >= 0.99999 for c in agreement), agreement
 
     rows = table_rows(out, "metrics on")
     ours, s3prl = rows[0], rows[1]

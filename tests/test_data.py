@@ -790,6 +790,18 @@ def test_length_batches_edge_cases():
     assert length_batches([2.0, 2.0, 2.0], 6.0) == [[0, 1, 2]]
 
 
+def test_eval_batch_secs_default_is_the_devices_own_and_a_set_value_wins():
+    from asv.config import ConfigError, load_config
+    from asv.embed import CPU_EVAL_BATCH_SECS, GPU_EVAL_BATCH_SECS, eval_batch_secs
+    cfg = load_config(None, [])
+    assert cfg.data.eval_batch_secs == 0  # no flag: resolved where evaluation runs
+    assert eval_batch_secs(cfg, "cpu") == CPU_EVAL_BATCH_SECS == 60.0
+    assert eval_batch_secs(cfg, torch.device("cuda", 1)) == GPU_EVAL_BATCH_SECS == 600.0
+    assert eval_batch_secs(load_config(None, ["data.eval_batch_secs=5"]), "cuda") == 5.0
+    with pytest.raises(ConfigError, match="data.eval_batch_secs"):
+        load_config(None, ["data.eval_batch_secs=-1"])
+
+
 def test_utterance_dataset_repeats_short_files(tmp_path):
     short = write(tmp_path / "short.wav", ramp(1000))
     long = write(tmp_path / "long.wav", ramp(5000))

@@ -264,6 +264,6 @@ def test_loaders_pin_their_batches_when_cuda_is_there(monkeypatch):
     cfg.num_workers = 0
     utts = [Utterance(f"u{i}", f"/nowhere/{i}.wav", "s", 3.0, 16000, "train") for i in range(12)]
     assert train_loader(cfg, utts, [0] * 12, [3.0] * 12).pin_memory
-    assert eval_loader([u.path for u in utts], [3.0] * 12, cfg, 400).pin_memory
+    assert eval_loader([u.path for u in utts], [3.0] * 12, cfg, 400, "cuda").pin_memory
     monkeypatch.undo()
     assert make_accelerator(cfg).dataloader_config.non_blocking
