@@ -48,7 +48,7 @@ from common import REAL_MINI, ROOT, VOX1_META, GpuUtilisation
 from asv import metrics
 from asv.audio import load_audio
 from asv.config import load_config
-from asv.data import TrainBatchSampler, TrainDataset, collate_padded, length_batches, read_manifest
+from asv.data import TrainBatchSampler, TrainDataset, collate_padded, length_batches, read_manifest, trim_once
 from asv.embed import build_models, embed, eval_loader
 from asv.train import make_optimizer
 
@@ -154,11 +154,13 @@ def train_step(parts, wavs, lengths, labels, clip: float):
 
 
 def make_train_loader(cfg, train_utts, labels, num_workers: int):
-    """train_asv.py's loader (data.crop, data.effects), without augmentation."""
+    """train_asv.py's loader (data.crop, data.effects: the data folder's effects.tsv, made here if absent),
+    without augmentation."""
     d = cfg.data
-    sampler = TrainBatchSampler([u.duration for u in train_utts], d.batch_size, d.crop, d.min_secs, d.max_secs,
-                                cfg.train.seed)
-    return torch.utils.data.DataLoader(TrainDataset(train_utts, labels, d.sample_rate, d.crop, d.effects),
+    trims = trim_once(d.dir, train_utts, d.sample_rate, num_workers, False) if d.effects == "superb" else None
+    durations = [u.duration for u in train_utts] if trims is None else trims.kept / d.sample_rate
+    sampler = TrainBatchSampler(durations, d.batch_size, d.crop, d.min_secs, d.max_secs, cfg.train.seed)
+    return torch.utils.data.DataLoader(TrainDataset(train_utts, labels, d.sample_rate, d.crop, d.effects, None, trims),
                                        batch_sampler=sampler, collate_fn=collate_padded, num_workers=num_workers)
 
 
