@@ -36,7 +36,7 @@ from common import REAL_MINI, ROOT
 import asv.augment as augment_module
 from asv.augment import Augmenter
 from asv.config import AugmentConfig
-from asv.data import TrainBatchSampler, TrainDataset, Utterance, trim_once
+from asv.data import EFFECTS_FILE, TrainBatchSampler, TrainDataset, Utterance, trim_once
 
 SR = 16000
 H200_BF16 = 989e12  # dense bf16 FLOP/s of an H200 SXM (NVIDIA's datasheet: 1,979 T with sparsity)
@@ -162,6 +162,7 @@ def main():
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     long_files = [p for p in sorted(REAL_MINI.glob("*/*/*.flac")) if sf.info(p).duration > 8.5][:args.files]
     utts = [Utterance(str(k), str(p), "spk", sf.info(p).duration, SR, "train") for k, p in enumerate(long_files)]
+    (work / "data" / EFFECTS_FILE).unlink(missing_ok=True)  # the pass is timed, so it runs
     start = time.process_time()
     trims = trim_once(work / "data", utts, SR, workers=0, show_progress=False)
     pass_ms = (time.process_time() - start) / len(utts) * 1e3
