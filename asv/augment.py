@@ -34,7 +34,7 @@ def _scan(folder: str, what: str) -> list[Path]:
     return files
 
 
-def _fft_size(n: int) -> int:
+def fast_fft_size(n: int) -> int:
     """The smallest 2^a 3^b 5^c >= n. An FFT of a length with a large prime factor is several times slower:
     an 8 s crop with a 0.5 s RIR (135,999 samples) takes 33 ms on one core, at 138,240 5 ms
     (benchmarks/bench_loader.py: reverberation was most of an augmented example's time)."""
@@ -105,7 +105,7 @@ class Augmenter:
         rir = rir / energy.sqrt()  # unit energy: the crop's level stays about the same
         peak = int(rir.abs().argmax())  # direct path; shifting by it keeps the speech aligned with the crop
         n = wav.numel() + rir.numel() - 1  # the linear convolution's length
-        size = _fft_size(n)  # >= n: no wrap-around reaches the samples kept
+        size = fast_fft_size(n)  # >= n: no wrap-around reaches the samples kept
         full = torch.fft.irfft(torch.fft.rfft(wav, size) * torch.fft.rfft(rir, size), size)
         return full[peak:peak + wav.numel()]
 
