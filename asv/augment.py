@@ -34,6 +34,21 @@ def _scan(folder: str, what: str) -> list[Path]:
     return files
 
 
+def fast_fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n. An FFT of a length with a large prime factor is several times slower:
+    an 8 s crop with a 0.5 s RIR (135,999 samples) takes 33 ms on one core, at 138,240 5 ms
+    (benchmarks/bench_loader.py: reverberation was most of an augmented example's time)."""
+    size = n
+    while True:
+        rest = size
+        for p in (2, 3, 5):
+            while rest % p == 0:
+                rest //= p
+        if rest == 1:
+            return size
+        size += 1
+
+
 class Augmenter:
     """Reverberation and additive noise on one training crop; files are read lazily, segment by segment."""
 
@@ -89,7 +104,9 @@ class Augmenter:
             return wav  # a silent or broken RIR would zero the crop
         rir = rir / energy.sqrt()  # unit energy: the crop's level stays about the same
         peak = int(rir.abs().argmax())  # direct path; shifting by it keeps the speech aligned with the crop
-        full = AF.fftconvolve(wav, rir)  # (T + L - 1,)
+        n = wav.numel() + rir.numel() - 1  # the linear convolution's length
+        size = fast_fft_size(n)  # >= n: no wrap-around reaches the samples kept
+        full = torch.fft.irfft(torch.fft.rfft(wav, size) * torch.fft.rfft(rir, size), size)
         return full[peak:peak + wav.numel()]
 
     def add_noise(self, wav: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

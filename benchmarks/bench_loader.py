@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio.functional as AF
 from common import REAL_MINI, ROOT
 
 import asv.augment as augment_module
-from asv.augment import Augmenter
+from asv.augment import Augmenter, fast_fft_size
 from asv.config import AugmentConfig
-from asv.data import TrainBatchSampler, TrainDataset, Utterance, trim_once
+from asv.data import EFFECTS_FILE, TrainBatchSampler, TrainDataset, Utterance, trim_once
 
 SR = 16000
 H200_BF16 = 989e12  # dense bf16 FLOP/s of an H200 SXM (NVIDIA's datasheet: 1,979 T with sparsity)
@@ -97,13 +98,43 @@ class ReadTimer:
         augment_module.load_audio = self.real
 
 
-def timed(dataset, items) -> tuple[float, list]:
-    """CPU seconds for dataset[item] over items (after 3 warm-up examples), and the waveforms."""
-    for item in items[:3]:
-        dataset[item]
-    start = time.process_time()
-    out = [dataset[item][0] for item in items]
-    return time.process_time() - start, out
+class TimedAugmenter:
+    """An Augmenter whose __call__ (reverberation + noise, their reads included) is timed in CPU seconds."""
+
+    def __init__(self, augmenter):
+        self.augmenter, self.seconds = augmenter, 0.0
+
+    def __getattr__(self, name):  # speed_factor, speed: as they are
+        return getattr(self.augmenter, name)
+
+    def __call__(self, wav, rng):
+        start = time.process_time()
+        try:
+            return self.augmenter(wav, rng)
+        finally:
+            self.seconds += time.process_time() - start
+
+
+def interleaved(paths: dict, items, block: int = 10) -> tuple[dict, dict]:
+    """CPU seconds of each path (item -> waveform) over `items`, run in alternating blocks of `block` items so
+    that a busy neighbour or a clock change weighs on every path alike; and each path's outputs."""
+    seconds, outputs = dict.fromkeys(paths, 0.0), {name: [] for name in paths}
+    for i in range(0, len(items), block):
+        for name, run in paths.items():
+            start = time.process_time()
+            out = [run(item) for item in items[i:i + block]]
+            seconds[name] += time.process_time() - start
+            outputs[name] += out
+    return seconds, outputs
+
+
+def decode_8s(utt_frames: dict):
+    """item -> an 8 s span of its file at an offset drawn from its seed (soundfile, float32): decoding alone."""
+    def run(item):
+        path, frames = utt_frames[item[0]]
+        offset = int(np.random.default_rng(item[2]).integers(0, frames - 8 * SR + 1))
+        return sf.read(path, start=offset, frames=8 * SR, dtype="float32")[0]
+    return run
 
 
 def ecapa_train_flop(channels: int, secs: float) -> float:
@@ -132,6 +163,7 @@ def main():
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     long_files = [p for p in sorted(REAL_MINI.glob("*/*/*.flac")) if sf.info(p).duration > 8.5][:args.files]
     utts = [Utterance(str(k), str(p), "spk", sf.info(p).duration, SR, "train") for k, p in enumerate(long_files)]
+    (work / "data" / EFFECTS_FILE).unlink(missing_ok=True)  # the pass is timed, so it runs
     start = time.process_time()
     trims = trim_once(work / "data", utts, SR, workers=0, show_progress=False)
     pass_ms = (time.process_time() - start) / len(utts) * 1e3
@@ -144,21 +176,25 @@ def main():
     print(f"{len(utts)} files, mean {np.mean([u.duration for u in utts]):.1f} s; "
           f"effects pass (once per data folder): {pass_ms:.1f} ms CPU per file\n")
 
-    rng = np.random.default_rng(0)
-    spans = []
-    for u in utts[:args.examples] * (args.examples // len(utts) + 1):
-        frames = sf.info(u.path).frames
-        spans.append((u.path, int(rng.integers(0, frames - 8 * SR + 1))))
-    spans = spans[:args.examples]
-    start = time.process_time()
-    for path, offset in spans:
-        sf.read(path, start=offset, frames=8 * SR, dtype="float32")
-    decode_rate = len(spans) / (time.process_time() - start)
-    print(f"decode only, 8 s spans of the same files: {decode_rate:.0f} crops/s per core\n")
-
+    # reverberation, the bulk of an augmented example: torchaudio's fftconvolve (an FFT at the convolution's own
+    # length) beside Augmenter.reverberate's (a 5-smooth length), one 8 s crop and a 0.5 s RIR
+    crop, rir = torch.randn(8 * SR), torch.randn(SR // 2)
+    size = fast_fft_size(crop.numel() + rir.numel() - 1)
+    ms = {}
+    for name, conv in (("fftconvolve", lambda: AF.fftconvolve(crop, rir)),
+                       ("5-smooth", lambda: torch.fft.irfft(torch.fft.rfft(crop, size) * torch.fft.rfft(rir, size), size))):
+        conv()
+        start = time.process_time()
+        for _ in range(10):
+            conv()
+        ms[name] = (time.process_time() - start) / 10 * 1e3
+    print(f"reverberating an 8 s crop with a 0.5 s RIR: torchaudio fftconvolve {ms['fftconvolve']:.1f} ms, "
+          f"at FFT length {size} (as Augmenter.reverberate) {ms['5-smooth']:.1f} ms\n")
+    frames = {k: (u.path, sf.info(u.path).frames) for k, u in enumerate(utts)}
     print("## crops/s per CPU core\n")
-    print("| recipe | whole file | span | span / whole | span / decode-only | noise+RIR reads (span) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| recipe | whole file | span | decode only, 8 s | span / whole | span / decode only | "
+          "augmentation (its file reads) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rates = {}
     for name, crop, effects, min_secs, max_secs, augmented in RECIPES:
         durations = trims.kept / SR if effects == "superb" else [u.duration for u in utts]
@@ -168,19 +204,25 @@ def main():
                               SR) if augmented else None
         labels = [0] * len(utts)
         whole = TrainDataset(utts, labels, SR, crop, effects, augmenter)
-        span = TrainDataset(utts, labels, SR, crop, effects, augmenter, trims if effects == "superb" else None)
-        whole_secs, whole_out = timed(whole, items)
+        timed_aug = TimedAugmenter(augmenter) if augmented else None
+        span = TrainDataset(utts, labels, SR, crop, effects, timed_aug, trims if effects == "superb" else None)
+        paths = {"whole": lambda item: whole[item][0], "span": lambda item: span[item][0], "decode": decode_8s(frames)}
+        for run in paths.values():  # warm-up: first opens, lazy imports, the augmenter's header cache
+            [run(item) for item in items[:3]]
+        if timed_aug:
+            timed_aug.seconds = 0.0
         with ReadTimer() as reads:
-            span_secs, span_out = timed(span, items)
-        same = all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(whole_out, span_out))
-        if not same:
+            seconds, out = interleaved(paths, items)
+        if not all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(out["whole"], out["span"])):
             raise SystemExit(f"{name}: the span path gave other samples than the whole-file chain")
-        w, s = len(items) / whole_secs, len(items) / span_secs
+        w, s, d = (len(items) / seconds[k] for k in ("whole", "span", "decode"))
         rates[name] = s
-        share = f"{reads.seconds / span_secs:.0%}" if augmented else "-"
-        print(f"| {name} | {w:.0f} | {s:.0f} | {s / w:.2f}x | {s / decode_rate:.2f}x | {share} |")
+        # both paths make the same augmentation reads (the same draws): half the total is the span path's
+        aug = f"{timed_aug.seconds / seconds['span']:.0%} ({reads.seconds / 2 / seconds['span']:.0%})" if augmented else "-"
+        print(f"| {name} | {w:.0f} | {s:.0f} | {d:.0f} | {s / w:.2f}x | {s / d:.2f}x | {aug} |")
     print("\nfixed crops without effects: both columns are the same code (the crop alone was already read); "
-          "every timed example of the two paths was equal (np.array_equal)")
+          "every timed example of the two paths was equal (np.array_equal). augmentation: the share of the span "
+          "path's time in reverberation + noise, and in their noise/RIR file reads")
 
     print("\n## what a GPU consumes (estimates from FLOPs, 40% of an H200's dense bf16 peak)\n")
     print("| consumer | GFLOP per crop | crops/s per GPU | loader cores per GPU (span path) |")

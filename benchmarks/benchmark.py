@@ -44,7 +44,7 @@ import torch
 from asv import metrics
 from asv.audio import load_audio
 from asv.config import load_config
-from asv.data import length_batches, read_manifest, train_loader
+from asv.data import length_batches, read_manifest, train_loader, trim_once
 from asv.embed import build_models, embed, eval_batch_secs, eval_loader
 from asv.models import cosine_scores, min_input_samples
 from asv.models.pooling import StatsPool
@@ -142,8 +142,12 @@ def train_parts(cfg, num_speakers: int):
 
 
 def make_train_loader(cfg, train_utts, labels, num_workers: int):
-    """train_asv.py's loader (asv.data.train_loader) on the manifest's durations (no SoX length pass)."""
-    return train_loader(cfg, train_utts, labels, [u.duration for u in train_utts], num_workers=num_workers)
+    """train_asv.py's loader (asv.data.train_loader; data.effects=superb: the data folder's effects.tsv, made
+    here if absent), without augmentation."""
+    d = cfg.data
+    trims = trim_once(d.dir, train_utts, d.sample_rate, num_workers, False) if d.effects == "superb" else None
+    durations = [u.duration for u in train_utts] if trims is None else list(trims.kept / d.sample_rate)
+    return train_loader(cfg, train_utts, labels, durations, num_workers=num_workers, trims=trims)
 
 
 def time_loader(cfg, train_utts, labels, num_workers: int, batches: int) -> tuple[float, float]:

@@ -37,7 +37,7 @@ from asv.models import MarginSoftmax, min_input_samples
 from common import ROOT, GpuUtilisation
 
 from asv.config import load_config
-from asv.data import TrainBatchSampler, TrainDataset, collate_padded, read_manifest
+from asv.data import TrainBatchSampler, TrainDataset, collate_padded, read_manifest, trim_once
 from asv.demo import make_demo_speaker
 from asv.embed import build_models, embed, eval_loader
 from asv.train import make_optimizer
@@ -157,9 +157,13 @@ def check_loader(sizes: dict, data: Path, device):
     utts = [u for u in read_manifest(str(data)) if u.split == "train"]
     speakers = sorted({u.speaker for u in utts})
     workers = min(cfg.num_workers, os.cpu_count() or 1)
-    sampler = TrainBatchSampler([u.duration for u in utts], sizes["batch"], d.crop, d.min_secs, sizes["crop"],
+    # as train_asv.py: the effects once per data folder (effects.tsv), each example a span of its file
+    trims = trim_once(str(data), utts, d.sample_rate, workers, False) if d.effects == "superb" else None
+    durations = [u.duration for u in utts] if trims is None else trims.kept / d.sample_rate
+    sampler = TrainBatchSampler(durations, sizes["batch"], d.crop, d.min_secs, sizes["crop"],
                                 cfg.train.seed, multiple=sizes["accumulate"])
-    dataset = TrainDataset(utts, [speakers.index(u.speaker) for u in utts], d.sample_rate, d.crop, d.effects)
+    dataset = TrainDataset(utts, [speakers.index(u.speaker) for u in utts], d.sample_rate, d.crop, d.effects, None,
+                           trims)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_padded, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     parts, it, waited = train_parts(cfg, len(speakers), device), iter(loader), 0.0

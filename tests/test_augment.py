@@ -106,8 +106,9 @@ def test_snr_is_within_the_category_range(tmp_path, clean, category, snr_range):
 def test_only_the_needed_segment_is_decoded(tmp_path, clean, monkeypatch):
     write(tmp_path / "long" / "noise" / "long.wav", np.random.default_rng(0).normal(0, 0.1, 20 * SR))
     reads = []
-    real_read = sf.read
-    monkeypatch.setattr(sf, "read", lambda *a, **k: reads.append(k.get("frames")) or real_read(*a, **k))  # asv.audio's
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read",  # asv.audio's: one open, seek, read the frames asked
+                        lambda self, frames=-1, *a, **k: reads.append(frames) or real_read(self, frames, *a, **k))
     aug = Augmenter(AugmentConfig(noise_dir=str(tmp_path / "long"), noise_prob=1.0), SR)
     aug(clean, np.random.default_rng(0))
     assert reads and all(0 < f <= clean.numel() + 1 for f in reads)
@@ -210,3 +211,18 @@ def test_spec_augment_prob_zero_is_unchanged():
     feats = torch.randn(2, 30, 8)
     out = spec_augment(feats, torch.tensor([30, 20]), AugmentConfig(specaug_prob=0.0))
     assert torch.equal(out, feats)
+
+
+def test_reverberation_is_the_linear_convolution(tmp_path):
+    """The FFT at a fast length (not the convolution's own) still gives the linear convolution: every kept
+    sample against NumPy's direct float64 sum, for crop and RIR lengths whose convolution has a large prime factor."""
+    rir = decaying_rir(delay=30, n=3001)
+    write(tmp_path / "rirs" / "r.wav", rir)
+    aug = Augmenter(AugmentConfig(rir_dir=str(tmp_path / "rirs"), rir_prob=1.0), SR)
+    wav = torch.from_numpy(np.random.default_rng(5).normal(0, 0.1, 12_997).astype(np.float32))
+    out = aug.reverberate(wav, np.random.default_rng(0))
+    stored = sf.read(tmp_path / "rirs" / "r.wav", dtype="float32")[0].astype(np.float64)  # as the file holds it
+    unit = stored / np.sqrt((stored ** 2).sum())
+    want = np.convolve(wav.numpy().astype(np.float64), unit)[30:30 + wav.numel()]
+    # float32 FFT of ~16k points: error ~ eps * log2(N) * the energy of the terms, well under 1e-5 here
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-5 * np.abs(want).max(), rtol=0)
