@@ -420,9 +420,10 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
 # train.* but mixed_precision) is training's: it changes nothing an evaluation does, or breaks the checkpoint.
 EVAL_KEYS = ("num_workers", "eval_batch", "data.dir", "data.sample_rate", "data.eval_batch_secs",
              "data.eval_chunk_secs", "upstream.ckpt", "train.mixed_precision", "score")
-# Overrides that leave every score as the run's config gives it: an embedding never depends on its batch-mates,
-# and data.dir may only name the same data (its fingerprint is checked). The others give results of their own.
-SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir")
+# Overrides that leave every cosine score as the run's config gives it: an embedding never depends on its
+# batch-mates; data.dir may only name the same data (its fingerprint is checked); score.* adds AS-norm results,
+# which record their cohort settings. The others give results of their own (eval/<list>@<hash>/).
+SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir", "score")
 
 
 def run_config(ckpt_or_run: Path, overrides: list[str] = ()) -> Config:
@@ -443,4 +444,5 @@ def eval_overrides(ckpt: Path, cfg: Config) -> dict:
     """{dotted key: value} of `cfg` that differ from the run's recorded config and change results: an evaluation
     with any writes its own result set (eval/<list>@<hash>/), never the run's recorded one."""
     changes = config_changes(run_config(ckpt), cfg)
-    return {k: new for k, (_, new) in sorted(changes.items()) if k not in SAME_RESULTS}
+    return {k: new for k, (_, new) in sorted(changes.items())
+            if not any(k == same or k.startswith(same + ".") for same in SAME_RESULTS)}
