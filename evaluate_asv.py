@@ -36,7 +36,7 @@ from asv.metrics import THRESHOLD_FORMS, VALID_SCORES, has_validation_scores, re
 from asv.run import average_checkpoints
 from asv.data import read_audio_list, trial_lists
 from asv.embed import audio_durations, embed_files, import_kaldiio, load_extractors, write_embeddings
-from asv.embed import evaluate_checkpoints, read_inputs, resolve_lists
+from asv.embed import check_data, evaluate_checkpoints, read_inputs, resolve_lists
 from asv.embed import FeatureCache
 from asv.run import atomic_write
 from asv.models.export import check_export_path, export_program, save_program
@@ -212,7 +212,9 @@ def main():
             inputs = extract_inputs(args.extract, Path(args.out))
         elif not args.export:
             inputs = read_inputs(cfg, resolve_lists(cfg.data.dir, args.trials), args.trials_root)
+            inputs = check_data(Path(args.ckpt_dir[0]), cfg, inputs)  # the data the run was trained on?
             valid = validation_inputs(cfg, args.trials, args.trials_root) if args.average else None
+            valid = valid and check_data(Path(args.ckpt_dir[0]), cfg, valid)
         if args.average:
             args.ckpt_dir = [average(args.ckpt_dir, args.average)]
         ex = load_extractors(args.ckpt_dir, args.overrides)

@@ -31,7 +31,8 @@ from .models import (
     model_meta,
     run_chunked,
 )
-from .run import atomic_write, check_replaceable, eval_overrides, recover_dir, replace_dir, run_config, write_text
+from .run import (atomic_write, check_replaceable, data_fingerprint, eval_overrides, recover_dir, replace_dir,
+                  run_config, run_folder, write_text)
 from .metrics import VALID_SCORES, calibration_line, calibration_metrics, ensure_calibration, has_validation_scores
 
 FORMAT = 1  # bump when the upstream code changes what it returns: old entries are then never read
@@ -473,6 +474,8 @@ class Inputs:
     cohort: list[str]                                            # AS-norm cohort files ([] without AS-norm)
     paths: list[str]                                             # every file to embed, once
     durations: list[float]
+    data: dict = dataclasses.field(default_factory=dict)         # {"data_fingerprint": ...} of data the run was not
+                                                                 # trained on (check_data): a result set of its own
 
 
 def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> Inputs:
@@ -494,6 +497,30 @@ def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> 
     return Inputs(loaded, cohort, paths, audio_durations(paths, {u.path: u.duration for u in utts}))
 
 
+def check_data(ckpt: Path, cfg, inputs: Inputs) -> Inputs:
+    """The data folder against the one the run was trained on (run.json's data_fingerprint). The same data:
+    nothing to say. Other data (prepared again, another corpus): refused in one line when a list names an
+    utterance of a training speaker of the run (speakers.txt), as the results would claim held-out speakers;
+    otherwise the results are labelled with the new fingerprint and go to a set of their own."""
+    run = run_folder(ckpt)
+    record = run / "run.json"
+    recorded = json.loads(record.read_text()).get("data_fingerprint") if record.is_file() else None
+    found = data_fingerprint(cfg.data.dir)
+    if recorded is None or recorded == found:
+        return inputs
+    trained = set((run / "speakers.txt").read_text().split()) if (run / "speakers.txt").is_file() else set()
+    speaker_of = {u.path: u.speaker for u in read_manifest(cfg.data.dir)}
+    for spec, _, audio in inputs.lists.values():
+        seen = sorted({speaker_of[p] for p in audio.values() if p in speaker_of} & trained)
+        if seen:
+            named = ", ".join(seen[:3]) + (", ..." if len(seen) > 3 else "")
+            raise ValueError(f"{spec.path}: {len(seen)} of its speakers ({named}) are training speakers of {run}: "
+                             f"{cfg.data.dir} is not the data it was trained on (data fingerprint {found}, the run's "
+                             f"{recorded}; prepared again?), so these results would not be of held-out speakers; "
+                             "evaluate on the run's data")
+    return dataclasses.replace(inputs, data={"data_fingerprint": found})
+
+
 def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | None = None,
                          cache: FeatureCache | None = None) -> dict:
     """Evaluate one run's checkpoints on trial lists; returns {ckpt: {eval folder name: metrics}} (main process).
@@ -504,10 +531,11 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
     if cohort and len(cohort) < cfg.score.cohort_size:
         accelerator.print(f"note: score.cohort_size={cfg.score.cohort_size}, but {cfg.data.dir} has "
                           f"{len(cohort)} training utterances: the cohort holds them all")
-    cals = checkpoint_calibrations(accelerator, ex.ckpts) if accelerator.is_main_process and not ex.overrides else {}
-    if ex.overrides:  # the calibration is fit on validation scores of the run's config: it never applies here
-        accelerator.print(f"note: overrides {', '.join(f'{k}={v}' for k, v in ex.overrides.items())} change the "
-                          f"scores: results go to eval/<list>@{overrides_hash(ex.overrides)}/, not calibrated")
+    overrides = {**ex.overrides, **inputs.data}
+    cals = checkpoint_calibrations(accelerator, ex.ckpts) if accelerator.is_main_process and not overrides else {}
+    if overrides:  # the calibration is fit on validation scores of the run's config and data: it never applies here
+        accelerator.print(f"note: {', '.join(f'{k}={v}' for k, v in overrides.items())}: not the run's config or "
+                          f"data; results go to eval/<list>@{overrides_hash(overrides)}/, not calibrated")
     row = {p: i for i, p in enumerate(paths)}
     tables, done = embed_files(accelerator, ex, paths, inputs.durations, cache)
     if done.sum() < len(paths):
@@ -534,12 +562,12 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
                 files["scores_asnorm.txt"] = scores_text(trials, keep, normed)
                 files["metrics_asnorm.json"] = metrics_json(m["asnorm"])
                 line += f" | AS-norm EER {m['asnorm']['eer']:.2f}% minDCF0.01 {m['asnorm']['min_dcf_0.01']:.4f}"
-            if ex.overrides:
-                m["overrides"] = ex.overrides
+            if overrides:
+                m["overrides"] = overrides
             files["metrics.json"] = metrics_json(m)
-            folder = eval_folder(ckpt, spec.name, spec.path if spec.user_file else None, ex.overrides)
+            folder = eval_folder(ckpt, spec.name, spec.path if spec.user_file else None, overrides)
             write_eval_set(folder, files)
             out[str(ckpt)][folder.name] = m
-            accelerator.print(line + (f" | {folder}" if spec.user_file or ex.overrides else ""))
+            accelerator.print(line + (f" | {folder}" if spec.user_file or overrides else ""))
     accelerator.wait_for_everyone()
     return out

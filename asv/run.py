@@ -426,12 +426,18 @@ EVAL_KEYS = ("num_workers", "eval_batch", "data.dir", "data.sample_rate", "data.
 SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir", "score")
 
 
-def run_config(ckpt_or_run: Path, overrides: list[str] = ()) -> Config:
-    """The config of the run a checkpoint (or run folder) belongs to, with overrides for evaluation."""
+def run_folder(ckpt_or_run: Path) -> Path:
+    """The run folder a checkpoint (or run folder) belongs to: where its config.yaml is."""
     folder = Path(ckpt_or_run)
     run = folder if (folder / "config.yaml").is_file() else folder.absolute().parent
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{folder}: no config.yaml here or in {run}: not a run or checkpoint folder of train_asv.py")
+    return run
+
+
+def run_config(ckpt_or_run: Path, overrides: list[str] = ()) -> Config:
+    """The config of the run a checkpoint (or run folder) belongs to, with overrides for evaluation."""
+    run = run_folder(ckpt_or_run)
     for text in overrides:
         key = text.split("=", 1)[0].strip()
         if not any(key == k or key.startswith(k + ".") for k in EVAL_KEYS):

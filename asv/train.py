@@ -84,7 +84,8 @@ class TrainState:
         fields = set(self.state_dict())
         if (not isinstance(state, dict) or set(state) != fields
                 or not all(type(v) is int and v >= 0 for v in state.values())):
-            raise ValueError(f"{path}: not a train state (expected the non-negative integers {', '.join(sorted(fields))})")
+            raise ValueError(f"{path}: not a train state (expected the non-negative integers "
+                             f"{', '.join(sorted(fields))})")
         self.load_state_dict(state)
 
 

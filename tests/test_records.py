@@ -90,3 +90,38 @@ def test_pair_refuses_overrides_that_change_the_scores(trained, exp):
     wavs = sorted((trained / "corpus").rglob("*.wav"))[:2]
     result = evaluate(exp / "step-2", "--pair", *wavs, "data.sample_rate=8000")
     assert_one_line_error(result, "--pair with data.sample_rate=8000", "calibration.json")
+
+
+# ---------------------------------------------------------------- 4. the data the run was trained on
+
+def speakers(data: Path, *splits) -> set:
+    import csv
+    with open(data / "utterances.csv", newline="") as f:
+        return {r["speaker"] for r in csv.DictReader(f) if r["split"] in splits}
+
+
+def test_evaluation_on_a_preparation_that_holds_training_speakers_is_refused(trained, exp, tmp_path):
+    """prepare again with another seed: other test speakers, some of which the run trained on."""
+    import prepare_voxceleb
+    again = tmp_path / "again"
+    prepare_voxceleb.main(["--corpus", str(trained / "corpus"), "--out", str(again), "--test-speakers", "2",
+                           "--valid-speakers", "2", "--seed", "3"])
+    overlap = speakers(again, "test") & speakers(trained / "data", "train")
+    assert overlap  # seed 3 puts a training speaker of seed 0 among the test speakers
+    before = snapshot(exp)
+    result = evaluate(exp / "step-2", f"data.dir={again}")
+    assert_one_line_error(result, f"{again}/trials/test.txt", "training speakers of", "not the data it was trained on")
+    assert snapshot(exp) == before
+
+
+def test_evaluation_on_other_data_of_held_out_speakers_is_labelled(trained, exp, tmp_path):
+    held_out = sorted(speakers(trained / "data", "test", "valid"))
+    for s in held_out:
+        shutil.copytree(trained / "corpus" / s, tmp_path / "corpus" / s)
+    other = prepare(tmp_path / "corpus", tmp_path / "other", test_speakers=2, valid_speakers=0)
+    recorded = snapshot(exp / "step-2" / "eval")
+    result = evaluate(exp / "step-2", f"data.dir={other}")
+    assert result.returncode == 0, result.stderr
+    (labelled,) = [p for p in (exp / "step-2" / "eval").iterdir() if p.name.startswith("test@")]
+    assert "data_fingerprint" in json.loads((labelled / "metrics.json").read_text())["overrides"]
+    assert {k: v for k, v in snapshot(exp / "step-2" / "eval").items() if not str(k).startswith("test@")} == recorded
