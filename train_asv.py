@@ -29,7 +29,7 @@ from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors
                        scores_text, trial_audio, trial_rows, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
 from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, complete_checkpoints, open_run, rank_key,
-                     read_history, record_validation, settle, truncate_history, write_json, write_text)
+                     read_history, record_validation, resume_folder, settle, truncate_history, write_json, write_text)
 from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, label_encoder, lr_at, make_accelerator,
                        one_line, prepare, set_schedules, train_step)
 
@@ -168,7 +168,7 @@ def save_checkpoint(accelerator, cfg, state: TrainState, upstream, encoder, head
 def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
     """Load the newest complete checkpoint (or train.resume_ckpt_dir) into the prepared objects."""
     t, exp = cfg.train, Path(cfg.exp_dir)
-    folder = Path(t.resume_ckpt_dir) if t.resume_ckpt_dir else checkpoints[-1] if checkpoints else None
+    folder = resume_folder(exp, cfg, checkpoints)
     if folder is None:
         return
     check_pickles(folder)  # nothing is unpickled before every file of the folder is known to hold only data
@@ -183,8 +183,12 @@ def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
     state.load(folder)
     if accelerator.is_main_process:  # what came after the resume point is redone: its records go
         truncate_history(exp, state.step)
-        for later in [c for c in complete_checkpoints(exp) if int(c.name[5:]) > state.step]:
-            shutil.rmtree(later)
+        later = [c for c in complete_checkpoints(exp) if int(c.name[5:]) > state.step]
+        for c in later:  # open_run refused this unless --amend (train.resume_ckpt_dir) or a kill left them
+            shutil.rmtree(c)
+        if later:
+            accelerator.print(f"deleted {', '.join(c.name for c in later)}: their steps are redone from "
+                              f"step {state.step}")
         settle(exp, t.valid_metric, t.keep_num_ckpts)
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {folder} at step {state.step}")

@@ -370,6 +370,77 @@ def data_fingerprint(data_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
+CONFIG_HISTORY = "config_history.jsonl"
+
+
+def config_history(exp) -> list[dict]:
+    path = Path(exp) / CONFIG_HISTORY
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line (a kill mid-append)
+            pass
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def record_change(exp, entry: dict):
+    with open(Path(exp) / CONFIG_HISTORY, "a", encoding="utf-8") as f:  # appended whole lines only
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **entry}) + "\n")
+
+
+def resume_folder(exp, cfg: Config, checkpoints: list[Path]) -> Path | None:
+    """What a (re-)run resumes from: train.resume_ckpt_dir until this run has saved a checkpoint after resuming
+    from it (config_history.jsonl records the resume), then its newest checkpoint like any re-run."""
+    source = cfg.train.resume_ckpt_dir
+    if source:
+        resolved = Path(source).resolve()
+        done = any(e.get("resumed_from") == str(resolved) for e in config_history(exp))
+        if not done or not any(step_of(c) > (step_of(resolved) or 0) for c in checkpoints):
+            return Path(source)
+    return checkpoints[-1] if checkpoints else None
+
+
+def check_resume_source(exp: Path, cfg: Config, checkpoints: list[Path], amend: bool) -> dict | None:
+    """train.resume_ckpt_dir, checked before anything is written: a step-N checkpoint; from another run, one
+    trained with this config (but exp_dir); never deleting this run's later checkpoints unsaid. Either is
+    refused unless --amend; returns the config_history entry recording the resume (None: nothing to resume)."""
+    folder = resume_folder(exp, cfg, checkpoints)
+    if folder is None or folder != Path(cfg.train.resume_ckpt_dir or "."):
+        return None
+    step = step_of(folder.resolve())
+    if step is None or not folder.is_dir():
+        raise ValueError(f"train.resume_ckpt_dir={folder}: not a step-N checkpoint folder of train_asv.py")
+    source = run_folder(folder)
+    entry, problems = {"at_step": step, "resumed_from": str(folder.resolve())}, []
+    if source.resolve() != exp.resolve():
+        try:
+            theirs = load_config(str(source / "config.yaml"))
+        except ConfigError as e:
+            raise ValueError(f"{source / 'config.yaml'}: cannot be read back ({e})") from None
+        differ = {k: v for k, v in unsafe_changes(theirs, cfg).items()
+                  if k not in ("train.resume_ckpt_dir", "train.auto_resume")}
+        record = source / "run.json"
+        recorded = json.loads(record.read_text()).get("data_fingerprint") if record.is_file() else None
+        if "data.dir" in differ and recorded == data_fingerprint(cfg.data.dir):
+            del differ["data.dir"]  # the same data, moved
+        if differ:
+            entry["changes"] = {k: [old, new] for k, (old, new) in differ.items()}
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
+            problems.append(f"its run {source} was trained with another config ({listed})")
+    later = [c.name for c in checkpoints if step_of(c) > step]
+    if later:
+        entry["deleted"] = later
+        problems.append(f"resuming at step {step} deletes this run's later checkpoints {', '.join(later)}")
+    if problems and not amend:
+        raise ValueError(f"train.resume_ckpt_dir={folder}: {'; '.join(problems)}. Re-run with --amend to do it on "
+                         "purpose (recorded in config_history.jsonl)")
+    entry["amended"] = bool(problems)
+    return entry
+
+
 def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
     """Create the run folder, or check a re-run against it; returns its complete checkpoints.
 
@@ -382,8 +453,11 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
         if checkpoints:
             raise ValueError(f"{exp} holds checkpoints but no config.yaml: not a run folder this code wrote; "
                              "use a new exp_dir")
+        resumed = check_resume_source(exp, cfg, checkpoints, amend)
         save_config(cfg, saved_path)
         write_json(exp / "run.json", {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "data_fingerprint": fingerprint})
+        if resumed:
+            record_change(exp, resumed)
         return checkpoints
     if checkpoints and not cfg.train.auto_resume and not cfg.train.resume_ckpt_dir:
         raise ValueError(f"{exp} holds checkpoints of an earlier run (up to {checkpoints[-1].name}) and "
@@ -404,15 +478,16 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ValueError(f"{exp} was trained with another config ({listed}). Use a new exp_dir, or re-run with "
                          "--amend to change the run on purpose (recorded in config_history.jsonl)")
+    resumed = check_resume_source(exp, cfg, checkpoints, amend)
     changes = {**config_changes(saved, cfg), **other_data}
     if changes:
         step = step_of(checkpoints[-1]) if checkpoints else 0
-        entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at_step": step, "amended": bool(refused),
-                 "changes": {k: [old, new] for k, (old, new) in changes.items()}}
-        with open(exp / "config_history.jsonl", "a", encoding="utf-8") as f:  # appended whole lines only
-            f.write(json.dumps(entry) + "\n")
+        record_change(exp, {"at_step": step, "amended": bool(refused),
+                            "changes": {k: [old, new] for k, (old, new) in changes.items()}})
         save_config(cfg, saved_path)
         write_json(exp / "run.json", {**run, "data_fingerprint": fingerprint})
+    if resumed:
+        record_change(exp, resumed)
     return checkpoints
 
 

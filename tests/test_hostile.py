@@ -67,9 +67,8 @@ def test_a_resume_runs_no_code_from_a_checkpoint_file(trained, copy, tmp_path, n
     assert (copy / "step-2").is_dir() and not (copy / "step-4").exists()
 
 
-def test_resume_ckpt_dir_elsewhere_is_checked_the_same(trained, copy, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(copy / "step-2", other)
+def test_resume_ckpt_dir_of_another_run_is_checked_the_same(trained, copy, tmp_path):
+    other = copy / "step-2"  # a run of this very config (but exp_dir): accepted as a source, then checked
     marker = tmp_path / "marker"
     plant(other / "custom_checkpoint_0.pkl", marker)
     result = train(trained / "data", tmp_path / "new", "train.total_steps=4", *STEPS, f"train.resume_ckpt_dir={other}",
