@@ -247,6 +247,23 @@ def test_other_arguments_and_foreign_folders_are_refused(corpus, tmp_path):
     assert sorted(os.listdir(mine)) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("change", ["moved to another speaker", "replaced by a shorter clip"])
+def test_a_changed_corpus_with_the_same_file_count_is_not_nothing_to_do(corpus, tmp_path, change):
+    corpus = own_copy(corpus, tmp_path)
+    out = tmp_path / "out"
+    prepare("--corpus", corpus, "--out", out)
+    before = snapshot(out)
+    if change == "moved to another speaker":
+        os.replace(corpus / "spk00" / "sess0" / "u0.wav", corpus / "spk01" / "sess0" / "u9.wav")
+    else:
+        write_audio(corpus / "spk00" / "sess0" / "u0.wav", 0.5, seed=7)
+    with pytest.raises(SystemExit, match="and they changed .*pass --overwrite"):
+        prepare("--corpus", corpus, "--out", out)
+    assert snapshot(out) == before
+    prepare("--corpus", corpus, "--out", out, "--overwrite")
+    assert snapshot(out) != before
+
+
 def test_an_out_that_is_a_file_is_refused_and_kept(corpus, tmp_path):
     out = tmp_path / "notes.txt"
     out.write_text("mine")
