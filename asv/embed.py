@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,18 +36,11 @@ from .run import (atomic_write, check_replaceable, data_fingerprint, eval_overri
                   run_config, run_folder, write_text)
 from .metrics import VALID_SCORES, calibration_line, calibration_metrics, ensure_calibration, has_validation_scores
 
-FORMAT = 1  # bump when the upstream code changes what it returns: old entries are then never read
+FORMAT = 2  # bump when the upstream code or the entry format changes: old entries are then never read
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_stamps(path: str) -> list:
-    """[absolute path, size, mtime ns] of a file, or of each file in a folder (a Hugging Face checkpoint)."""
-    p = Path(path).resolve()
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -58,46 +52,66 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def upstream_identity(cfg, upstream: torch.nn.Module) -> dict:
-    """Everything that decides the hidden states a frozen upstream gives an audio file at evaluation."""
+    """Everything that decides the hidden states a frozen upstream gives an audio file at evaluation; the weights
+    by their content (a checkpoint replaced by another of the same size and time is another upstream)."""
     u = cfg.upstream
-    identity = {"format": FORMAT, "upstream": dataclasses.asdict(u), "layers": list(getattr(upstream, "layers", [0])),
-                "sample_rate": cfg.data.sample_rate, "eval_chunk_secs": cfg.data.eval_chunk_secs,
-                "mixed_precision": cfg.train.mixed_precision}
-    if u.ckpt:
-        identity["ckpt_files"] = file_stamps(u.ckpt)
-    elif u.random_init:  # built afresh in every process: only the weights themselves say which
-        identity["weights_sha256"] = weights_digest(upstream)
-    return identity
+    return {"format": FORMAT, "upstream": dataclasses.asdict(u), "layers": list(getattr(upstream, "layers", [0])),
+            "sample_rate": cfg.data.sample_rate, "eval_chunk_secs": cfg.data.eval_chunk_secs,
+            "mixed_precision": cfg.train.mixed_precision, "weights_sha256": weights_digest(upstream)}
 
 
 class FeatureCache:
-    """Hidden states per audio file for one upstream identity (see the module docstring)."""
+    """Hidden states per audio file for one upstream identity (see the module docstring). Each entry is an .npz
+    of the hidden states (layers, frames, dim) float16 and their CRC-32: a truncated, zero-filled, rewritten or
+    misshapen entry is named, removed and computed again, never used."""
 
     def __init__(self, folder, cfg, upstream: torch.nn.Module):
         if cfg.upstream.trainable:
             raise ValueError("--feature-cache: upstream.trainable=true gives every checkpoint its own upstream; "
                              "there is nothing to share between evaluations")
         identity = upstream_identity(cfg, upstream)
+        self.layers = len(identity["layers"])
         self.dir = Path(folder) / _digest(json.dumps(identity, sort_keys=True))[:16]
         with atomic_write(self.dir / "identity.json", shared=True) as f:
             f.write(json.dumps(identity, indent=2) + "\n")
         self.found = self.written = self.bytes_written = 0
+        self.bad: list[str] = []  # one line per unusable entry found (embed_files prints them)
 
     def entry(self, path: str) -> Path:
         st = os.stat(path)
         key = _digest(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}")
-        return self.dir / key[:2] / f"{key}.npy"
+        return self.dir / key[:2] / f"{key}.npz"
+
+    def load(self, path: str) -> np.ndarray | None:
+        """The stored hidden states of audio file `path`, or None: absent, or unusable (then removed and said)."""
+        entry = self.entry(path)
+        if not entry.is_file():
+            return None
+        try:
+            with np.load(entry) as saved:  # allow_pickle=False: an object array is refused, never unpickled
+                hidden, crc = saved["hidden"], int(saved["crc32"])
+            if hidden.ndim != 3 or hidden.shape[0] != self.layers or hidden.dtype != np.float16 or not hidden.size:
+                problem = f"holds {hidden.dtype} {hidden.shape}, not ({self.layers} layers, frames, dim) float16"
+            elif zlib.crc32(hidden.tobytes()) != crc:
+                problem = "fails its checksum (overwritten or zero-filled)"
+            else:
+                return hidden
+        except Exception as e:  # truncated, not an .npz, an object array
+            problem = f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        self.bad.append(f"note: feature cache entry {entry} (of {path}) {problem}: removed, computed again")
+        entry.unlink(missing_ok=True)
+        return None
 
     def has(self, path: str) -> bool:
-        return self.entry(path).is_file()
+        return self.load(path) is not None
 
     def store(self, path: str, hidden: np.ndarray):
         """hidden (layers, frames, dim) float16 -> the entry of `path`, unless another process wrote it already."""
         entry = self.entry(path)
         if entry.is_file():
             return
-        with atomic_write(entry, "wb", shared=True) as f:  # a file object: np.save would append .npy to a path
-            np.save(f, hidden)
+        with atomic_write(entry, "wb", shared=True) as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, hidden=hidden, crc32=np.array(zlib.crc32(hidden.tobytes()), dtype=np.int64))
         self.written += 1
         self.bytes_written += entry.stat().st_size
 
@@ -109,7 +123,7 @@ class FeatureCache:
         return store
 
     def folder_mb(self) -> float:
-        return sum(f.stat().st_size for f in self.dir.glob("*/*.npy")) / 2**20
+        return sum(f.stat().st_size for f in self.dir.glob("*/*.npz")) / 2**20
 
     def summary(self, total: int) -> str:
         return (f"feature cache {self.dir}: {self.found} of {total} files found; wrote {self.written} "
@@ -117,7 +131,7 @@ class FeatureCache:
 
 
 class StoredHidden(torch.utils.data.Dataset):
-    """Cache entries: index -> (hidden (layers, frames, dim) float16, index)."""
+    """Cache entries (checked by FeatureCache.load first): index -> (hidden (layers, frames, dim) float16, index)."""
 
     def __init__(self, entries: list[Path]):
         self.entries = entries
@@ -126,7 +140,8 @@ class StoredHidden(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, index):
-        return torch.from_numpy(np.load(self.entries[index])), index
+        with np.load(self.entries[index]) as saved:
+            return torch.from_numpy(saved["hidden"]), index
 
 
 def collate_hidden(items):
@@ -278,6 +293,8 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
         return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch, chunk_samples)
     found = np.array([cache.has(p) for p in paths], dtype=bool)
     cache.found = int(found.sum())
+    for line in cache.bad:
+        accelerator.print(line)
     tables = [np.zeros((len(paths), e.downstream.embed_dim), np.float32) for e in ex.encoders]
     done = np.zeros(len(paths), dtype=bool)
     for hit in (False, True):

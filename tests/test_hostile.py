@@ -127,11 +127,11 @@ def test_a_calibration_that_is_not_two_numbers_is_one_line(copy, text):
 
 
 def test_a_feature_cache_entry_holding_a_pickle_is_never_unpickled(copy, tmp_path):
-    """A cache entry is a .npy file; one holding a pickled object array would run code under allow_pickle=True."""
+    """A cache entry is an .npz file; one holding a pickled object array would run code under allow_pickle=True."""
     cache = tmp_path / "cache"
     first = evaluate(copy / "step-2", "--feature-cache", cache)
     assert first.returncode == 0, first.stderr
-    entry = sorted(cache.glob("*/*/*.npy"))[0]
+    entry = sorted(cache.glob("*/*/*.npz"))[0]
     marker = tmp_path / "marker"
     arr = np.empty(1, dtype=object)
     arr[0] = Boom(marker)
