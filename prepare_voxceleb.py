@@ -25,6 +25,7 @@ existing preparation made with other arguments is replaced only with --overwrite
 """
 import argparse
 import csv
+import errno
 import hashlib
 import itertools
 import json
@@ -538,6 +539,22 @@ def main(argv=None):
         print(f"{out} already holds this preparation (same arguments): nothing to do (--overwrite redoes it)")
         return
     build = out.with_name(f".{out.name}.building")  # swapped in whole at the end
+    try:
+        build_and_swap(args, out, build, record, previous)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        shutil.rmtree(build, ignore_errors=True)  # the half-built folder; `out` is swapped only once complete
+        where = Path(e.filename).parent if e.filename else build
+        while not where.exists():
+            where = where.parent
+        raise SystemExit(f"cannot write the preparation of {out}: {e.strerror} in {where} "
+                         f"({shutil.disk_usage(where).free / 1e9:.1f} GB free there); {out} is left as it was"
+                         ) from None
+
+
+def build_and_swap(args, out: Path, build: Path, record: dict, previous: dict | None):
+    """The preparation, written into `build`, then swapped in place of `out` (replace_dir)."""
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     skipped_paths = {}  # path -> reason, for what never became an utterance id
