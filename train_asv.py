@@ -12,6 +12,7 @@ checkpoint is evaluated on the test trial lists.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -29,7 +30,8 @@ from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors
                        scores_text, trial_audio, trial_rows, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
 from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, complete_checkpoints, open_run, rank_key,
-                     read_history, record_validation, resume_folder, settle, truncate_history, write_json, write_text)
+                     read_history, record_change, record_validation, resume_folder, settle, truncate_history,
+                     write_json, write_text)
 from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, label_encoder, lr_at, make_accelerator,
                        one_line, prepare, set_schedules, train_step)
 
@@ -145,6 +147,7 @@ def save_checkpoint(accelerator, cfg, state: TrainState, upstream, encoder, head
                             accelerator.unwrap_model(head))
             # for report.py, which never loads a model: which upstream layers the featurizer relies on
             write_json(tmp / "layer_weights.json", enc.featurizer.layer_weights())
+            state.processes = accelerator.num_processes
             state.save(tmp)
             if valid is not None:
                 write_json(tmp / "eval" / "valid" / "metrics.json", valid)
@@ -192,6 +195,24 @@ def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
         settle(exp, t.valid_metric, t.keep_num_ckpts)
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {folder} at step {state.step}")
+    return folder
+
+
+def record_resume(accelerator, cfg, folder: Path, state: TrainState, log: Log):
+    """train.log marks the resume point (its lines for later steps are of the interrupted run; the redone steps
+    follow), and a resume under another process count, which changes the global batch, is recorded."""
+    exp, before, now = Path(cfg.exp_dir), state.processes, accelerator.num_processes
+    log.say(f"--- resumed from {folder} at step {state.step}: lines above for later steps are of the interrupted "
+            f"run, redone below ({now} process(es)) ---")
+    if before and before != now and accelerator.is_main_process:
+        per_step = cfg.data.batch_size * cfg.train.gradient_accumulate
+        change = {"processes": [before, now], "global_batch": [per_step * before, per_step * now]}
+        log.say(f"note: the run trained with {before} process(es) up to step {state.step}, now {now}: the global "
+                f"batch changes from {per_step * before} to {per_step * now} utterances per step "
+                "(recorded in config_history.jsonl)")
+        record_change(exp, {"at_step": state.step, "amended": False, "changes": change})
+        run = json.loads((exp / "run.json").read_text()) if (exp / "run.json").is_file() else {}
+        write_json(exp / "run.json", {**run, "processes": now})
 
 
 def migrate_train_state(folder: Path):
@@ -204,7 +225,7 @@ def migrate_train_state(folder: Path):
         try:
             saved = torch.load(old, map_location="cpu", weights_only=True)
             state = TrainState()
-            state.load_state_dict({k: saved[k] for k in state.state_dict()})
+            state.load_state_dict({k: saved[k] for k in ("step", "micro_batches", "skipped_steps")})
         except Exception as e:
             raise ValueError(f"{old}: not a train state ({' '.join(str(e).split())[:200]})") from None
         state.save(folder)
@@ -235,8 +256,8 @@ def build_run(accelerator, cfg, checkpoints: list[Path]):
     validation = Validation(accelerator, cfg, min_input_samples(parts.upstream, parts.encoder))
     (loader,) = prepare(accelerator, parts, loader)
     state = TrainState()  # saved and loaded as JSON beside Accelerate's state (never registered: a pickle)
-    resume(accelerator, cfg, checkpoints, state)
-    return parts, loader, validation, state, about
+    resumed = resume(accelerator, cfg, checkpoints, state)
+    return parts, loader, validation, state, about, resumed
 
 
 def log_progress(accelerator, cfg, parts, state, meter: StepMeter, log: Log, step: int, crops_per_second: float):
@@ -258,9 +279,11 @@ def train(cfg, amend: bool = False):
     set_seed(t.seed)
     accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in flatten(cfg).items()})
-    parts, loader, validation, state, about = build_run(accelerator, cfg, checkpoints)
+    parts, loader, validation, state, about, resumed = build_run(accelerator, cfg, checkpoints)
     set_schedules(accelerator, cfg, parts, state.step)
     log = Log(accelerator, exp, t.total_steps, state.step)
+    if resumed:
+        record_resume(accelerator, cfg, resumed, state, log)
     guard, meter = NonFiniteGuard(parts.trained), StepMeter(accelerator.device)
     for m in parts.trained:
         m.train()

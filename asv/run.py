@@ -474,7 +474,7 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
     other_data = {"data fingerprint": (recorded, fingerprint)} if recorded and recorded != fingerprint else {}
     if "data.dir" not in refused:
         refused.update(other_data)  # the same folder, prepared again with other contents
-    if refused and not amend:
+    if refused and not amend and checkpoints:  # with no checkpoint, nothing was trained with the old config
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ValueError(f"{exp} was trained with another config ({listed}). Use a new exp_dir, or re-run with "
                          "--amend to change the run on purpose (recorded in config_history.jsonl)")
@@ -482,8 +482,12 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
     changes = {**config_changes(saved, cfg), **other_data}
     if changes:
         step = step_of(checkpoints[-1]) if checkpoints else 0
-        record_change(exp, {"at_step": step, "amended": bool(refused),
-                            "changes": {k: [old, new] for k, (old, new) in changes.items()}})
+        entry = {"at_step": step, "amended": bool(refused) and bool(checkpoints)}
+        if refused and not checkpoints:  # a first start that stopped before its first checkpoint: a fresh start
+            entry["before_any_checkpoint"] = True
+            for derived in ("speakers.txt", "durations_after_effects.txt", HISTORY):  # of the old config's data
+                (exp / derived).unlink(missing_ok=True)
+        record_change(exp, {**entry, "changes": {k: [old, new] for k, (old, new) in changes.items()}})
         save_config(cfg, saved_path)
         write_json(exp / "run.json", {**run, "data_fingerprint": fingerprint})
     if resumed:

@@ -125,3 +125,26 @@ def test_evaluation_on_other_data_of_held_out_speakers_is_labelled(trained, exp,
     (labelled,) = [p for p in (exp / "step-2" / "eval").iterdir() if p.name.startswith("test@")]
     assert "data_fingerprint" in json.loads((labelled / "metrics.json").read_text())["overrides"]
     assert {k: v for k, v in snapshot(exp / "step-2" / "eval").items() if not str(k).startswith("test@")} == recorded
+
+
+# ---------------------------------------------------------------- 9. the logs say what happened
+
+def test_train_log_marks_the_resume_point(trained, exp):
+    result = train(trained / "data", exp, "train.total_steps=4", *STEPS)
+    log = (exp / "train.log").read_text()
+    marker = log.index(f"--- resumed from {exp / 'step-2'} at step 2")
+    assert log.index("step 2 | loss") < marker < log.index("step 4 | loss")
+    assert "resumed from" in result.stdout
+
+
+def test_a_resume_under_another_process_count_is_recorded(trained, exp):
+    """A checkpoint saved by 2 processes, resumed by 1: the global batch halves, and the records say so."""
+    state_file = exp / "step-2" / "train_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    train(trained / "data", exp, "train.total_steps=4", *STEPS)
+    entry = [json.loads(line) for line in (exp / "config_history.jsonl").read_text().splitlines()][-1]
+    assert entry["at_step"] == 2 and entry["changes"] == {"processes": [2, 1], "global_batch": [16, 8]}
+    assert json.loads((exp / "run.json").read_text())["processes"] == 1
+    assert "global batch changes from 16 to 8" in (exp / "train.log").read_text()

@@ -136,6 +136,7 @@ def test_an_lr_change_is_refused_before_anything_is_written(run):
 def test_every_unsafe_change_is_listed(run):
     exp, _, cfg = run
     open_run(exp, cfg(), amend=False)
+    checkpoint(exp, 100)  # trained with the first config: now it is the run's
     with pytest.raises(ValueError) as e:
         open_run(exp, cfg("optim.lr=3e-4", "train.seed=3", "downstream.embed_dim=256", "train.log_step=7"),
                  amend=False)
@@ -173,6 +174,7 @@ def test_total_steps_under_a_decaying_schedule_is_refused(run):
     exp, _, cfg = run
     sched = ("scheduler.name=cosine",)
     open_run(exp, cfg(*sched), amend=False)
+    checkpoint(exp, 100)  # trained with the first config: now it is the run's
     with pytest.raises(ValueError, match="train.total_steps: 200000 -> 300000"):
         open_run(exp, cfg(*sched, "train.total_steps=300000"), amend=False)
 
@@ -207,6 +209,7 @@ def test_a_moved_data_folder_is_the_same_data(run, tmp_path):
 def test_other_data_is_refused(run, tmp_path, change):
     exp, data, cfg = run
     open_run(exp, cfg(), amend=False)
+    checkpoint(exp, 100)  # trained with the first config: now it is the run's
     manifest, valid = MANIFEST, "1 spk3/c/00001 spk3/c/00002\n"
     if change == "duration":
         manifest = manifest.replace("6.25", "6.5")
@@ -226,6 +229,7 @@ def test_other_data_is_refused(run, tmp_path, change):
 def test_data_prepared_again_in_the_same_folder_is_refused(run):
     exp, data, cfg = run
     open_run(exp, cfg(), amend=False)
+    checkpoint(exp, 100)  # trained with the first config: now it is the run's
     (data / "utterances.csv").write_text(MANIFEST.replace("6.25", "6.5"))
     before = snapshot(exp)
     with pytest.raises(ValueError, match="data fingerprint"):
@@ -352,3 +356,15 @@ def test_resume_ckpt_dir_is_used_once_then_the_newest(run, tmp_path):
     assert resume_folder(exp, c, complete_checkpoints(exp)) == exp / "step-40"
     open_run(exp, c, amend=False)  # the same command again: nothing to refuse, nothing new recorded
     assert len(history(exp)) == 1
+
+
+def test_a_first_start_that_stopped_before_any_checkpoint_does_not_fix_the_config(run):
+    """e.g. an offline weights download failed: the fix its message suggests (another upstream.ckpt) is accepted."""
+    exp, _, cfg = run
+    open_run(exp, cfg(), amend=False)
+    (exp / "speakers.txt").write_text("spk1\nspk2\n")  # stage 1 ran, then the start failed
+    open_run(exp, cfg("optim.lr=3e-4"), amend=False)
+    assert run_config(exp).optim.lr == 3e-4 and not (exp / "speakers.txt").exists()
+    (entry,) = history(exp)
+    assert entry["before_any_checkpoint"] is True and entry["amended"] is False
+    assert entry["changes"] == {"optim.lr": [1e-4, 3e-4]}
