@@ -610,3 +610,17 @@ def test_bad_inputs_warn_in_one_line_and_the_report_comes_out(tmp_path, capsys):
     assert "| key | seed1 | fbank |" in text
     assert "vox1_o: no readable scores.txt for seed1, not on its DET plot." in text
     assert (tmp_path / "r_det_vox1_o.svg").exists()
+
+
+def test_averaged_checkpoints_appear_in_the_report(tmp_path):
+    run = make_run(tmp_path / "exp" / "run1")
+    avg = run / "avg-last2" / "eval" / "test"
+    avg.mkdir(parents=True)
+    (run / "avg-last2" / "averaged.json").write_text(json.dumps({"checkpoints": ["step-100", "step-200"],
+                                                                 "steps": [100, 200]}))
+    (avg / "metrics.json").write_text(json.dumps({"eer": 7.25, "min_dcf_0.01": 0.5, "min_dcf_0.05": 0.3}))
+    result = run_report(run)
+    assert result.returncode == 0, result.stderr
+    text = (run / "report.md").read_text()
+    assert "### Averaged checkpoints" in text
+    assert "| avg-last2 | 100, 200 | test | 7.25 | 0.5000 | 0.3000 |" in text
