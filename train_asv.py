@@ -46,10 +46,16 @@ def main():
                         help="accept a config that differs from the run folder's (recorded in config_history.jsonl)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=200 optim.lr=1e-3")
     args = parser.parse_args()
+    cfg = None
     try:
-        train(load_config(args.config, args.overrides), args.amend)
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, args.amend)
     except (ValueError, OSError) as e:  # ConfigError and AudioError are ValueErrors; OSError: a full disk
         sys.exit(f"error: {one_line(e)}")
+    except KeyboardInterrupt:  # one line instead of a traceback, and what to do next
+        last = complete_checkpoints(Path(cfg.exp_dir)) if cfg else []
+        sys.exit(f"interrupted: re-run the same command to resume from {last[-1]}" if last else
+                 "interrupted before the first checkpoint: re-run the same command to start again")
 
 
 def absolute_paths(cfg):

@@ -505,6 +505,9 @@ def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> 
     loaded = {}
     for spec in lists:
         trials = read_trials(spec.path)
+        if trials.labels.all() or not trials.labels.any():  # EER and minDCF need both kinds: say so before any work
+            raise ValueError(f"{spec.path}: holds only {'target' if trials.labels.all() else 'non-target'} trials; "
+                             "an EER needs same- and different-speaker trials")
         loaded[spec.name if not spec.user_file else str(spec.path)] = (spec, trials, trial_audio(
             trials, spec.path, by_id, trials_root))
     cohort = cohort_paths(utts, cfg.score.cohort_size) if cfg.score.asnorm else []
