@@ -37,11 +37,11 @@ from asv.metrics import THRESHOLD_FORMS, VALID_SCORES, has_validation_scores, re
 from asv.run import average_checkpoints
 from asv.data import read_audio_list, trial_lists
 from asv.embed import audio_durations, embed_files, import_kaldiio, load_extractors, write_embeddings
-from asv.embed import evaluate_checkpoints, read_inputs, resolve_lists
+from asv.embed import check_data, evaluate_checkpoints, read_inputs, resolve_lists
 from asv.embed import FeatureCache
 from asv.run import atomic_write
 from asv.models.export import check_export_path, export_program, save_program
-from asv.run import eval_overrides, run_config
+from asv.run import RunLock, eval_overrides, run_config
 from asv.train import check_launch, one_line
 
 
@@ -191,12 +191,19 @@ def parse_args():
     return args
 
 
+def is_main() -> bool:
+    return PartialState().is_main_process
+
+
 def main():
     args = parse_args()
     try:
         single = "--pair" if args.pair else "--extract" if args.extract else "--export" if args.export else ""
         if single and len(args.ckpt_dir) != 1:
             raise ValueError(f"{single} takes exactly one --ckpt_dir")
+        for out in [*args.export, *([args.out] if args.out else [])]:  # a folder is refused before any work
+            if Path(out).is_dir():
+                raise ValueError(f"{out}: is a folder; --export and --out name the file to write")
         for out in args.export:
             check_export_path(out)
         threshold = pair_threshold(args.ckpt_dir[0], args.threshold) if args.pair else None
@@ -213,7 +220,12 @@ def main():
             inputs = extract_inputs(args.extract, Path(args.out))
         elif not args.export:
             inputs = read_inputs(cfg, resolve_lists(cfg.data.dir, args.trials), args.trials_root)
+            inputs = check_data(Path(args.ckpt_dir[0]), cfg, inputs)  # the data the run was trained on?
             valid = validation_inputs(cfg, args.trials, args.trials_root) if args.average else None
+            valid = valid and check_data(Path(args.ckpt_dir[0]), cfg, valid)
+        # one evaluation of a checkpoint at a time (they replace its eval/ sets): a second is refused naming the first
+        writes = not single and is_main()
+        locks = [RunLock(Path(c).resolve()) for c in args.ckpt_dir if Path(c).is_dir()] if writes else []
         if args.average:
             args.ckpt_dir = [average(args.ckpt_dir, args.average)]
         ex = load_extractors(args.ckpt_dir, args.overrides)
@@ -231,6 +243,8 @@ def main():
             if valid is not None:  # --average's new checkpoint: validated first
                 evaluate_checkpoints(accelerator, ex, valid, args.trials_root, cache)
             evaluate_checkpoints(accelerator, ex, inputs, args.trials_root, cache)
+        for lock in locks:
+            lock.release()
     except (ValueError, OSError) as e:
         sys.exit(f"error: {one_line(e)}")
 

@@ -29,6 +29,7 @@ it finished, and re-running the same command completes it.
 """
 import argparse
 import csv
+import errno
 import hashlib
 import itertools
 import json
@@ -454,6 +455,22 @@ def record_of(args) -> dict:
     return record
 
 
+HEADER_BYTES = 4096  # the audio header and the first samples: a replaced file differs there, at one read per file
+
+
+def corpus_fingerprint(files: dict[str, str], speaker: dict[str, str]) -> str:
+    """What the corpus is, by content: each file's id, speaker, size, mtime and a hash of its first bytes. A file
+    moved to another speaker, replaced by another clip or rewritten changes it; a count of files would not."""
+    h = hashlib.sha256()
+    for utt in sorted(files):
+        path = files[utt]
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            head = hashlib.sha256(f.read(HEADER_BYTES)).hexdigest()[:16]
+        h.update(f"{utt}\t{speaker[utt]}\t{st.st_size}\t{st.st_mtime_ns}\t{head}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def existing(out: Path, record: dict, overwrite: bool) -> dict | None:
     """What `out` holds: None (nothing, or --overwrite), or the prepare.json of a preparation made with these
     very arguments (the caller then checks the corpus did not change). Refuses any other content."""
@@ -598,19 +615,38 @@ def main(argv=None):
         effects_pass(args, out)  # an interrupted pass completes
         return
     build = out.with_name(f".{out.name}.building")  # swapped in whole at the end
+    try:
+        build_and_swap(args, out, build, record, previous)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        shutil.rmtree(build, ignore_errors=True)  # the half-built folder; `out` is swapped only once complete
+        where = Path(e.filename).parent if e.filename else build
+        while not where.exists():
+            where = where.parent
+        raise SystemExit(f"cannot write the preparation of {out}: {e.strerror} in {where} "
+                         f"({shutil.disk_usage(where).free / 1e9:.1f} GB free there); {out} is left as it was"
+                         ) from None
+
+
+def build_and_swap(args, out: Path, build: Path, record: dict, previous: dict | None):
+    """The preparation, written into `build`, then swapped in place of `out` (replace_dir)."""
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     skipped_paths = {}  # path -> reason, for what never became an utterance id
     files, speaker, roots, convert_dir = gather_files(args, out, build, skipped_paths)
+    fingerprint = corpus_fingerprint(files, speaker)
     if previous:
         shutil.rmtree(build)
-        if previous.get("corpus_files") == len(files):
-            print(f"{out} already holds this preparation (same arguments, {len(files)} files): nothing to do "
-                  "(--overwrite redoes it)")
+        if previous.get("corpus_fingerprint") == fingerprint:
+            print(f"{out} already holds this preparation (same arguments, the same {len(files)} files): nothing to "
+                  "do (--overwrite redoes it)")
             effects_pass(args, out)  # an interrupted pass completes
             return
         raise SystemExit(f"{out} was prepared from {previous.get('corpus_files')} files, the corpus now has "
-                         f"{len(files)}: pass --overwrite to prepare it again")
+                         f"{len(files)}, and they changed (size, time or first bytes; corpus fingerprint "
+                         f"{previous.get('corpus_fingerprint')} -> {fingerprint}): pass --overwrite to prepare it "
+                         "again")
     rng = random.Random(args.seed)
     trial_files = args.trials or (official_trial_files(args.voxceleb1) if args.voxceleb1 else [])
     usable, skipped = read_headers(files, args.min_secs, args.workers)
@@ -641,7 +677,8 @@ def main(argv=None):
     stored = {utt: stored_path(files[utt], build if args.demo else out) for utt in usable}  # the demo's: inside
     skipped_lines = sorted(skipped_paths.items()) + [(files[u], r) for u, r in sorted(skipped.items())] + dropped
     per_split = Counter(split[speaker[utt]] for utt in usable)
-    record_out = {"arguments": record, "corpus_files": len(files), "utterances": len(usable),
+    record_out = {"arguments": record, "corpus_files": len(files), "corpus_fingerprint": fingerprint,
+                  "utterances": len(usable),
                   "speakers": len(by_speaker), **per_split,
                   "skipped": len(skipped_lines), "trials": {n: len(t) for n, t in trial_lists.items()}}
     write_outputs(build, usable, stored, split, trial_lists, skipped_lines, record_out, speaker)

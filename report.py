@@ -414,7 +414,23 @@ def run_section(run):
             lines += ["", f"best on test (for reference only, not a fair selection): "
                           f"step {s}, EER {evals[s][name]['eer']:.2f}%"]
         lines.append("")
-    return lines + history_lines(run)
+    return lines + averaged_lines(run) + history_lines(run)
+
+
+def averaged_lines(run):
+    """Checkpoints evaluate_asv.py --average wrote (a folder with averaged.json): which steps, and their results."""
+    rows = []
+    for folder in sorted(p for p in run.path.iterdir() if (p / "averaged.json").is_file()):
+        steps = (load_json(folder / "averaged.json") or {}).get("steps")
+        for eval_dir in sorted((folder / "eval").glob("*")):
+            metrics = load_json(eval_dir / "metrics.json") if eval_dir.is_dir() else None
+            if metrics is not None and not eval_dir.name.endswith((".tmp", ".old")):
+                rows.append([folder.name, ", ".join(map(str, steps or [])) or "?", eval_dir.name]
+                            + [fmt(key, metrics.get(key)) for key, _ in COLUMNS])
+    if not rows:
+        return []
+    return (["### Averaged checkpoints (evaluate_asv.py --average)", ""]
+            + table(["checkpoint", "steps averaged", "list"] + [h for _, h in COLUMNS], rows) + [""])
 
 
 def calibration_notes(run):

@@ -12,6 +12,7 @@ checkpoint is evaluated on the test trial lists.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -30,7 +31,8 @@ from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors
                        scores_text, trial_audio, trial_rows, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
 from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, complete_checkpoints, open_run, rank_key,
-                     read_history, record_launch, record_validation, settle, truncate_history, write_json, write_text)
+                     read_history, record_change, record_launch, record_validation, resume_folder, settle,
+                     truncate_history, write_json, write_text)
 from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, global_batch, label_encoder, lr_at,
                        make_accelerator, one_line, prepare, set_schedules, train_step)
 
@@ -45,10 +47,16 @@ def main():
                         help="accept a config that differs from the run folder's (recorded in config_history.jsonl)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=200 optim.lr=1e-3")
     args = parser.parse_args()
+    cfg = None
     try:
-        train(load_config(args.config, args.overrides), args.amend)
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, args.amend)
     except (ValueError, OSError) as e:  # ConfigError and AudioError are ValueErrors; OSError: a full disk
         sys.exit(f"error: {one_line(e)}")
+    except KeyboardInterrupt:  # one line instead of a traceback, and what to do next
+        last = complete_checkpoints(Path(cfg.exp_dir)) if cfg else []
+        sys.exit(f"interrupted: re-run the same command to resume from {last[-1]}" if last else
+                 "interrupted before the first checkpoint: re-run the same command to start again")
 
 
 def absolute_paths(cfg):
@@ -168,6 +176,7 @@ def save_checkpoint(accelerator, cfg, state: TrainState, upstream, encoder, head
                             accelerator.unwrap_model(head))
             # for report.py, which never loads a model: which upstream layers the featurizer relies on
             write_json(tmp / "layer_weights.json", enc.featurizer.layer_weights())
+            state.processes = accelerator.num_processes
             state.save(tmp)
             if valid is not None:
                 write_json(tmp / "eval" / "valid" / "metrics.json", valid)
@@ -191,7 +200,7 @@ def save_checkpoint(accelerator, cfg, state: TrainState, upstream, encoder, head
 def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
     """Load the newest complete checkpoint (or train.resume_ckpt_dir) into the prepared objects."""
     t, exp = cfg.train, Path(cfg.exp_dir)
-    folder = Path(t.resume_ckpt_dir) if t.resume_ckpt_dir else checkpoints[-1] if checkpoints else None
+    folder = resume_folder(exp, cfg, checkpoints)
     if folder is None:
         return
     check_pickles(folder)  # nothing is unpickled before every file of the folder is known to hold only data
@@ -206,11 +215,33 @@ def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
     state.load(folder)
     if accelerator.is_main_process:  # what came after the resume point is redone: its records go
         truncate_history(exp, state.step)
-        for later in [c for c in complete_checkpoints(exp) if int(c.name[5:]) > state.step]:
-            shutil.rmtree(later)
+        later = [c for c in complete_checkpoints(exp) if int(c.name[5:]) > state.step]
+        for c in later:  # open_run refused this unless --amend (train.resume_ckpt_dir) or a kill left them
+            shutil.rmtree(c)
+        if later:
+            accelerator.print(f"deleted {', '.join(c.name for c in later)}: their steps are redone from "
+                              f"step {state.step}")
         settle(exp, t.valid_metric, t.keep_num_ckpts)
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {folder} at step {state.step}")
+    return folder
+
+
+def record_resume(accelerator, cfg, folder: Path, state: TrainState, log: Log):
+    """train.log marks the resume point (its lines for later steps are of the interrupted run; the redone steps
+    follow), and a resume under another process count, which changes the global batch, is recorded."""
+    exp, before, now = Path(cfg.exp_dir), state.processes, accelerator.num_processes
+    log.say(f"--- resumed from {folder} at step {state.step}: lines above for later steps are of the interrupted "
+            f"run, redone below ({now} process(es)) ---")
+    if before and before != now and accelerator.is_main_process:
+        per_step = cfg.data.batch_size * cfg.train.gradient_accumulate
+        change = {"processes": [before, now], "global_batch": [per_step * before, per_step * now]}
+        log.say(f"note: the run trained with {before} process(es) up to step {state.step}, now {now}: the global "
+                f"batch changes from {per_step * before} to {per_step * now} utterances per step "
+                "(recorded in config_history.jsonl)")
+        record_change(exp, {"at_step": state.step, "amended": False, "changes": change})
+        run = json.loads((exp / "run.json").read_text()) if (exp / "run.json").is_file() else {}
+        write_json(exp / "run.json", {**run, "processes": now})
 
 
 def migrate_train_state(folder: Path):
@@ -223,7 +254,7 @@ def migrate_train_state(folder: Path):
         try:
             saved = torch.load(old, map_location="cpu", weights_only=True)
             state = TrainState()
-            state.load_state_dict({k: saved[k] for k in state.state_dict()})
+            state.load_state_dict({k: saved[k] for k in ("step", "micro_batches", "skipped_steps")})
         except Exception as e:
             raise ValueError(f"{old}: not a train state ({' '.join(str(e).split())[:200]})") from None
         state.save(folder)
@@ -262,8 +293,8 @@ def build_run(accelerator, cfg, checkpoints: list[Path]):
     else:
         (loader,) = prepare(accelerator, parts, loader)
     state = TrainState()  # saved and loaded as JSON beside Accelerate's state (never registered: a pickle)
-    resume(accelerator, cfg, checkpoints, state)
-    return parts, loader, validation, state, about
+    resumed = resume(accelerator, cfg, checkpoints, state)
+    return parts, loader, validation, state, about, resumed
 
 
 def log_progress(accelerator, cfg, parts, state, meter: StepMeter, log: Log, step: int, crops_per_second: float):
@@ -285,9 +316,11 @@ def train(cfg, amend: bool = False):
     set_seed(t.seed)
     accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in flatten(cfg).items()})
-    parts, loader, validation, state, about = build_run(accelerator, cfg, checkpoints)
+    parts, loader, validation, state, about, resumed = build_run(accelerator, cfg, checkpoints)
     set_schedules(accelerator, cfg, parts, state.step)
     log = Log(accelerator, exp, t.total_steps, state.step)
+    if resumed:
+        record_resume(accelerator, cfg, resumed, state, log)
     guard, meter = NonFiniteGuard(parts.trained), StepMeter(accelerator.device)
     for m in parts.trained:
         m.train()

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,21 +33,15 @@ from .models import (
     model_meta,
     run_chunked,
 )
-from .run import atomic_write, check_replaceable, eval_overrides, recover_dir, replace_dir, run_config, write_text
+from .run import (atomic_write, check_replaceable, data_fingerprint, eval_overrides, recover_dir, replace_dir,
+                  run_config, run_folder, write_text)
 from .metrics import VALID_SCORES, calibration_line, calibration_metrics, ensure_calibration, has_validation_scores
 
-FORMAT = 1  # bump when the upstream code changes what it returns: old entries are then never read
+FORMAT = 2  # bump when the upstream code or the entry format changes: old entries are then never read
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_stamps(path: str) -> list:
-    """[absolute path, size, mtime ns] of a file, or of each file in a folder (a Hugging Face checkpoint)."""
-    p = Path(path).resolve()
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -58,46 +53,66 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def upstream_identity(cfg, upstream: torch.nn.Module) -> dict:
-    """Everything that decides the hidden states a frozen upstream gives an audio file at evaluation."""
+    """Everything that decides the hidden states a frozen upstream gives an audio file at evaluation; the weights
+    by their content (a checkpoint replaced by another of the same size and time is another upstream)."""
     u = cfg.upstream
-    identity = {"format": FORMAT, "upstream": dataclasses.asdict(u), "layers": list(getattr(upstream, "layers", [0])),
-                "sample_rate": cfg.data.sample_rate, "eval_chunk_secs": cfg.data.eval_chunk_secs,
-                "mixed_precision": cfg.train.mixed_precision}
-    if u.ckpt:
-        identity["ckpt_files"] = file_stamps(u.ckpt)
-    elif u.random_init:  # built afresh in every process: only the weights themselves say which
-        identity["weights_sha256"] = weights_digest(upstream)
-    return identity
+    return {"format": FORMAT, "upstream": dataclasses.asdict(u), "layers": list(getattr(upstream, "layers", [0])),
+            "sample_rate": cfg.data.sample_rate, "eval_chunk_secs": cfg.data.eval_chunk_secs,
+            "mixed_precision": cfg.train.mixed_precision, "weights_sha256": weights_digest(upstream)}
 
 
 class FeatureCache:
-    """Hidden states per audio file for one upstream identity (see the module docstring)."""
+    """Hidden states per audio file for one upstream identity (see the module docstring). Each entry is an .npz
+    of the hidden states (layers, frames, dim) float16 and their CRC-32: a truncated, zero-filled, rewritten or
+    misshapen entry is named, removed and computed again, never used."""
 
     def __init__(self, folder, cfg, upstream: torch.nn.Module):
         if cfg.upstream.trainable:
             raise ValueError("--feature-cache: upstream.trainable=true gives every checkpoint its own upstream; "
                              "there is nothing to share between evaluations")
         identity = upstream_identity(cfg, upstream)
+        self.layers = len(identity["layers"])
         self.dir = Path(folder) / _digest(json.dumps(identity, sort_keys=True))[:16]
         with atomic_write(self.dir / "identity.json", shared=True) as f:
             f.write(json.dumps(identity, indent=2) + "\n")
         self.found = self.written = self.bytes_written = 0
+        self.bad: list[str] = []  # one line per unusable entry found (embed_files prints them)
 
     def entry(self, path: str) -> Path:
         st = os.stat(path)
         key = _digest(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}")
-        return self.dir / key[:2] / f"{key}.npy"
+        return self.dir / key[:2] / f"{key}.npz"
+
+    def load(self, path: str) -> np.ndarray | None:
+        """The stored hidden states of audio file `path`, or None: absent, or unusable (then removed and said)."""
+        entry = self.entry(path)
+        if not entry.is_file():
+            return None
+        try:
+            with np.load(entry) as saved:  # allow_pickle=False: an object array is refused, never unpickled
+                hidden, crc = saved["hidden"], int(saved["crc32"])
+            if hidden.ndim != 3 or hidden.shape[0] != self.layers or hidden.dtype != np.float16 or not hidden.size:
+                problem = f"holds {hidden.dtype} {hidden.shape}, not ({self.layers} layers, frames, dim) float16"
+            elif zlib.crc32(hidden.tobytes()) != crc:
+                problem = "fails its checksum (overwritten or zero-filled)"
+            else:
+                return hidden
+        except Exception as e:  # truncated, not an .npz, an object array
+            problem = f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        self.bad.append(f"note: feature cache entry {entry} (of {path}) {problem}: removed, computed again")
+        entry.unlink(missing_ok=True)
+        return None
 
     def has(self, path: str) -> bool:
-        return self.entry(path).is_file()
+        return self.load(path) is not None
 
     def store(self, path: str, hidden: np.ndarray):
         """hidden (layers, frames, dim) float16 -> the entry of `path`, unless another process wrote it already."""
         entry = self.entry(path)
         if entry.is_file():
             return
-        with atomic_write(entry, "wb", shared=True) as f:  # a file object: np.save would append .npy to a path
-            np.save(f, hidden)
+        with atomic_write(entry, "wb", shared=True) as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, hidden=hidden, crc32=np.array(zlib.crc32(hidden.tobytes()), dtype=np.int64))
         self.written += 1
         self.bytes_written += entry.stat().st_size
 
@@ -109,7 +124,7 @@ class FeatureCache:
         return store
 
     def folder_mb(self) -> float:
-        return sum(f.stat().st_size for f in self.dir.glob("*/*.npy")) / 2**20
+        return sum(f.stat().st_size for f in self.dir.glob("*/*.npz")) / 2**20
 
     def summary(self, total: int) -> str:
         return (f"feature cache {self.dir}: {self.found} of {total} files found; wrote {self.written} "
@@ -117,7 +132,7 @@ class FeatureCache:
 
 
 class StoredHidden(torch.utils.data.Dataset):
-    """Cache entries: index -> (hidden (layers, frames, dim) float16, index)."""
+    """Cache entries (checked by FeatureCache.load first): index -> (hidden (layers, frames, dim) float16, index)."""
 
     def __init__(self, entries: list[Path]):
         self.entries = entries
@@ -126,7 +141,8 @@ class StoredHidden(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, index):
-        return torch.from_numpy(np.load(self.entries[index])), index
+        with np.load(self.entries[index]) as saved:
+            return torch.from_numpy(saved["hidden"]), index
 
 
 def collate_hidden(items):
@@ -344,6 +360,8 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
         return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch, chunk_samples, names=paths)
     found = np.array([cache.has(p) for p in paths], dtype=bool)
     cache.found = int(found.sum())
+    for line in cache.bad:
+        accelerator.print(line)
     tables = [np.zeros((len(paths), e.downstream.embed_dim), np.float32) for e in ex.encoders]
     done = np.zeros(len(paths), dtype=bool)
     for hit in (False, True):
@@ -544,6 +562,8 @@ class Inputs:
     cohort: list[str]                                            # AS-norm cohort files ([] without AS-norm)
     paths: list[str]                                             # every file to embed, once
     durations: list[float]
+    data: dict = dataclasses.field(default_factory=dict)         # {"data_fingerprint": ...} of data the run was not
+                                                                 # trained on (check_data): a result set of its own
 
 
 def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> Inputs:
@@ -556,6 +576,9 @@ def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> 
     loaded = {}
     for spec in lists:
         trials = read_trials(spec.path)
+        if trials.labels.all() or not trials.labels.any():  # EER and minDCF need both kinds: say so before any work
+            raise ValueError(f"{spec.path}: holds only {'target' if trials.labels.all() else 'non-target'} trials; "
+                             "an EER needs same- and different-speaker trials")
         loaded[spec.name if not spec.user_file else str(spec.path)] = (spec, trials, trial_audio(
             trials, spec.path, by_id, trials_root))
     cohort = cohort_paths(utts, cfg.score.cohort_size) if cfg.score.asnorm else []
@@ -563,6 +586,30 @@ def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> 
         raise ValueError(f"score.asnorm needs training utterances in {cfg.data.dir} for its cohort")
     paths = sorted({p for _, _, audio in loaded.values() for p in audio.values()} | set(cohort))
     return Inputs(loaded, cohort, paths, audio_durations(paths, {u.path: u.duration for u in utts}))
+
+
+def check_data(ckpt: Path, cfg, inputs: Inputs) -> Inputs:
+    """The data folder against the one the run was trained on (run.json's data_fingerprint). The same data:
+    nothing to say. Other data (prepared again, another corpus): refused in one line when a list names an
+    utterance of a training speaker of the run (speakers.txt), as the results would claim held-out speakers;
+    otherwise the results are labelled with the new fingerprint and go to a set of their own."""
+    run = run_folder(ckpt)
+    record = run / "run.json"
+    recorded = json.loads(record.read_text()).get("data_fingerprint") if record.is_file() else None
+    found = data_fingerprint(cfg.data.dir)
+    if recorded is None or recorded == found:
+        return inputs
+    trained = set((run / "speakers.txt").read_text().split()) if (run / "speakers.txt").is_file() else set()
+    speaker_of = {u.path: u.speaker for u in read_manifest(cfg.data.dir)}
+    for spec, _, audio in inputs.lists.values():
+        seen = sorted({speaker_of[p] for p in audio.values() if p in speaker_of} & trained)
+        if seen:
+            named = ", ".join(seen[:3]) + (", ..." if len(seen) > 3 else "")
+            raise ValueError(f"{spec.path}: {len(seen)} of its speakers ({named}) are training speakers of {run}: "
+                             f"{cfg.data.dir} is not the data it was trained on (data fingerprint {found}, the run's "
+                             f"{recorded}; prepared again?), so these results would not be of held-out speakers; "
+                             "evaluate on the run's data")
+    return dataclasses.replace(inputs, data={"data_fingerprint": found})
 
 
 def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | None = None,
@@ -575,10 +622,11 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
     if cohort and len(cohort) < cfg.score.cohort_size:
         accelerator.print(f"note: score.cohort_size={cfg.score.cohort_size}, but {cfg.data.dir} has "
                           f"{len(cohort)} training utterances: the cohort holds them all")
-    cals = checkpoint_calibrations(accelerator, ex.ckpts) if accelerator.is_main_process and not ex.overrides else {}
-    if ex.overrides:  # the calibration is fit on validation scores of the run's config: it never applies here
-        accelerator.print(f"note: overrides {', '.join(f'{k}={v}' for k, v in ex.overrides.items())} change the "
-                          f"scores: results go to eval/<list>@{overrides_hash(ex.overrides)}/, not calibrated")
+    overrides = {**ex.overrides, **inputs.data}
+    cals = checkpoint_calibrations(accelerator, ex.ckpts) if accelerator.is_main_process and not overrides else {}
+    if overrides:  # the calibration is fit on validation scores of the run's config and data: it never applies here
+        accelerator.print(f"note: {', '.join(f'{k}={v}' for k, v in overrides.items())}: not the run's config or "
+                          f"data; results go to eval/<list>@{overrides_hash(overrides)}/, not calibrated")
     row = {p: i for i, p in enumerate(paths)}
     tables, done = embed_files(accelerator, ex, paths, inputs.durations, cache)
     if done.sum() < len(paths):
@@ -605,12 +653,12 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
                 files["scores_asnorm.txt"] = scores_text(trials, keep, normed)
                 files["metrics_asnorm.json"] = metrics_json(m["asnorm"])
                 line += f" | AS-norm EER {m['asnorm']['eer']:.2f}% minDCF0.01 {m['asnorm']['min_dcf_0.01']:.4f}"
-            if ex.overrides:
-                m["overrides"] = ex.overrides
+            if overrides:
+                m["overrides"] = overrides
             files["metrics.json"] = metrics_json(m)
-            folder = eval_folder(ckpt, spec.name, spec.path if spec.user_file else None, ex.overrides)
+            folder = eval_folder(ckpt, spec.name, spec.path if spec.user_file else None, overrides)
             write_eval_set(folder, files)
             out[str(ckpt)][folder.name] = m
-            accelerator.print(line + (f" | {folder}" if spec.user_file or ex.overrides else ""))
+            accelerator.print(line + (f" | {folder}" if spec.user_file or overrides else ""))
     accelerator.wait_for_everyone()
     return out

@@ -448,6 +448,77 @@ def data_fingerprint(data_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
+CONFIG_HISTORY = "config_history.jsonl"
+
+
+def config_history(exp) -> list[dict]:
+    path = Path(exp) / CONFIG_HISTORY
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line (a kill mid-append)
+            pass
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def record_change(exp, entry: dict):
+    with open(Path(exp) / CONFIG_HISTORY, "a", encoding="utf-8") as f:  # appended whole lines only
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **entry}) + "\n")
+
+
+def resume_folder(exp, cfg: Config, checkpoints: list[Path]) -> Path | None:
+    """What a (re-)run resumes from: train.resume_ckpt_dir until this run has saved a checkpoint after resuming
+    from it (config_history.jsonl records the resume), then its newest checkpoint like any re-run."""
+    source = cfg.train.resume_ckpt_dir
+    if source:
+        resolved = Path(source).resolve()
+        done = any(e.get("resumed_from") == str(resolved) for e in config_history(exp))
+        if not done or not any(step_of(c) > (step_of(resolved) or 0) for c in checkpoints):
+            return Path(source)
+    return checkpoints[-1] if checkpoints else None
+
+
+def check_resume_source(exp: Path, cfg: Config, checkpoints: list[Path], amend: bool) -> dict | None:
+    """train.resume_ckpt_dir, checked before anything is written: a step-N checkpoint; from another run, one
+    trained with this config (but exp_dir); never deleting this run's later checkpoints unsaid. Either is
+    refused unless --amend; returns the config_history entry recording the resume (None: nothing to resume)."""
+    folder = resume_folder(exp, cfg, checkpoints)
+    if folder is None or folder != Path(cfg.train.resume_ckpt_dir or "."):
+        return None
+    step = step_of(folder.resolve())
+    if step is None or not folder.is_dir():
+        raise ValueError(f"train.resume_ckpt_dir={folder}: not a step-N checkpoint folder of train_asv.py")
+    source = run_folder(folder)
+    entry, problems = {"at_step": step, "resumed_from": str(folder.resolve())}, []
+    if source.resolve() != exp.resolve():
+        try:
+            theirs = load_config(str(source / "config.yaml"))
+        except ConfigError as e:
+            raise ValueError(f"{source / 'config.yaml'}: cannot be read back ({e})") from None
+        differ = {k: v for k, v in unsafe_changes(theirs, cfg).items()
+                  if k not in ("train.resume_ckpt_dir", "train.auto_resume")}
+        record = source / "run.json"
+        recorded = json.loads(record.read_text()).get("data_fingerprint") if record.is_file() else None
+        if "data.dir" in differ and recorded == data_fingerprint(cfg.data.dir):
+            del differ["data.dir"]  # the same data, moved
+        if differ:
+            entry["changes"] = {k: [old, new] for k, (old, new) in differ.items()}
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
+            problems.append(f"its run {source} was trained with another config ({listed})")
+    later = [c.name for c in checkpoints if step_of(c) > step]
+    if later:
+        entry["deleted"] = later
+        problems.append(f"resuming at step {step} deletes this run's later checkpoints {', '.join(later)}")
+    if problems and not amend:
+        raise ValueError(f"train.resume_ckpt_dir={folder}: {'; '.join(problems)}. Re-run with --amend to do it on "
+                         "purpose (recorded in config_history.jsonl)")
+    entry["amended"] = bool(problems)
+    return entry
+
+
 def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
     """Create the run folder, or check a re-run against it; returns its complete checkpoints.
 
@@ -460,8 +531,11 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
         if checkpoints:
             raise ValueError(f"{exp} holds checkpoints but no config.yaml: not a run folder this code wrote; "
                              "use a new exp_dir")
+        resumed = check_resume_source(exp, cfg, checkpoints, amend)
         save_config(cfg, saved_path)
         write_json(exp / "run.json", {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "data_fingerprint": fingerprint})
+        if resumed:
+            record_change(exp, resumed)
         return checkpoints
     if checkpoints and not cfg.train.auto_resume and not cfg.train.resume_ckpt_dir:
         raise ValueError(f"{exp} holds checkpoints of an earlier run (up to {checkpoints[-1].name}) and "
@@ -478,19 +552,24 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
     other_data = {"data fingerprint": (recorded, fingerprint)} if recorded and recorded != fingerprint else {}
     if "data.dir" not in refused:
         refused.update(other_data)  # the same folder, prepared again with other contents
-    if refused and not amend:
+    if refused and not amend and checkpoints:  # with no checkpoint, nothing was trained with the old config
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ValueError(f"{exp} was trained with another config ({listed}). Use a new exp_dir, or re-run with "
                          "--amend to change the run on purpose (recorded in config_history.jsonl)")
+    resumed = check_resume_source(exp, cfg, checkpoints, amend)
     changes = {**config_changes(saved, cfg), **other_data}
     if changes:
         step = step_of(checkpoints[-1]) if checkpoints else 0
-        entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at_step": step, "amended": bool(refused),
-                 "changes": {k: [old, new] for k, (old, new) in changes.items()}}
-        with open(exp / "config_history.jsonl", "a", encoding="utf-8") as f:  # appended whole lines only
-            f.write(json.dumps(entry) + "\n")
+        entry = {"at_step": step, "amended": bool(refused) and bool(checkpoints)}
+        if refused and not checkpoints:  # a first start that stopped before its first checkpoint: a fresh start
+            entry["before_any_checkpoint"] = True
+            for derived in ("speakers.txt", "durations_after_effects.txt", HISTORY):  # of the old config's data
+                (exp / derived).unlink(missing_ok=True)
+        record_change(exp, {**entry, "changes": {k: [old, new] for k, (old, new) in changes.items()}})
         save_config(cfg, saved_path)
         write_json(exp / "run.json", {**run, "data_fingerprint": fingerprint})
+    if resumed:
+        record_change(exp, resumed)
     return checkpoints
 
 
@@ -498,9 +577,10 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
 # train.* but mixed_precision) is training's: it changes nothing an evaluation does, or breaks the checkpoint.
 EVAL_KEYS = ("num_workers", "eval_batch", "data.dir", "data.sample_rate", "data.eval_batch_secs",
              "data.eval_chunk_secs", "upstream.ckpt", "train.mixed_precision", "score")
-# Overrides that leave every score as the run's config gives it: an embedding never depends on its batch-mates,
-# and data.dir may only name the same data (its fingerprint is checked). The others give results of their own.
-SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir")
+# Overrides that leave every cosine score as the run's config gives it: an embedding never depends on its
+# batch-mates; data.dir may only name the same data (its fingerprint is checked); score.* adds AS-norm results,
+# which record their cohort settings. The others give results of their own (eval/<list>@<hash>/).
+SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir", "score")
 
 
 def record_launch(exp: Path, processes: int, global_batch: int) -> dict:
@@ -513,12 +593,18 @@ def record_launch(exp: Path, processes: int, global_batch: int) -> dict:
     return before
 
 
-def run_config(ckpt_or_run: Path, overrides: list[str] = ()) -> Config:
-    """The config of the run a checkpoint (or run folder) belongs to, with overrides for evaluation."""
+def run_folder(ckpt_or_run: Path) -> Path:
+    """The run folder a checkpoint (or run folder) belongs to: where its config.yaml is."""
     folder = Path(ckpt_or_run)
     run = folder if (folder / "config.yaml").is_file() else folder.absolute().parent
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{folder}: no config.yaml here or in {run}: not a run or checkpoint folder of train_asv.py")
+    return run
+
+
+def run_config(ckpt_or_run: Path, overrides: list[str] = ()) -> Config:
+    """The config of the run a checkpoint (or run folder) belongs to, with overrides for evaluation."""
+    run = run_folder(ckpt_or_run)
     for text in overrides:
         key = text.split("=", 1)[0].strip()
         if not any(key == k or key.startswith(k + ".") for k in EVAL_KEYS):
@@ -531,4 +617,5 @@ def eval_overrides(ckpt: Path, cfg: Config) -> dict:
     """{dotted key: value} of `cfg` that differ from the run's recorded config and change results: an evaluation
     with any writes its own result set (eval/<list>@<hash>/), never the run's recorded one."""
     changes = config_changes(run_config(ckpt), cfg)
-    return {k: new for k, (_, new) in sorted(changes.items()) if k not in SAME_RESULTS}
+    return {k: new for k, (_, new) in sorted(changes.items())
+            if not any(k == same or k.startswith(same + ".") for same in SAME_RESULTS)}

@@ -59,6 +59,7 @@ class TrainState:
     step: int = 0            # optimizer steps done
     micro_batches: int = 0   # batches drawn from the loader (skip_first_batches on resume)
     skipped_steps: int = 0   # updates skipped for a non-finite loss or gradient
+    processes: int = 0       # processes that trained up to this step (0: unknown, a checkpoint of an earlier version)
 
     FILE = "train_state.json"
 
@@ -81,10 +82,11 @@ class TrainState:
             raise ValueError(f"{path}: missing (a checkpoint train_asv.py wrote holds it)") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
-        fields = set(self.state_dict())
-        if (not isinstance(state, dict) or set(state) != fields
+        fields = set(self.state_dict()) - {"processes"}  # the counters; processes is absent before this version
+        if (not isinstance(state, dict) or not fields <= set(state) <= fields | {"processes"}
                 or not all(type(v) is int and v >= 0 for v in state.values())):
-            raise ValueError(f"{path}: not a train state (expected the non-negative integers {', '.join(sorted(fields))})")
+            raise ValueError(f"{path}: not a train state (expected the non-negative integers "
+                             f"{', '.join(sorted(fields))})")
         self.load_state_dict(state)
 
 

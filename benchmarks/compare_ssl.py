@@ -419,7 +419,7 @@ def main():
     stage("cache")
     for name in ("cache_cold", "cache_warm"):
         r[name] = eval_ours(args, f"ours_eval_{name}", r["ours_train"]["ckpts"], trials, ["--feature-cache", cache])
-    r["cache_mb"] = sum(f.stat().st_size for f in cache.rglob("*.npy")) / 2**20
+    r["cache_mb"] = sum(f.stat().st_size for f in cache.rglob("*.npz")) / 2**20
     stage("layers")
     r["trunc"] = train_ours(args, "ours_layers", data, ckpt, min(args.steps, 3),
                             [f"featurizer.layer_selections={list(range(args.truncate + 1))}"])

@@ -67,9 +67,8 @@ def test_a_resume_runs_no_code_from_a_checkpoint_file(trained, copy, tmp_path, n
     assert (copy / "step-2").is_dir() and not (copy / "step-4").exists()
 
 
-def test_resume_ckpt_dir_elsewhere_is_checked_the_same(trained, copy, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(copy / "step-2", other)
+def test_resume_ckpt_dir_of_another_run_is_checked_the_same(trained, copy, tmp_path):
+    other = copy / "step-2"  # a run of this very config (but exp_dir): accepted as a source, then checked
     marker = tmp_path / "marker"
     plant(other / "custom_checkpoint_0.pkl", marker)
     result = train(trained / "data", tmp_path / "new", "train.total_steps=4", *STEPS, f"train.resume_ckpt_dir={other}",
@@ -128,11 +127,11 @@ def test_a_calibration_that_is_not_two_numbers_is_one_line(copy, text):
 
 
 def test_a_feature_cache_entry_holding_a_pickle_is_never_unpickled(copy, tmp_path):
-    """A cache entry is a .npy file; one holding a pickled object array would run code under allow_pickle=True."""
+    """A cache entry is an .npz file; one holding a pickled object array would run code under allow_pickle=True."""
     cache = tmp_path / "cache"
     first = evaluate(copy / "step-2", "--feature-cache", cache)
     assert first.returncode == 0, first.stderr
-    entry = sorted(cache.glob("*/*/*.npy"))[0]
+    entry = sorted(cache.glob("*/*/*.npz"))[0]
     marker = tmp_path / "marker"
     arr = np.empty(1, dtype=object)
     arr[0] = Boom(marker)

@@ -248,6 +248,41 @@ def test_other_arguments_and_foreign_folders_are_refused(corpus, tmp_path):
     assert sorted(os.listdir(mine)) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("change", ["moved to another speaker", "replaced by a shorter clip"])
+def test_a_changed_corpus_with_the_same_file_count_is_not_nothing_to_do(corpus, tmp_path, change):
+    corpus = own_copy(corpus, tmp_path)
+    out = tmp_path / "out"
+    prepare("--corpus", corpus, "--out", out)
+    before = snapshot(out)
+    if change == "moved to another speaker":
+        os.replace(corpus / "spk00" / "sess0" / "u0.wav", corpus / "spk01" / "sess0" / "u9.wav")
+    else:
+        write_audio(corpus / "spk00" / "sess0" / "u0.wav", 0.5, seed=7)
+    with pytest.raises(SystemExit, match="and they changed .*pass --overwrite"):
+        prepare("--corpus", corpus, "--out", out)
+    assert snapshot(out) == before
+    prepare("--corpus", corpus, "--out", out, "--overwrite")
+    assert snapshot(out) != before
+
+
+def test_a_full_disk_is_one_line_and_the_old_preparation_stays(corpus, tmp_path, monkeypatch):
+    import errno
+    out = tmp_path / "out"
+    prepare("--corpus", corpus, "--out", out)
+    before = snapshot(out)
+
+    def full(folder, *args):
+        (folder / "utterances.csv").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "speakers.txt"))
+    monkeypatch.setattr(prep, "write_outputs", full)
+    with pytest.raises(SystemExit) as e:
+        prepare("--corpus", corpus, "--out", out, "--seed", 1, "--overwrite")
+    msg = str(e.value)
+    assert "\n" not in msg and f"preparation of {out}" in msg and "No space left on device" in msg
+    assert "GB free there" in msg and "left as it was" in msg
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_an_out_that_is_a_file_is_refused_and_kept(corpus, tmp_path):
     out = tmp_path / "notes.txt"
     out.write_text("mine")
@@ -267,7 +302,7 @@ def test_a_failure_mid_prepare_leaves_the_previous_preparation_intact(corpus, tm
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(prep, "write_outputs", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match="No space left on device"):  # one line, not a traceback
         prepare("--corpus", corpus, "--out", out, "--seed", 1, "--overwrite")
     assert snapshot(out) == before
     monkeypatch.undo()

@@ -5,7 +5,12 @@ refused or recorded, and the logs say what happened (a resume, another process c
 One tiny run (2 steps, validated, one checkpoint) per module; a test that changes it works on a copy.
 """
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +95,110 @@ def test_pair_refuses_overrides_that_change_the_scores(trained, exp):
     wavs = sorted((trained / "corpus").rglob("*.wav"))[:2]
     result = evaluate(exp / "step-2", "--pair", *wavs, "data.sample_rate=8000")
     assert_one_line_error(result, "--pair with data.sample_rate=8000", "calibration.json")
+
+
+# ---------------------------------------------------------------- 4. the data the run was trained on
+
+def speakers(data: Path, *splits) -> set:
+    import csv
+    with open(data / "utterances.csv", newline="") as f:
+        return {r["speaker"] for r in csv.DictReader(f) if r["split"] in splits}
+
+
+def test_evaluation_on_a_preparation_that_holds_training_speakers_is_refused(trained, exp, tmp_path):
+    """prepare again with another seed: other test speakers, some of which the run trained on."""
+    import prepare_voxceleb
+    again = tmp_path / "again"
+    prepare_voxceleb.main(["--corpus", str(trained / "corpus"), "--out", str(again), "--test-speakers", "2",
+                           "--valid-speakers", "2", "--seed", "3"])
+    overlap = speakers(again, "test") & speakers(trained / "data", "train")
+    assert overlap  # seed 3 puts a training speaker of seed 0 among the test speakers
+    before = snapshot(exp)
+    result = evaluate(exp / "step-2", f"data.dir={again}")
+    assert_one_line_error(result, f"{again}/trials/test.txt", "training speakers of", "not the data it was trained on")
+    assert snapshot(exp) == before
+
+
+def test_evaluation_on_other_data_of_held_out_speakers_is_labelled(trained, exp, tmp_path):
+    held_out = sorted(speakers(trained / "data", "test", "valid"))
+    for s in held_out:
+        shutil.copytree(trained / "corpus" / s, tmp_path / "corpus" / s)
+    other = prepare(tmp_path / "corpus", tmp_path / "other", test_speakers=2, valid_speakers=0)
+    recorded = snapshot(exp / "step-2" / "eval")
+    result = evaluate(exp / "step-2", f"data.dir={other}")
+    assert result.returncode == 0, result.stderr
+    (labelled,) = [p for p in (exp / "step-2" / "eval").iterdir() if p.name.startswith("test@")]
+    assert "data_fingerprint" in json.loads((labelled / "metrics.json").read_text())["overrides"]
+    assert {k: v for k, v in snapshot(exp / "step-2" / "eval").items() if not str(k).startswith("test@")} == recorded
+
+
+# ---------------------------------------------------------------- 9. the logs say what happened
+
+def test_train_log_marks_the_resume_point(trained, exp):
+    result = train(trained / "data", exp, "train.total_steps=4", *STEPS)
+    log = (exp / "train.log").read_text()
+    marker = log.index(f"--- resumed from {exp / 'step-2'} at step 2")
+    assert log.index("step 2 | loss") < marker < log.index("step 4 | loss")
+    assert "resumed from" in result.stdout
+
+
+def test_a_resume_under_another_process_count_is_recorded(trained, exp):
+    """A checkpoint saved by 2 processes, resumed by 1: the global batch halves, and the records say so."""
+    state_file = exp / "step-2" / "train_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    train(trained / "data", exp, "train.total_steps=4", *STEPS)
+    entry = [json.loads(line) for line in (exp / "config_history.jsonl").read_text().splitlines()][-1]
+    assert entry["at_step"] == 2 and entry["changes"] == {"processes": [2, 1], "global_batch": [16, 8]}
+    assert json.loads((exp / "run.json").read_text())["processes"] == 1
+    assert "global batch changes from 16 to 8" in (exp / "train.log").read_text()
+
+
+# ---------------------------------------------------------------- one line instead of a traceback
+
+def test_out_naming_a_folder_is_refused_before_the_work(trained, exp, tmp_path):
+    listing = tmp_path / "wavs.txt"
+    listing.write_text("".join(f"{p}\n" for p in sorted((trained / "corpus").rglob("*.wav"))[:2]))
+    (tmp_path / "emb.npz").mkdir()
+    assert_one_line_error(evaluate(exp / "step-2", "--extract", listing, "--out", tmp_path / "emb.npz"),
+                          "emb.npz: is a folder")
+    (tmp_path / "model.pt2").mkdir()
+    assert_one_line_error(evaluate(exp / "step-2", "--export", tmp_path / "model.pt2"), "model.pt2: is a folder")
+
+
+def test_a_second_evaluation_of_a_checkpoint_is_refused_naming_the_first(exp):
+    from asv.run import RunLock
+    lock = RunLock(exp / "step-2")  # as a running evaluate_asv.py holds it
+    try:
+        before = snapshot(exp / "step-2" / "eval")
+        assert_one_line_error(evaluate(exp / "step-2"), f"{exp / 'step-2'} is in use by process {os.getpid()}")
+        assert snapshot(exp / "step-2" / "eval") == before
+    finally:
+        lock.release()
+
+
+def test_a_targets_only_list_is_named_before_any_embedding(trained, exp, tmp_path):
+    targets = tmp_path / "targets.txt"
+    targets.write_text("".join(line for line in (trained / "data" / "trials" / "test.txt").read_text().splitlines(True)
+                               if line.startswith("1 ")))
+    result = evaluate(exp / "step-2", "--trials", targets)
+    assert_one_line_error(result, f"{targets}: holds only target trials")
+    assert "embedding" not in result.stdout
+
+
+def test_ctrl_c_says_how_to_resume_in_one_line(trained, exp):
+    from test_faults import ROOT, train_cmd
+    proc = subprocess.Popen([sys.executable, *map(str, train_cmd(trained / "data", exp, "train.total_steps=100000",
+                                                                 "train.save_step=100000"))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while "resumed from" not in ((exp / "train.log").read_text() if (exp / "train.log").exists() else ""):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    time.sleep(2)  # into the training loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert lines[-1] == f"interrupted: re-run the same command to resume from {exp / 'step-2'}", err

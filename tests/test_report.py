@@ -681,3 +681,17 @@ def test_averaged_fallback_best_is_reported_with_its_reason(tmp_path):
     assert f"| {run} | vox1_o | avg-last3 | - | 1.23" in text
     assert f"Chosen checkpoint: avg-last3 ({line})." in text
     assert (run / "det_vox1_o.png").is_file()
+
+
+def test_averaged_checkpoints_appear_in_the_report(tmp_path):
+    run = make_run(tmp_path / "exp" / "run1")
+    avg = run / "avg-last2" / "eval" / "test"
+    avg.mkdir(parents=True)
+    (run / "avg-last2" / "averaged.json").write_text(json.dumps({"checkpoints": ["step-100", "step-200"],
+                                                                 "steps": [100, 200]}))
+    (avg / "metrics.json").write_text(json.dumps({"eer": 7.25, "min_dcf_0.01": 0.5, "min_dcf_0.05": 0.3}))
+    result = run_report(run)
+    assert result.returncode == 0, result.stderr
+    text = (run / "report.md").read_text()
+    assert "### Averaged checkpoints" in text
+    assert "| avg-last2 | 100, 200 | test | 7.25 | 0.5000 | 0.3000 |" in text

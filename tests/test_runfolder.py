@@ -136,6 +136,7 @@ def test_an_lr_change_is_refused_before_anything_is_written(run):
 def test_every_unsafe_change_is_listed(run):
     exp, _, cfg = run
     open_run(exp, cfg(), amend=False)
+    checkpoint(exp, 100)  # trained with the first config: now it is the run's
     with pytest.raises(ValueError) as e:
         open_run(exp, cfg("optim.lr=3e-4", "train.seed=3", "downstream.embed_dim=256", "train.log_step=7"),
                  amend=False)
@@ -173,6 +174,7 @@ def test_total_steps_under_a_decaying_schedule_is_refused(run):
     exp, _, cfg = run
     sched = ("scheduler.name=cosine",)
     open_run(exp, cfg(*sched), amend=False)
+    checkpoint(exp, 100)  # trained with the first config: now it is the run's
     with pytest.raises(ValueError, match="train.total_steps: 200000 -> 300000"):
         open_run(exp, cfg(*sched, "train.total_steps=300000"), amend=False)
 
@@ -207,6 +209,7 @@ def test_a_moved_data_folder_is_the_same_data(run, tmp_path):
 def test_other_data_is_refused(run, tmp_path, change):
     exp, data, cfg = run
     open_run(exp, cfg(), amend=False)
+    checkpoint(exp, 100)  # trained with the first config: now it is the run's
     manifest, valid = MANIFEST, "1 spk3/c/00001 spk3/c/00002\n"
     if change == "duration":
         manifest = manifest.replace("6.25", "6.5")
@@ -226,6 +229,7 @@ def test_other_data_is_refused(run, tmp_path, change):
 def test_data_prepared_again_in_the_same_folder_is_refused(run):
     exp, data, cfg = run
     open_run(exp, cfg(), amend=False)
+    checkpoint(exp, 100)  # trained with the first config: now it is the run's
     (data / "utterances.csv").write_text(MANIFEST.replace("6.25", "6.5"))
     before = snapshot(exp)
     with pytest.raises(ValueError, match="data fingerprint"):
@@ -288,3 +292,79 @@ def test_replace_dir_and_recover_dir(tmp_path):
     recover_dir(final)
     assert (final / "scores.txt").read_text() == "new" and not (tmp_path / "eval.old").exists()
     recover_dir(tmp_path / "never_written")  # nothing to do
+
+
+# ---------------------------------------------------------------- train.resume_ckpt_dir
+
+def other_run(tmp_path, cfg, *overrides, step=30):
+    other = tmp_path / "other"
+    open_run(other, cfg(f"exp_dir={other}", *overrides), amend=False)
+    checkpoint(other, step)
+    (other / f"step-{step}" / "model.pt").write_bytes(b"")
+    return other / f"step-{step}"
+
+
+def test_resuming_from_a_run_with_another_config_is_refused(run, tmp_path):
+    exp, _, cfg = run
+    source = other_run(tmp_path, cfg, "optim.lr=1e-3")
+    with pytest.raises(ValueError) as e:
+        open_run(exp, cfg(f"train.resume_ckpt_dir={source}"), amend=False)
+    msg = str(e.value)
+    assert str(source) in msg and "optim.lr: 0.001 -> 0.0001" in msg and "--amend" in msg and "\n" not in msg
+    assert not exp.exists() or not (exp / "config.yaml").exists()
+
+
+def test_resuming_from_another_run_amended_is_recorded_with_the_values(run, tmp_path):
+    exp, _, cfg = run
+    source = other_run(tmp_path, cfg, "optim.lr=1e-3")
+    open_run(exp, cfg(f"train.resume_ckpt_dir={source}"), amend=True)
+    (entry,) = history(exp)
+    assert entry["resumed_from"] == str(source) and entry["at_step"] == 30
+    assert entry["amended"] is True and entry["changes"] == {"optim.lr": [1e-3, 1e-4]}
+
+
+def test_resuming_from_a_run_with_this_config_is_recorded_unamended(run, tmp_path):
+    exp, _, cfg = run
+    source = other_run(tmp_path, cfg)
+    open_run(exp, cfg(f"train.resume_ckpt_dir={source}"), amend=False)
+    (entry,) = history(exp)
+    assert (entry["resumed_from"], entry["amended"]) == (str(source), False) and "changes" not in entry
+
+
+def test_a_resume_that_would_delete_later_checkpoints_is_refused(run, tmp_path):
+    exp, _, cfg = run
+    source = other_run(tmp_path, cfg)
+    open_run(exp, cfg(), amend=False)
+    checkpoint(exp, 40)
+    with pytest.raises(ValueError, match="deletes this run's later checkpoints step-40"):
+        open_run(exp, cfg(f"train.resume_ckpt_dir={source}"), amend=False)
+    assert (exp / "step-40").is_dir()
+    open_run(exp, cfg(f"train.resume_ckpt_dir={source}"), amend=True)
+    assert history(exp)[-1]["deleted"] == ["step-40"] and history(exp)[-1]["amended"] is True
+
+
+def test_resume_ckpt_dir_is_used_once_then_the_newest(run, tmp_path):
+    """A re-run of the same command after the run saved past the resume point goes on from its newest checkpoint,
+    never back to train.resume_ckpt_dir (which would delete what was trained since)."""
+    from asv.run import complete_checkpoints, resume_folder
+    exp, _, cfg = run
+    source = other_run(tmp_path, cfg)
+    c = cfg(f"train.resume_ckpt_dir={source}")
+    open_run(exp, c, amend=False)
+    assert resume_folder(exp, c, complete_checkpoints(exp)) == source
+    checkpoint(exp, 40)
+    assert resume_folder(exp, c, complete_checkpoints(exp)) == exp / "step-40"
+    open_run(exp, c, amend=False)  # the same command again: nothing to refuse, nothing new recorded
+    assert len(history(exp)) == 1
+
+
+def test_a_first_start_that_stopped_before_any_checkpoint_does_not_fix_the_config(run):
+    """e.g. an offline weights download failed: the fix its message suggests (another upstream.ckpt) is accepted."""
+    exp, _, cfg = run
+    open_run(exp, cfg(), amend=False)
+    (exp / "speakers.txt").write_text("spk1\nspk2\n")  # stage 1 ran, then the start failed
+    open_run(exp, cfg("optim.lr=3e-4"), amend=False)
+    assert run_config(exp).optim.lr == 3e-4 and not (exp / "speakers.txt").exists()
+    (entry,) = history(exp)
+    assert entry["before_any_checkpoint"] is True and entry["amended"] is False
+    assert entry["changes"] == {"optim.lr": [1e-4, 3e-4]}

@@ -2,7 +2,9 @@
 upstream (asv/embed.py, evaluate_asv.py --feature-cache), and the GPU check's CPU smoke mode."""
 import os
 import re
+import shutil
 import subprocess
+import zlib
 import sys
 
 import numpy as np
@@ -75,7 +77,7 @@ def test_warm_cache_gives_the_same_embeddings_without_audio_or_upstream(tmp_path
     plain, _ = embed_files(Accelerator(cpu=True), load_extractors(ckpts), wavs)
     cold, cache, calls = cached_embeddings(ckpts, wavs, tmp_path / "cache")
     assert (cache.found, cache.written, calls) == (0, len(wavs), 1)  # one batch, one pass for both checkpoints
-    entry = np.load(cache.entry(wavs[3]))
+    entry = cache.load(wavs[3])
     assert entry.dtype == np.float16 and entry.shape == (3, 3 * 50 - 1, 32)  # layers 0-2, the conv's frames
 
     def no_decoding(*_, **__):
@@ -100,6 +102,53 @@ def test_a_rewritten_file_is_computed_again(tmp_path, wavs):
     assert (cache.found, cache.written, calls) == (len(wavs) - 1, 1, 1)
     alone, _ = embed_files(Accelerator(cpu=True), load_extractors(ckpts), [wavs[1]])
     np.testing.assert_array_equal(tables[0][1], alone[0][0])  # the new audio's embedding, not the old one's
+
+
+def corrupt(entry, how):
+    """A damaged cache entry, as a full disk, a crash or a stray write leaves one."""
+    data = entry.read_bytes()
+    if how == "truncated":
+        entry.write_bytes(data[: len(data) // 2])
+    elif how == "zero-filled":
+        entry.write_bytes(b"\0" * len(data))
+    elif how == "zeroed payload":  # the zip and .npy headers intact, the samples zeros: only the checksum tells
+        entry.write_bytes(data[:200] + b"\0" * (len(data) - 400) + data[-200:])
+    else:  # "wrong shape": a well-formed entry of other dimensions, with a checksum that matches them
+        hidden = np.ones((2, 5, 7), np.float16)
+        with open(entry, "wb") as f:
+            np.savez(f, hidden=hidden, crc32=np.array(zlib.crc32(hidden.tobytes())))
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero-filled", "zeroed payload", "wrong shape"])
+def test_a_damaged_cache_entry_is_named_and_computed_again(tmp_path, wavs, how):
+    ckpts = make_run(tmp_path / "run")
+    _, cache, _ = cached_embeddings(ckpts, wavs, tmp_path / "cache")
+    alone, _ = embed_files(Accelerator(cpu=True), load_extractors(ckpts), [wavs[2]])
+    entry = cache.entry(wavs[2])
+    corrupt(entry, how)
+    tables, cache, calls = cached_embeddings(ckpts, wavs, tmp_path / "cache")
+    assert (cache.found, cache.written, calls) == (len(wavs) - 1, 1, 1)
+    (line,) = cache.bad
+    assert str(entry) in line and wavs[2] in line and "computed again" in line
+    np.testing.assert_array_equal(tables[0][2], alone[0][0])  # the audio's embedding, not the damaged entry's
+    assert cache.load(wavs[2]) is not None  # stored again, whole
+
+
+def test_an_upstream_replaced_by_one_of_the_same_size_and_time_is_another_cache(tmp_path):
+    weights = tmp_path / "tiny.pt"
+    state = torch.load(FIXTURES / "tiny_wavlm.pt", weights_only=True)  # a WavLM checkpoint: {"cfg", "model"}
+    torch.save(state, weights)
+    ckpts = make_run(tmp_path / "run", [f"upstream.ckpt={weights}"])
+    first = FeatureCache(tmp_path / "cache", load_extractors(ckpts).cfg, load_extractors(ckpts).upstreams[0]).dir
+    st = os.stat(weights)
+    model = state["model"]
+    key = "feature_extractor.conv_layers.0.0.weight"  # the first convolution: every hidden state depends on it
+    model[key] = model[key] + 0.5  # other weights, same shapes: torch.save writes a file of the same size
+    torch.save(state, weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(weights).st_size == st.st_size and os.stat(weights).st_mtime_ns == st.st_mtime_ns
+    ex = load_extractors(ckpts)
+    assert FeatureCache(tmp_path / "cache", ex.cfg, ex.upstreams[0]).dir != first
 
 
 def test_the_cache_folder_changes_with_what_decides_the_hidden_states(tmp_path):
@@ -129,7 +178,7 @@ def test_evaluation_runs_only_the_transformer_layers_below_the_deepest_selected(
     cache = FeatureCache(tmp_path / "cache", ex.cfg, ex.upstreams[0])
     embed_files(Accelerator(cpu=True), ex, wavs, cache=cache)
     assert [c.n for c in layers] == [1, 0]
-    assert np.load(cache.entry(wavs[0])).shape[0] == 2
+    assert cache.load(wavs[0]).shape[0] == 2
 
 
 def test_evaluate_asv_feature_cache_second_run_finds_every_file(tmp_path, wavs):
