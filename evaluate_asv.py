@@ -41,7 +41,7 @@ from asv.embed import evaluate_checkpoints, read_inputs, resolve_lists
 from asv.embed import FeatureCache
 from asv.run import atomic_write
 from asv.models.export import check_export_path, export_program, save_program
-from asv.run import run_config
+from asv.run import resolve_checkpoint, run_config
 from asv.train import check_launch, one_line
 
 
@@ -195,6 +195,8 @@ def main():
     args = parse_args()
     try:
         single = "--pair" if args.pair else "--extract" if args.extract else "--export" if args.export else ""
+        # a run folder stands for its best; a missing or pruned checkpoint is one line naming the cause
+        args.ckpt_dir = [str(resolve_checkpoint(c)) for c in args.ckpt_dir]
         if single and len(args.ckpt_dir) != 1:
             raise ValueError(f"{single} takes exactly one --ckpt-dir")
         for out in args.export:
