@@ -298,7 +298,7 @@ def log_progress(accelerator, cfg, run: Run, meter: StepMeter, log: Log, step: i
     loss, acc = meter.read(accelerator)
     lr = lr_of(cfg, step - 1)
     skipped = f" | {run.state.skipped_steps} steps skipped" if run.state.skipped_steps else ""
-    log.say(f"step {step} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.1e} | {crops_per_second:.{1 if crops_per_second < 10 else 0}f} crops/s{skipped}")  # 3.4, not 3
+    log.say(f"step {step} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.1e} | {rate(crops_per_second)} crops/s{skipped}")
     weights = accelerator.unwrap_model(run.encoder).featurizer.layer_weights()
     accelerator.log({"train/loss": loss, "train/accuracy": acc, "train/lr": lr,
                      "train/crops_per_second": crops_per_second, "train/skipped_steps": run.state.skipped_steps,
