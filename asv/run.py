@@ -206,7 +206,8 @@ def settle(exp, metric: str, keep: int) -> int | None:
                 os.replace(old, doomed)
                 shutil.rmtree(doomed)
     checkpoints = complete_checkpoints(exp)
-    tied = tied_best(entries, metric)
+    kept = {step_of(c) for c in checkpoints}
+    tied = tied_best([e for e in entries if e["step"] in kept], metric)
     if len(tied) >= 2 and len(checkpoints) >= 2:
         last = checkpoints[-FALLBACK_LAST:]
         line = (f"checkpoint choice: validation cannot separate steps {', '.join(str(e['step']) for e in tied)} "
