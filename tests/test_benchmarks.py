@@ -1,5 +1,6 @@
 """The benchmark scripts run at tiny settings and print their tables (no timing assertions)."""
 import re
+import json
 import subprocess
 import sys
 
@@ -110,3 +111,14 @@ def test_calibration_check_reads_both_score_files(tmp_path):
                             capture_output=True, text=True)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'scores_calibrated.txt'}: ")
+
+
+def test_calibration_check_with_a_refused_calibration_shows_the_raw_cllr(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat([1, 0], 100)
+    scores = np.where(labels == 1, 0.6, 0.1) + rng.normal(0, 0.2, labels.size)
+    (tmp_path / "scores.txt").write_text("".join(f"a b {v:.6f} {l}\n" for v, l in zip(scores, labels)))
+    (tmp_path / "metrics.json").write_text(json.dumps({"calibration": {"refused": "too few"}}))
+    out = run("benchmarks/calibration_check.py", tmp_path).strip().splitlines()[-1]
+    cells = [c.strip() for c in out.strip("|").split("|")]
+    assert cells[3] == f"{cells[2]} (refused: raw)"  # the identity: the raw scores' Cllr, never worse
