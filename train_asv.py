@@ -40,7 +40,7 @@ from asv.run import write_json, write_text
 from asv.models import MarginSoftmax, load_model_file, min_input_samples, save_model_file
 from asv.run import RunLock, open_run
 from asv.train import (NonFiniteGuard, StepMeter, TrainState, check_launch, label_encoder, lr_at, make_optimizer,
-                          margin_at, one_line, trackers)
+                          margin_at, one_line, rate, trackers)
 
 
 def main():
