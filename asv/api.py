@@ -41,7 +41,6 @@ import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
