@@ -1,12 +1,12 @@
 """Embed, score and measure: checkpoints x trial lists -> scores.txt and metrics.json.
 
-    python evaluate_asv.py --ckpt_dir exp/demo/best
-    python evaluate_asv.py --ckpt_dir exp/demo/step-* --trials test my_list.txt
-    accelerate launch evaluate_asv.py --ckpt_dir exp/vox1/step-20000   # several GPUs
-    python evaluate_asv.py --ckpt_dir exp/demo/best --pair a.wav b.wav --threshold far:0.01
-    python evaluate_asv.py --ckpt_dir exp/demo/best --extract wavs.txt --out emb.npz   # or a folder; or emb.ark
-    python evaluate_asv.py --ckpt_dir exp/demo/best --export model.pt2                 # or model.onnx
-    python evaluate_asv.py --ckpt_dir exp/demo/step-* --average exp/demo/avg-last3     # mean weights, evaluated
+    python evaluate_asv.py --ckpt-dir exp/demo/best
+    python evaluate_asv.py --ckpt-dir exp/demo/step-* --trials test my_list.txt
+    accelerate launch evaluate_asv.py --ckpt-dir exp/vox1/step-20000   # several GPUs
+    python evaluate_asv.py --ckpt-dir exp/demo/best --pair a.wav b.wav --threshold far:0.01
+    python evaluate_asv.py --ckpt-dir exp/demo/best --extract wavs.txt --out emb.npz   # or a folder; or emb.ark
+    python evaluate_asv.py --ckpt-dir exp/demo/best --export model.pt2                 # or model.onnx
+    python evaluate_asv.py --ckpt-dir exp/demo/step-* --average exp/demo/avg-last3     # mean weights, evaluated
 
 Each unique utterance of all requested trial lists is embedded once, at full length, in
 length-sorted batches; a frozen upstream runs once per batch for all the checkpoints given.
@@ -41,7 +41,7 @@ from asv.embed import check_data, evaluate_checkpoints, read_inputs, resolve_lis
 from asv.embed import FeatureCache
 from asv.run import atomic_write
 from asv.models.export import check_export_path, export_program, save_program
-from asv.run import RunLock, eval_overrides, run_config
+from asv.run import RunLock, eval_overrides, resolve_checkpoint, run_config
 from asv.train import check_launch, one_line
 
 
@@ -141,7 +141,7 @@ def parse_args():
         pass
 
     parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(), formatter_class=Formatter)
-    parser.add_argument("--ckpt_dir", nargs="+", required=True,
+    parser.add_argument("--ckpt-dir", "--ckpt_dir", dest="ckpt_dir", nargs="+", required=True,  # both spellings work
                         help="one or more exp/<run>/step-N (or exp/<run>/best) folders of the same run")
     parser.add_argument("--trials", nargs="*", default=[],
                         help="trial list names in <data.dir>/trials or files of 'label enroll test' lines "
@@ -160,7 +160,7 @@ def parse_args():
                       help="write one checkpoint's embedding extractor (wav, lengths -> embeddings) as FILE.pt2 "
                            "(torch.export) and/or FILE.onnx, loadable without this repository")
     task.add_argument("--average", metavar="OUT",
-                      help="average the weights of the --ckpt_dir checkpoints (e.g. the last three) into the new "
+                      help="average the weights of the --ckpt-dir checkpoints (e.g. the last three) into the new "
                            "checkpoint folder OUT inside the run folder (e.g. exp/<run>/avg-last3), then validate "
                            "and evaluate it")
     parser.add_argument("--threshold", metavar="NAME", default="eer",
@@ -181,7 +181,7 @@ def parse_args():
         parser.error("--threshold goes with --pair")
     if args.feature_cache and (args.pair or args.extract or args.export):
         parser.error("--feature-cache is for trial-list evaluation, not --pair, --extract or --export")
-    # `--ckpt_dir a b key=value` reads naturally; argparse would give key=value to --ckpt_dir (or --trials, --export)
+    # `--ckpt-dir a b key=value` reads naturally; argparse would give key=value to --ckpt-dir (or --trials, --export)
     exports = args.export or []
     moved = [c for c in args.ckpt_dir + args.trials + exports if "=" in c and not Path(c).exists()]
     args.overrides += moved
@@ -199,8 +199,10 @@ def main():
     args = parse_args()
     try:
         single = "--pair" if args.pair else "--extract" if args.extract else "--export" if args.export else ""
+        # a run folder stands for its best; a missing or pruned checkpoint is one line naming the cause
+        args.ckpt_dir = [str(resolve_checkpoint(c)) for c in args.ckpt_dir]
         if single and len(args.ckpt_dir) != 1:
-            raise ValueError(f"{single} takes exactly one --ckpt_dir")
+            raise ValueError(f"{single} takes exactly one --ckpt-dir")
         for out in [*args.export, *([args.out] if args.out else [])]:  # a folder is refused before any work
             if Path(out).is_dir():
                 raise ValueError(f"{out}: is a folder; --export and --out name the file to write")

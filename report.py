@@ -27,6 +27,7 @@ import argparse
 import csv
 import functools
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 import yaml
 
 from asv import metrics, plots
+from asv.run import write_text
 from asv.run import CHOICE_FILE, best_entry, best_step, best_target, read_history, step_of
 from asv.plots import VALID, ppf  # noqa: F401  (report.ppf: the name the tests and older notebooks use)
 COLUMNS = [("eer", "EER %"), ("min_dcf_0.01", "minDCF 0.01"), ("min_dcf_0.05", "minDCF 0.05")]
@@ -388,9 +390,19 @@ def summary_lines(runs, protocol, level, resamples):
     return lines
 
 
-def run_section(run):
-    """Markdown lines for one run: how the step was chosen, its layer weights and plots, then every
-    checkpoint per test list and the validation history."""
+def embedded(paths, base) -> list[str]:
+    """Plots as Markdown images (a pdf, which viewers do not inline, as a link), by paths relative to the
+    folder of the .md (`base`), so the report shows them wherever it and its run folders are moved together."""
+    lines = []
+    for path in paths:
+        rel = Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+        lines.append(f"[{Path(path).name}]({rel})" if Path(path).suffix == ".pdf" else f"![{Path(path).stem}]({rel})")
+    return lines
+
+
+def run_section(run, base=Path(".")):
+    """Markdown lines for one run: how the step was chosen, its layer weights and plots (embedded by paths
+    relative to `base`, the folder of the .md), then every checkpoint per test list and the validation history."""
     chosen = f"step {run.chosen}" if isinstance(run.chosen, int) else run.chosen
     lines = [f"## {run.path}", "", f"Chosen checkpoint: {chosen} ({run.how})." if run.chosen is not None
              else f"No checkpoint chosen: {run.how}.", ""]
@@ -398,7 +410,7 @@ def run_section(run):
     if weights_line:
         lines += [weights_line, ""]
     if run.plots:
-        lines += ["Plots:", ""] + [f"- {path}" for path in run.plots] + [""]
+        lines += ["Plots:", ""] + embedded(run.plots, base) + [""]
     for note in run.notes + calibration_notes(run):
         lines += [note, ""]
     evals = run.evals
@@ -570,12 +582,12 @@ def main(argv=None):
     lines = ["# ASV report", ""] + summary_lines(runs, args.protocol, args.ci_level, args.ci_resamples)
     lines += config_lines(runs)
     if compared:
-        lines += ["## Comparison plots", ""] + [f"- {path}" for path in compared] + [""]
+        lines += ["## Comparison plots", ""] + embedded(compared, out.parent) + [""]
         lines += [note for note in compared_notes for note in (note, "")]
     for run in runs:
-        lines += run_section(run)
+        lines += run_section(run, out.parent)
     text = "\n".join(lines)
-    out.write_text(text)
+    write_text(out, text)  # atomic; makes --out's folder when it is new
     print(text)
     print(f"wrote {out}")
     if plt is None and not args.no_plots:

@@ -34,7 +34,7 @@ from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, co
                      read_history, record_change, record_launch, record_validation, resume_folder, settle,
                      truncate_history, write_json, write_text)
 from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, global_batch, label_encoder, lr_at,
-                       make_accelerator, one_line, prepare, set_schedules, train_step)
+                       make_accelerator, one_line, prepare, rate, set_schedules, train_step)
 
 
 def main():
@@ -301,7 +301,7 @@ def log_progress(accelerator, cfg, parts, state, meter: StepMeter, log: Log, ste
     loss, acc = meter.read(accelerator)
     lr = lr_at(step - 1, cfg.optim.lr, cfg.scheduler, cfg.train.total_steps)
     skipped = f" | {state.skipped_steps} steps skipped" if state.skipped_steps else ""
-    log.say(f"step {step} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.1e} | {crops_per_second:.0f} crops/s{skipped}")
+    log.say(f"step {step} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.1e} | {rate(crops_per_second)} crops/s{skipped}")
     weights = accelerator.unwrap_model(parts.encoder).featurizer.layer_weights()
     accelerator.log({"train/loss": loss, "train/accuracy": acc, "train/lr": lr,
                      "train/crops_per_second": crops_per_second, "train/skipped_steps": state.skipped_steps,

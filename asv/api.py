@@ -42,7 +42,6 @@ import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,7 +49,7 @@ import torch
 from .metrics import load_calibration, resolve_threshold
 from .data import read_audio_list, read_manifest
 from .embed import Extractors, audio_durations, check_lengths, cohort_paths, embed, eval_loader, load_extractors
-from .run import atomic_write
+from .run import atomic_write, resolve_checkpoint
 from .models import asnorm_scores, cohort_stats, cosine_scores
 
 
@@ -77,13 +76,7 @@ def load(path, device: str = "cpu", overrides: list[str] = ()) -> "Model":
     `overrides` are config keys as on the command line (e.g. ["score.asnorm=true"]). Files are read
     in this process (num_workers=0) unless an override says otherwise.
     """
-    folder = Path(path)
-    if not (folder / "model.pt").is_file() and (folder / "config.yaml").is_file():
-        if not (folder / "best").exists():
-            raise ValueError(f"{folder}: this run has no `best` checkpoint yet (nothing validated): "
-                             "load one of its step-N folders")
-        folder = folder / "best"
-    return Model(load_extractors([folder], ["num_workers=0", *overrides]), device)
+    return Model(load_extractors([resolve_checkpoint(path)], ["num_workers=0", *overrides]), device)
 
 
 class Model:

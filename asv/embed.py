@@ -34,7 +34,7 @@ from .models import (
     run_chunked,
 )
 from .run import (atomic_write, check_replaceable, data_fingerprint, eval_overrides, recover_dir, replace_dir,
-                  run_config, run_folder, write_text)
+                  resolve_checkpoint, run_config, run_folder, write_text)
 from .metrics import VALID_SCORES, calibration_line, calibration_metrics, ensure_calibration, has_validation_scores
 
 FORMAT = 2  # bump when the upstream code or the entry format changes: old entries are then never read
@@ -192,10 +192,7 @@ def build_models(cfg: Config, upstream=None):
 
 def load_extractors(ckpt_dirs: list, overrides: list[str] = ()) -> Extractors:
     """Checkpoint folders of ONE run (step-N or best) -> their models, in eval mode, on the CPU."""
-    ckpts = [Path(c) for c in ckpt_dirs]
-    for c in ckpts:
-        if not (c / "model.pt").is_file():
-            raise ValueError(f"{c}: not a checkpoint folder (no model.pt)")
+    ckpts = [resolve_checkpoint(c) for c in ckpt_dirs]  # a run folder stands for its best
     runs = {c.absolute().parent for c in ckpts}
     if len(runs) != 1:
         raise ValueError(f"checkpoint folders come from {len(runs)} runs; evaluate one run at a time")

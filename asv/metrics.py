@@ -412,7 +412,7 @@ def validation_scores(ckpt) -> tuple[np.ndarray, np.ndarray]:
     path = Path(ckpt) / VALID_SCORES
     if not path.is_file():
         raise ValueError(f"{path} is missing: thresholds and calibration come from validation scores (train_asv.py "
-                         f"saves them with each validated checkpoint, or run evaluate_asv.py --ckpt_dir {ckpt} "
+                         f"saves them with each validated checkpoint, or run evaluate_asv.py --ckpt-dir {ckpt} "
                          "--trials valid; a run prepared with --valid-speakers 0 has no validation speakers)")
     return read_scores(path)
 

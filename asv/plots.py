@@ -55,6 +55,7 @@ def save(fig, stem, formats=("png",)) -> list[Path]:
     with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
         for fmt in formats:
             path = Path(f"{stem}.{fmt}")  # not with_suffix: a list name may hold a dot
+            path.parent.mkdir(parents=True, exist_ok=True)  # report.py --out new/folder/cmp.md
             fig.savefig(path, dpi=100, bbox_inches="tight")
             paths.append(path)
     matplotlib.pyplot.close(fig)

@@ -240,7 +240,8 @@ def settle(exp, metric: str, keep: int) -> int | None:
                 os.replace(old, doomed)
                 shutil.rmtree(doomed)
     checkpoints = complete_checkpoints(exp)
-    tied = tied_best(entries, metric)
+    kept = {step_of(c) for c in checkpoints}
+    tied = tied_best([e for e in entries if e["step"] in kept], metric)
     if len(tied) >= 2 and len(checkpoints) >= 2:
         last = checkpoints[-FALLBACK_LAST:]
         line = (f"checkpoint choice: validation cannot separate steps {', '.join(str(e['step']) for e in tied)} "
@@ -571,6 +572,37 @@ def open_run(exp: Path, cfg: Config, amend: bool) -> list[Path]:
     if resumed:
         record_change(exp, resumed)
     return checkpoints
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder for `path`, or a one-line ValueError naming the cause: no such folder (with the
+    folder it was looked for in), a pruned checkpoint, a dangling `best`, a run folder without `best`, a folder
+    that is neither. A run folder (config.yaml, no model.pt) stands for its `best`, the one it unambiguously has."""
+    folder = Path(path)
+    run = folder.absolute().parent
+    if not folder.exists() and not folder.is_symlink():
+        step = step_of(folder)
+        if step is not None and (run / "config.yaml").is_file():
+            if any(e["step"] == step for e in read_history(run)):
+                on_disk = ", ".join(c.name for c in complete_checkpoints(run)) or "none"
+                raise ValueError(f"{folder}: pruned (train.keep_num_ckpts keeps the newest checkpoints and best; "
+                                 f"its validation line is in {run / HISTORY}); on disk: {on_disk}")
+        raise ValueError(f"{folder}: no such folder (looked for {folder.absolute()}; a relative path is read from "
+                         f"the current folder, {Path.cwd()})")
+    if folder.is_symlink() and not folder.exists():
+        raise ValueError(f"{folder}: points at {os.readlink(folder)}, which is gone (pruned or deleted by hand)")
+    if (folder / "model.pt").is_file():
+        return folder
+    if (folder / "config.yaml").is_file():
+        best = folder / "best"
+        if best.is_symlink() and not best.exists():
+            raise ValueError(f"{folder}: a run folder whose best points at {os.readlink(best)}, which is gone")
+        if not best.exists():
+            on_disk = ", ".join(c.name for c in complete_checkpoints(folder))
+            raise ValueError(f"{folder}: a run folder with no `best` checkpoint yet (nothing validated): give one "
+                             f"of its checkpoints instead" + (f" ({on_disk})" if on_disk else " (none on disk)"))
+        return best
+    raise ValueError(f"{folder}: not a checkpoint folder (no model.pt) nor a run folder (no config.yaml)")
 
 
 # What an evaluation may override on top of the run's config.yaml; the rest (optim, loss, augment, the architecture,

@@ -327,7 +327,7 @@ def time_evaluation(work: Path, ckpt: Path, names: list[str], overrides: list[st
     time_file = work / "eval.time"
     # overrides before --trials: evaluate_asv.py would read `--trials NAME key=value` as a list named key=value
     cmd = ["/usr/bin/time", "-v", "-o", str(time_file), sys.executable, str(ROOT / "evaluate_asv.py"),
-           "--ckpt_dir", str(ckpt), *overrides, "--trials", *names]
+           "--ckpt-dir", str(ckpt), *overrides, "--trials", *names]
     tic = time.perf_counter()
     lines = run_logged(cmd, work / "eval.log", env={"PYTHONUNBUFFERED": "1"})  # unbuffered: true line times
     wall = time.perf_counter() - tic

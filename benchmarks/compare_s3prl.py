@@ -84,7 +84,7 @@ def run_ours(work, corpus, data, steps, seed, log_step, lr):
                                            f"train.log_step={log_step}", f"train.seed={seed}", f"optim.lr={lr}",
                                            "train.test_after_train=false", "train.log_with=none", "num_workers=2"],
                          work / "logs", cwd=ROOT, tag="compare")
-    test = run_measured(f"{name}_test", [sys.executable, "evaluate_asv.py", "--ckpt_dir", exp / f"step-{steps}"],
+    test = run_measured(f"{name}_test", [sys.executable, "evaluate_asv.py", "--ckpt-dir", exp / f"step-{steps}"],
                         work / "logs", cwd=ROOT, tag="compare")
     log = (exp / "train.log").read_text()
     losses = {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+) \| loss (\S+)", log, re.M)}
@@ -110,7 +110,7 @@ def cross_eval(work, peer_run: Path, ours_run: Path, steps: int) -> float:
     model = torch.load(ours_run / f"step-{steps}" / "model.pt", map_location="cpu", weights_only=True)
     model["encoder"] = {k: state[k] if k.startswith("downstream.") else v for k, v in model["encoder"].items()}
     torch.save(model, run / f"step-{steps}" / "model.pt")
-    subprocess.run([sys.executable, "evaluate_asv.py", "--ckpt_dir", run / f"step-{steps}"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "evaluate_asv.py", "--ckpt-dir", run / f"step-{steps}"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     return json.loads((run / f"step-{steps}" / "eval" / "test" / "metrics.json").read_text())["eer"]
 

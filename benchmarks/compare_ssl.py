@@ -14,7 +14,7 @@ Measured in one run, each stage a subprocess (wall time and the peak PSS of its 
       steps, a checkpoint after each: seconds per step in the steady state (steps 2..N), saving
       excluded (from the newest file of checkpoint k-1 to the oldest of checkpoint k, the same rule for both);
   (b) evaluation of the N checkpoints on the list: s3prl's stage 3 (the upstream again for every
-      checkpoint, batch 1) against evaluate_asv.py --ckpt_dir step-* (one upstream pass for all);
+      checkpoint, batch 1) against evaluate_asv.py --ckpt-dir step-* (one upstream pass for all);
   (c) ours only: evaluation with --feature-cache (first run writes it, second reads it), and with
       featurizer.layer_selections 0..--truncate (a short run trained on those layers) against all layers;
   the upstream's parity on this file (every layer, batch of 1: max |ours - s3prl|), and a breakdown of
@@ -235,7 +235,7 @@ def train_ours(args, name: str, data: Path, ckpt: Path, steps: int, overrides=()
 
 
 def eval_ours(args, name: str, ckpts: list[Path], trials: Path, extra=()) -> dict:
-    cmd = [sys.executable, "evaluate_asv.py", "--ckpt_dir", *ckpts, "--trials", trials, *extra]
+    cmd = [sys.executable, "evaluate_asv.py", "--ckpt-dir", *ckpts, "--trials", trials, *extra]
     return run_measured(name, cmd, args.work / "logs", threads_env(args), cwd=ROOT, tag="compare_ssl")
 
 

@@ -89,6 +89,39 @@ def test_load_a_run_or_a_checkpoint(home, tmp_path):
             asv.load(folder)
 
 
+def test_load_names_the_cause_in_one_line(home, tmp_path, monkeypatch):
+    """One message per cause: no such folder (from another folder: which one was looked in), a pruned
+    checkpoint, a dangling best, a run folder without best; a run folder is accepted as its best."""
+    run_dir = home / "exp" / "demo"
+    pruned = tmp_path / "pruned"
+    (pruned / "step-20").mkdir(parents=True)
+    (pruned / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (pruned / "valid_history.jsonl").write_text('{"step": 10, "eer": 5.0}\n{"step": 20, "eer": 6.0}\n')
+    (pruned / "step-20" / "model.pt").write_bytes((run_dir / "step-20" / "model.pt").read_bytes())
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (dangling / "best").symlink_to("step-30")
+    monkeypatch.chdir(tmp_path)  # not where exp/demo is
+    cases = [("exp/demo", f"exp/demo: no such folder (looked for {tmp_path / 'exp' / 'demo'}; a relative path is "
+                          f"read from the current folder, {tmp_path})"),
+             (pruned / "step-10", f"{pruned / 'step-10'}: pruned (train.keep_num_ckpts keeps the newest checkpoints "
+                                  "and best; its validation line is in"),
+             (pruned, f"{pruned}: a run folder with no `best` checkpoint yet (nothing validated): give one of its "
+                      "checkpoints instead (step-20)"),
+             (dangling, f"{dangling}: a run folder whose best points at step-30, which is gone"),
+             (dangling / "best", f"{dangling / 'best'}: points at step-30, which is gone")]
+    for path, message in cases:
+        with pytest.raises(ValueError) as error:
+            asv.load(path)
+        assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+    monkeypatch.chdir(home)
+    assert asv.load("exp/demo").checkpoint == Path("exp/demo/best")  # the run folder, as its best
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate_asv.py"), "--ckpt-dir", str(pruned / "step-10"),
+                             "--pair", "a.wav", "b.wav"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and result.stderr.strip().startswith(f"error: {pruned / 'step-10'}: pruned")
+
+
 def test_a_file_and_its_array_embed_the_same(home, model):
     path = corpus_file(home, "spk05/sess1/utt2.wav")
     wav = load_audio(path, model.sample_rate)  # (T,) float32 tensor

@@ -1,5 +1,6 @@
 """The benchmark scripts run at tiny settings and print their tables (no timing assertions)."""
 import re
+import json
 import subprocess
 import sys
 
@@ -128,3 +129,14 @@ def test_bench_loader_quick(real_mini, tmp_path):
     gpu = table_rows(out, "what a GPU consumes")
     assert gpu[0][1:3] == ["112", "3,532"]  # 14 GFLOP/s x 8 s; 0.4 x 989 TFLOP/s / 112 GFLOP
     assert len(gpu) == 3 and all(positive(r[2].replace(",", "")) for r in gpu)
+
+
+def test_calibration_check_with_a_refused_calibration_shows_the_raw_cllr(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat([1, 0], 100)
+    scores = np.where(labels == 1, 0.6, 0.1) + rng.normal(0, 0.2, labels.size)
+    (tmp_path / "scores.txt").write_text("".join(f"a b {v:.6f} {l}\n" for v, l in zip(scores, labels)))
+    (tmp_path / "metrics.json").write_text(json.dumps({"calibration": {"refused": "too few"}}))
+    out = run("benchmarks/calibration_check.py", tmp_path).strip().splitlines()[-1]
+    cells = [c.strip() for c in out.strip("|").split("|")]
+    assert cells[3] == f"{cells[2]} (refused: raw)"  # the identity: the raw scores' Cllr, never worse

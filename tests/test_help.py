@@ -57,3 +57,22 @@ def test_help_lists_every_option_with_its_default(script, monkeypatch):
     if script in TAKES_OVERRIDES:
         for key, default, _ in reference_rows():
             assert re.search(rf"(^|\s){re.escape(key)}={re.escape(default)}(\s|$)", out.stdout, re.M), (script, key)
+
+
+def test_ckpt_dir_in_both_spellings_and_one_flag_style(monkeypatch):
+    """--ckpt-dir (the style of every other flag) and --ckpt_dir (older commands) give the same arguments."""
+    sys.path.insert(0, str(ROOT))
+    import evaluate_asv
+    for flag in ("--ckpt-dir", "--ckpt_dir"):
+        monkeypatch.setattr(sys, "argv", ["evaluate_asv.py", flag, "exp/a/step-10", "exp/a/step-20", "eval_batch=2"])
+        args = evaluate_asv.parse_args()
+        assert args.ckpt_dir == ["exp/a/step-10", "exp/a/step-20"] and args.overrides == ["eval_batch=2"]
+    for verb in ("prepare_voxceleb.py", "train_asv.py", "evaluate_asv.py", "report.py"):
+        text = (ROOT / verb).read_text()
+        flags = set(re.findall(r'add_argument\("(--[a-z0-9_-]+)"', text))
+        assert not [f for f in flags if "_" in f], (verb, flags)  # dashes throughout (aliases come second)
+
+
+def test_throughput_has_a_decimal_below_ten():
+    from asv.train import rate
+    assert (rate(3.44), rate(9.96), rate(10.4), rate(212.3)) == ("3.4", "10.0", "10", "212")

@@ -221,7 +221,7 @@ def test_chosen_checkpoint_plots_and_layer_weights(tmp_path, monkeypatch):
     text = (run / "report.md").read_text()
     for name in pngs:
         assert is_png(run / name), name
-        assert f"- {run / name}" in text
+        assert f"![{Path(name).stem}]({name})" in text  # embedded, relative to report.md beside the plots
     line = next(line for line in text.splitlines() if line.startswith("Layer weights of the chosen checkpoint"))
     assert weights_line(WEIGHTS[200]) in line and weights_line(WEIGHTS[100]) not in text
     top = int(np.argmax(WEIGHTS[200]))
@@ -438,7 +438,7 @@ def test_three_runs_share_one_det_plot_per_list(compared):
     assert "EER" in legend and "minDCF, P_target=0.01" in legend and "minDCF, P_target=0.05" in legend
     svg = (root / "cmp_det_vox1_o.svg").read_text()
     assert all(name in svg for name in ("lr3e-4, step 300", "seed1, step 300", "fbank, step 300"))
-    assert "## Comparison plots" in compared["text"] and f"- {root / 'cmp_det_vox1_o.svg'}" in compared["text"]
+    assert "## Comparison plots" in compared["text"] and "![cmp_det_vox1_o](cmp_det_vox1_o.svg)" in compared["text"]
     assert not list(root.rglob("*.png"))  # only the formats asked for
 
 
@@ -695,3 +695,15 @@ def test_averaged_checkpoints_appear_in_the_report(tmp_path):
     text = (run / "report.md").read_text()
     assert "### Averaged checkpoints" in text
     assert "| avg-last2 | 100, 200 | test | 7.25 | 0.5000 | 0.3000 |" in text
+
+
+def test_plots_are_embedded_relative_to_the_md_and_out_may_be_a_new_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [make_run(tmp_path / "exp" / name, scores=True) for name in ("a", "b")]
+    out = tmp_path / "new" / "deeper" / "cmp.md"  # a folder that does not exist yet
+    assert report.main([str(r) for r in runs] + ["--out", str(out)]) == 0
+    text = out.read_text()
+    assert "![cmp_det_vox1_o](cmp_det_vox1_o.png)" in text and (out.parent / "cmp_det_vox1_o.png").is_file()
+    assert "![det_vox1_o](../../exp/a/det_vox1_o.png)" in text
+    for target in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
+        assert (out.parent / target).is_file(), target  # every embedded image resolves from the .md's folder
