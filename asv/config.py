@@ -110,6 +110,7 @@ class ScoreConfig:
     asnorm: bool = False            # also write adaptive s-norm scores (scores_asnorm.txt, metrics_asnorm.json)
     cohort_size: int = 1000         # training utterances in the AS-norm cohort (spread over speakers)
     top_k: int = 300                # closest cohort members per side
+    calibration: str = "plain"      # plain: score -> LLR | qmf: also the plain one's quality-measure twin (log enrolment/test durations), both fit on validation trials, both reported
 
 
 @dataclass
@@ -160,6 +161,7 @@ SECTIONS = (DataConfig, UpstreamConfig, FeaturizerConfig, LossConfig, OptimConfi
 CHOICES = {  # string keys with a closed set of values (upstream.name: models.upstream.build_upstream owns the list)
     "data.effects": ("superb", "none"),
     "data.crop": ("superb", "fixed"),
+    "score.calibration": ("plain", "qmf"),
     "loss.name": tuple(LOSSES),  # models.LOSSES: a new margin loss is a row there, not here
     "optim.name": ("adamw", "adam", "sgd"),
     "scheduler.name": ("constant", "linear", "cosine", "exponential"),

@@ -458,6 +458,22 @@ def checkpoint_calibrations(accelerator, ckpts: list[Path]) -> dict:
     return cals
 
 
+def ensure_qmf(cfg, ckpt: Path) -> metrics.QualityCalibration:
+    """The checkpoint's calibration_qmf.json; fit on its validation scores (and the durations of their
+    enrolment and test audio, from the data folder's manifest) and saved first when absent."""
+    cal = metrics.load_qmf(ckpt)
+    if cal is not None:
+        return cal
+    path = Path(ckpt) / VALID_SCORES
+    scores, labels = metrics.validation_scores(ckpt)
+    entries = np.loadtxt(path, usecols=(0, 1), dtype=str, ndmin=2, comments=None)
+    known = {u.id: u.duration for u in read_manifest(cfg.data.dir)}
+    secs = np.array(audio_durations(list(entries.ravel()), dict(known)), dtype=np.float64).reshape(entries.shape)
+    cal = metrics.fit_qmf(scores, labels, secs[:, 0], secs[:, 1])
+    metrics.save_qmf(ckpt, cal)
+    return cal
+
+
 @dataclass
 class Inputs:
     """Everything an evaluation reads, checked before any model is built."""
@@ -497,6 +513,9 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
         accelerator.print(f"note: score.cohort_size={cfg.score.cohort_size}, but {cfg.data.dir} has "
                           f"{len(cohort)} training utterances: the cohort holds them all")
     cals = checkpoint_calibrations(accelerator, ex.ckpts) if accelerator.is_main_process else {}
+    qmfs = ({c: ensure_qmf(cfg, c) for c in ex.ckpts if cals.get(c) is not None}
+            if cfg.score.calibration == "qmf" else {})  # fit on validation trials only, as the plain one
+    secs = dict(zip(paths, inputs.durations))
     row = {p: i for i, p in enumerate(paths)}
     tables, done = embed_files(accelerator, ex, paths, inputs.durations, cache)
     if done.sum() < len(paths):
@@ -506,7 +525,7 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
     out = {}
     for ckpt, table in zip(ex.ckpts, tables):
         out[str(ckpt)] = {}
-        for key, (spec, trials, _) in inputs.lists.items():
+        for key, (spec, trials, audio) in inputs.lists.items():
             a, b = rows[key]
             scores, keep = score_trials(table, done, a, b)
             if not accelerator.is_main_process:
@@ -517,6 +536,13 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
             if cal is not None:
                 files["scores_calibrated.txt"] = scores_text(trials, keep, cal.llr(scores))
             line = metrics_line(ckpt, spec.name, m) + calibration_line(m)
+            if ckpt in qmfs:  # beside the plain calibration: the same scores, with their durations
+                kept = np.flatnonzero(keep)
+                llrs = qmfs[ckpt].llr(scores, [secs[audio[trials.enroll[i]]] for i in kept],
+                                      [secs[audio[trials.test[i]]] for i in kept])
+                m["qmf"] = metrics.qmf_metrics(llrs, labels, qmfs[ckpt])
+                files["scores_qmf.txt"] = scores_text(trials, keep, llrs)
+                line += f" | QMF Cllr {m['qmf']['cllr']:.3f} actDCF0.01 {m['qmf']['act_dcf_0.01']:.4f}"
             if cohort:
                 normed, used = asnorm(table, done, [row[p] for p in cohort], cfg.score.top_k, a[keep], b[keep], scores)
                 m["asnorm"] = {**metrics.compute_metrics(normed, labels), **used}
