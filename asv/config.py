@@ -45,6 +45,8 @@ class UpstreamConfig:
     random_init: bool = False       # SSL: build the architecture with random weights (tests, benchmarks, no hub)
     arch: dict = field(default_factory=dict)  # SSL: architecture overrides for random_init, e.g. {encoder_num_layers: 2}
     trainable: bool = False         # fine-tune the upstream (SUPERB: frozen); an SSL model's CNN stays frozen
+    lora_rank: int = 0              # trainable SSL: LoRA adapters (peft) of this rank instead of the full weights (0: off); model.pt holds the adapters
+    lora_alpha: float = 16.0        # LoRA scaling numerator (peft's lora_alpha; the update is scaled by alpha / rank)
     freeze_steps: int = 0           # trainable SSL: frozen for the first N optimizer steps, then joint (WeSpeaker's frozen -> joint_ft)
     n_mels: int = 80                # fbank, logmel: mel bands (s3prl's fbank: 80)
     n_mfcc: int = 13                # mfcc: cepstra (s3prl's mfcc: 13)
@@ -177,7 +179,7 @@ UPSTREAM_KEYS = {  # upstream keys that only some upstreams read: name -> does i
 }
 AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "train.log_step", "train.eval_step",
                 "train.save_step", "train.gradient_accumulate", "loss.sub_centers", "score.cohort_size", "score.top_k")
-NOT_NEGATIVE = ("num_workers", "upstream.freeze_steps", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts", "train.seed",
+NOT_NEGATIVE = ("num_workers", "upstream.freeze_steps", "upstream.lora_rank", "data.min_secs", "data.eval_chunk_secs", "train.keep_num_ckpts", "train.seed",
                 "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps", "scheduler.final_lr_ratio",
                 "loss.margin_warmup_start", "loss.margin_warmup_steps")
 POSITIVE = ("data.max_secs", "data.eval_batch_secs", "optim.lr", "loss.scale")
@@ -336,6 +338,12 @@ def _check(cfg: Config):
     if not 0 < cfg.optim.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay must be in (0, 1] (1.0: no decay), got {cfg.optim.layer_decay}")
     finetune = u.trainable and u.name not in FEATURES
+    if u.lora_rank and not finetune:
+        raise ConfigError("upstream.lora_rank applies to a trainable SSL upstream only (upstream.trainable=true)")
+    if u.lora_alpha != UpstreamConfig.lora_alpha and not u.lora_rank:
+        raise ConfigError("upstream.lora_alpha applies with upstream.lora_rank > 0 only")
+    if u.lora_alpha <= 0:
+        raise ConfigError(f"config key 'upstream.lora_alpha' must be > 0, got {u.lora_alpha}")
     if u.freeze_steps and not finetune:
         raise ConfigError("upstream.freeze_steps applies to a trainable SSL upstream only (upstream.trainable=true)")
     for key in ("upstream_lr_ratio", "layer_decay"):

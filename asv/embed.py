@@ -187,6 +187,8 @@ def load_extractors(ckpt_dirs: list, overrides: list[str] = ()) -> Extractors:
     for ckpt in ckpts:
         upstream, encoder = build_models(cfg, shared)
         load_model_file(str(ckpt / "model.pt"), encoder, upstream, meta_of(cfg, upstream))
+        if getattr(upstream, "lora_rank", 0):  # evaluation and export run plain weights
+            upstream.merge_lora()
         upstreams.append(upstream.eval())
         encoders.append(encoder.eval())
     return Extractors(cfg, ckpts, upstreams, encoders)

@@ -61,7 +61,7 @@ def test_evaluation_reports_qmf_beside_the_plain_calibration(tmp_path):
     subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(data)], cwd=REPO, check=True,
                    capture_output=True)
     result = subprocess.run([sys.executable, "train_asv.py", "--config", "configs/demo.yaml", f"data.dir={data}",
-                             f"exp_dir={exp}", "train.total_steps=60", "num_workers=0", "train.log_with=none",
+                             f"exp_dir={exp}", "train.total_steps=30", "num_workers=0", "train.log_with=none",
                              "score.calibration=qmf"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     test = json.loads((exp / "best" / "eval" / "test" / "metrics.json").read_text())
