@@ -47,6 +47,7 @@ class UpstreamConfig:
     trainable: bool = False         # fine-tune the upstream (SUPERB: frozen); an SSL model's CNN stays frozen
     lora_rank: int = 0              # trainable SSL: LoRA adapters (peft) of this rank instead of the full weights (0: off); model.pt holds the adapters
     lora_alpha: float = 16.0        # LoRA scaling numerator (peft's lora_alpha; the update is scaled by alpha / rank)
+    grad_checkpointing: bool = False  # trainable SSL: recompute each transformer layer in backward (memory for time)
     freeze_steps: int = 0           # trainable SSL: frozen for the first N optimizer steps, then joint (WeSpeaker's frozen -> joint_ft)
     n_mels: int = 80                # fbank, logmel: mel bands (s3prl's fbank: 80)
     n_mfcc: int = 13                # mfcc: cepstra (s3prl's mfcc: 13)
@@ -344,6 +345,8 @@ def _check(cfg: Config):
         raise ConfigError("upstream.lora_alpha applies with upstream.lora_rank > 0 only")
     if u.lora_alpha <= 0:
         raise ConfigError(f"config key 'upstream.lora_alpha' must be > 0, got {u.lora_alpha}")
+    if u.grad_checkpointing and not finetune:
+        raise ConfigError("upstream.grad_checkpointing applies to a trainable SSL upstream only (upstream.trainable=true)")
     if u.freeze_steps and not finetune:
         raise ConfigError("upstream.freeze_steps applies to a trainable SSL upstream only (upstream.trainable=true)")
     for key in ("upstream_lr_ratio", "layer_decay"):

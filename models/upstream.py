@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torchaudio
 import torchaudio.compliance.kaldi as kaldi
+from torch.utils.checkpoint import checkpoint
 
 from .pooling import frame_mask
 from .ssl_weights import SSL_BUNDLES, build_architecture, load_checkpoint
@@ -104,6 +105,9 @@ class SSLUpstream(nn.Module):
                                  "set upstream.ckpt to a local weights file or upstream.random_init=true") from None
         self.is_wavlm = name.startswith("wavlm")
         self.random_init, self.lora_rank = random_init and not ckpt, 0
+        # fine-tuning: keep each transformer layer's input only and recompute the layer in backward (the
+        # RNG state is kept, so dropout draws the same masks and the gradients are the same)
+        self.grad_checkpointing = False
         # large LV60K / XLS-R / WavLM Large expect zero-mean unit-variance input; a checkpoint's own setting wins
         self.normalize_waveform = bundle._normalize_waveform if normalize is None else normalize
         # sizes from the model itself: a checkpoint's own config may be larger than the bundle upstream.name names
@@ -209,7 +213,10 @@ class SSLUpstream(nn.Module):
         x = transformer._preprocess(x)
         hidden, position_bias = [x], None
         for layer in transformer.layers[:self.layers[-1]]:
-            x, position_bias = layer(x, position_bias=position_bias, **masks)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():  # recomputed in backward
+                x, position_bias = checkpoint(layer, x, position_bias=position_bias, use_reentrant=False, **masks)
+            else:
+                x, position_bias = layer(x, position_bias=position_bias, **masks)
             hidden.append(x)
         return [hidden[i] for i in self.layers], frames
 
@@ -236,6 +243,7 @@ def build_upstream(cfg, sample_rate: int, layers: list[int] = ()) -> nn.Module:
         upstream.freeze_unused()
         if cfg.lora_rank:
             upstream.add_lora(cfg.lora_rank, cfg.lora_alpha)
+        upstream.grad_checkpointing = cfg.grad_checkpointing
     return upstream
 
 
