@@ -334,8 +334,10 @@ def train(cfg, amend: bool = False):
         if state.step >= t.total_steps:
             break
         # -- forward, backward, step (SpecAugment draws from (seed, position), like the crops)
-        parts.spec_rng.manual_seed(t.seed * 1_000_003 + state.micro_batches * accelerator.num_processes
-                                   + accelerator.process_index)
+        position = t.seed * 1_000_003 + state.micro_batches * accelerator.num_processes + accelerator.process_index
+        parts.spec_rng.manual_seed(position)
+        if parts.trainable_upstream:  # its dropout draws from the global RNG, which a resume's loader iterator
+            torch.manual_seed(position + 1)  # also draws from: seeded by position too, a resume continues exactly
         loss, logits, finite = train_step(accelerator, parts, wavs, lengths, labels, t.gradient_clipping)
         state.micro_batches += 1
         meter.add(loss, logits, labels)

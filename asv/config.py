@@ -44,7 +44,11 @@ class UpstreamConfig:
     ckpt: str = ""                  # SSL weights on disk: torchaudio .pth, Hugging Face folder, fairseq/WavLM/s3prl .pt; empty: torchaudio bundle (hub cache)
     random_init: bool = False       # SSL: build the architecture with random weights (tests, benchmarks, no hub)
     arch: dict = field(default_factory=dict)  # SSL: architecture overrides for random_init, e.g. {encoder_num_layers: 2}
-    trainable: bool = False         # fine-tune the upstream (SUPERB: frozen)
+    trainable: bool = False         # fine-tune the upstream (SUPERB: frozen); an SSL model's CNN stays frozen
+    lora_rank: int = 0              # trainable SSL: LoRA adapters (peft) of this rank instead of the full weights (0: off); model.pt holds the adapters
+    lora_alpha: float = 16.0        # LoRA scaling numerator (peft's lora_alpha; the update is scaled by alpha / rank)
+    grad_checkpointing: bool = False  # trainable SSL: recompute each transformer layer in backward (memory for time)
+    freeze_steps: int = 0           # trainable SSL: frozen for the first N optimizer steps, then joint (WeSpeaker's frozen -> joint_ft)
     padded_group_norm: bool = False  # Base SSL models: first conv's group norm over the padded batch, as s3prl (false: each utterance's own samples, batch-invariant)
     n_mels: int = 80                # fbank, logmel: mel bands (s3prl's fbank: 80)
     n_mfcc: int = 13                # mfcc: cepstra (s3prl's mfcc: 13)
@@ -110,6 +114,7 @@ class ScoreConfig:
     asnorm: bool = False            # also write adaptive s-norm scores (scores_asnorm.txt, metrics_asnorm.json)
     cohort_size: int = 1000         # training utterances in the AS-norm cohort (spread over speakers)
     top_k: int = 300                # closest cohort members per side
+    calibration: str = "plain"      # plain: score -> LLR | qmf: also the plain one's quality-measure twin (log enrolment/test durations), both fit on validation trials, both reported
 
 
 @dataclass
@@ -162,6 +167,7 @@ SECTIONS = (DataConfig, UpstreamConfig, FeaturizerConfig, LossConfig, OptimConfi
 CHOICES = {  # string keys with a closed set of values (upstream.name: models.upstream.build_upstream owns the list)
     "data.effects": ("superb", "none"),
     "data.crop": ("superb", "fixed"),
+    "score.calibration": ("plain", "qmf"),
     "loss.name": tuple(LOSSES),  # models.LOSSES: a new margin loss is a row there, not here
     "optim.name": ("adamw", "adam", "sgd"),
     "scheduler.name": ("constant", "linear", "cosine", "exponential"),
@@ -177,7 +183,7 @@ UPSTREAM_KEYS = {  # upstream keys that only some upstreams read: name -> does i
 }
 AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "train.log_step", "train.eval_step",
                 "train.save_step", "train.gradient_accumulate", "loss.sub_centers", "score.cohort_size", "score.top_k")
-NOT_NEGATIVE = ("num_workers", "data.min_secs", "data.eval_batch_secs", "data.eval_chunk_secs", "train.keep_num_ckpts",
+NOT_NEGATIVE = ("num_workers", "upstream.freeze_steps", "upstream.lora_rank", "data.min_secs", "data.eval_batch_secs", "data.eval_chunk_secs", "train.keep_num_ckpts",
                 "train.seed", "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps",
                 "scheduler.final_lr_ratio", "loss.margin_warmup_start", "loss.margin_warmup_steps")
 POSITIVE = ("data.max_secs", "optim.lr", "loss.scale")
@@ -336,6 +342,16 @@ def _check(cfg: Config):
     if not 0 < cfg.optim.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay must be in (0, 1] (1.0: no decay), got {cfg.optim.layer_decay}")
     finetune = u.trainable and u.name not in FEATURES
+    if u.lora_rank and not finetune:
+        raise ConfigError("upstream.lora_rank applies to a trainable SSL upstream only (upstream.trainable=true)")
+    if u.lora_alpha != UpstreamConfig.lora_alpha and not u.lora_rank:
+        raise ConfigError("upstream.lora_alpha applies with upstream.lora_rank > 0 only")
+    if u.lora_alpha <= 0:
+        raise ConfigError(f"config key 'upstream.lora_alpha' must be > 0, got {u.lora_alpha}")
+    if u.grad_checkpointing and not finetune:
+        raise ConfigError("upstream.grad_checkpointing applies to a trainable SSL upstream only (upstream.trainable=true)")
+    if u.freeze_steps and not finetune:
+        raise ConfigError("upstream.freeze_steps applies to a trainable SSL upstream only (upstream.trainable=true)")
     for key in ("upstream_lr_ratio", "layer_decay"):
         if not finetune and getattr(cfg.optim, key) != getattr(OptimConfig(), key):
             raise ConfigError(f"optim.{key} applies to a trainable SSL upstream only (upstream.trainable=true)")

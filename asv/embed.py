@@ -202,6 +202,8 @@ def load_extractors(ckpt_dirs: list, overrides: list[str] = ()) -> Extractors:
     for ckpt in ckpts:
         upstream, encoder = build_models(cfg, shared)
         load_model_file(str(ckpt / "model.pt"), encoder, upstream, meta_of(cfg, upstream))
+        if getattr(upstream, "lora_rank", 0):  # evaluation and export run plain weights
+            upstream.merge_lora()
         upstreams.append(upstream.eval())
         encoders.append(encoder.eval())
     return Extractors(cfg, ckpts, upstreams, encoders, eval_overrides(ckpts[0], cfg))
@@ -552,6 +554,22 @@ def checkpoint_calibrations(accelerator, ckpts: list[Path]) -> dict:
     return cals
 
 
+def ensure_qmf(cfg, ckpt: Path) -> metrics.QualityCalibration:
+    """The checkpoint's calibration_qmf.json; fit on its validation scores (and the durations of their
+    enrolment and test audio, from the data folder's manifest) and saved first when absent."""
+    cal = metrics.load_qmf(ckpt)
+    if cal is not None:
+        return cal
+    path = Path(ckpt) / VALID_SCORES
+    scores, labels = metrics.validation_scores(ckpt)
+    entries = np.loadtxt(path, usecols=(0, 1), dtype=str, ndmin=2, comments=None)
+    known = {u.id: u.duration for u in read_manifest(cfg.data.dir)}
+    secs = np.array(audio_durations(list(entries.ravel()), dict(known)), dtype=np.float64).reshape(entries.shape)
+    cal = metrics.fit_qmf(scores, labels, secs[:, 0], secs[:, 1])
+    metrics.save_qmf(ckpt, cal)
+    return cal
+
+
 @dataclass
 class Inputs:
     """Everything an evaluation reads, checked before any model is built."""
@@ -624,6 +642,9 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
     if overrides:  # the calibration is fit on validation scores of the run's config and data: it never applies here
         accelerator.print(f"note: {', '.join(f'{k}={v}' for k, v in overrides.items())}: not the run's config or "
                           f"data; results go to eval/<list>@{overrides_hash(overrides)}/, not calibrated")
+    qmfs = ({c: ensure_qmf(cfg, c) for c in ex.ckpts if cals.get(c) is not None}
+            if cfg.score.calibration == "qmf" else {})  # fit on validation trials only, as the plain one
+    secs = dict(zip(paths, inputs.durations))
     row = {p: i for i, p in enumerate(paths)}
     tables, done = embed_files(accelerator, ex, paths, inputs.durations, cache)
     if done.sum() < len(paths):
@@ -633,7 +654,7 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
     out = {}
     for ckpt, table in zip(ex.ckpts, tables):
         out[str(ckpt)] = {}
-        for key, (spec, trials, _) in inputs.lists.items():
+        for key, (spec, trials, audio) in inputs.lists.items():
             a, b = rows[key]
             scores, keep = score_trials(table, done, a, b)
             if not accelerator.is_main_process:
@@ -644,6 +665,13 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
             if cal is not None and cal.fitted:
                 files["scores_calibrated.txt"] = scores_text(trials, keep, cal.llr(scores))
             line = metrics_line(ckpt, spec.name, m) + calibration_line(m)
+            if ckpt in qmfs:  # beside the plain calibration: the same scores, with their durations
+                kept = np.flatnonzero(keep)
+                llrs = qmfs[ckpt].llr(scores, [secs[audio[trials.enroll[i]]] for i in kept],
+                                      [secs[audio[trials.test[i]]] for i in kept])
+                m["qmf"] = metrics.qmf_metrics(llrs, labels, qmfs[ckpt])
+                files["scores_qmf.txt"] = scores_text(trials, keep, llrs)
+                line += f" | QMF Cllr {m['qmf']['cllr']:.3f} actDCF0.01 {m['qmf']['act_dcf_0.01']:.4f}"
             if cohort:
                 normed, used = asnorm(table, done, [row[p] for p in cohort], cfg.score.top_k, a[keep], b[keep], scores)
                 m["asnorm"] = {**metrics.compute_metrics(normed, labels), **used}

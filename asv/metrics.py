@@ -454,6 +454,79 @@ def calibration_line(m: dict) -> str:
             f"| Cllr {m['cllr']:.3f} (min {m['min_cllr']:.3f})")
 
 
+# ---------------------------------------------------------------------------- quality measures (QMF)
+
+QMF_FILE = "calibration_qmf.json"
+QMF_MEASURES = ("score", "log_enroll_secs", "log_test_secs", "score_x_log_min_secs")
+
+
+def quality_measures(scores, enroll_secs, test_secs) -> np.ndarray:
+    """(N, 4): the score, the log durations of the enrolment and the test audio, and the score times the
+    log of the shorter one. The durations move where targets and non-targets score (an additive shift,
+    WeSpeaker's QMF); the product lets the scale follow the duration too (short audio: less reliable
+    scores, so a flatter LLR)."""
+    s = np.asarray(scores, dtype=np.float64)
+    e, t = (np.log(np.maximum(np.asarray(d, dtype=np.float64), 1e-3)) for d in (enroll_secs, test_secs))
+    if not (s.shape == e.shape == t.shape) or s.ndim != 1:
+        raise ValueError(f"scores and durations must be 1-D and alike, got {s.shape}, {e.shape}, {t.shape}")
+    return np.stack([s, e, t, s * np.minimum(e, t)], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityCalibration:
+    """llr = weights . quality_measures(score, durations) + offset (QMF), and what it was fit on."""
+    weights: tuple  # one per QMF_MEASURES
+    offset: float
+    prior: float
+    num_trials: int
+    num_targets: int
+
+    def llr(self, scores, enroll_secs, test_secs):
+        return quality_measures(scores, enroll_secs, test_secs) @ np.asarray(self.weights) + self.offset
+
+
+def fit_qmf(scores, labels, enroll_secs, test_secs, prior: float = 0.5) -> QualityCalibration:
+    """The logistic regression of fit_calibration (same class weights and prior, plain maximum likelihood) on
+    the quality measures instead of the score alone: WeSpeaker's score_calibration.py QMF, with durations."""
+    if not 0 < prior < 1:
+        raise ValueError(f"prior must be in (0, 1), got {prior}")
+    scores, labels = _scores_labels(scores, labels)
+    x = quality_measures(scores, enroll_secs, test_secs)
+    from sklearn.linear_model import LogisticRegression
+
+    n, n_tar = len(labels), int(labels.sum())
+    weights = {1: prior * n / n_tar, 0: (1 - prior) * n / (n - n_tar)}
+    model = LogisticRegression(C=1e6, class_weight=weights, tol=1e-8, max_iter=5000).fit(x, labels)
+    return QualityCalibration(weights=tuple(float(w) for w in model.coef_[0]),
+                              offset=float(model.intercept_[0] - _logit(prior)), prior=prior, num_trials=n,
+                              num_targets=n_tar)
+
+
+def save_qmf(folder, cal: QualityCalibration):
+    write_json(Path(folder) / QMF_FILE, {**dataclasses.asdict(cal), "weights": list(cal.weights),
+                                         "measures": list(QMF_MEASURES)})
+
+
+def load_qmf(folder) -> QualityCalibration | None:
+    """<folder>/calibration_qmf.json, or None when there is none."""
+    path = Path(folder) / QMF_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.pop("measures") != list(QMF_MEASURES) or len(data["weights"]) != len(QMF_MEASURES):
+            raise ValueError("other quality measures than " + ", ".join(QMF_MEASURES))
+        return QualityCalibration(**{**data, "weights": tuple(float(w) for w in data["weights"])})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+
+
+def qmf_metrics(llrs, labels, cal: QualityCalibration) -> dict:
+    """metrics.json's "qmf" entry: the actual DCFs and Cllr of the QMF LLRs, beside the plain calibration's."""
+    return {**{f"act_dcf_{p:g}": compute_act_dcf(llrs, labels, p) for p in (0.01, 0.05)},
+            "cllr": compute_cllr(llrs, labels), "calibration": dict(zip(QMF_MEASURES, cal.weights), offset=cal.offset)}
+
+
 # ---------------------------------------------------------------------------- named thresholds
 
 def parse_threshold(name: str) -> tuple[str, float | None]:

@@ -273,6 +273,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     spec_rng: torch.Generator    # SpecAugment's own: the global RNG also feeds DataLoader iterators
     trainable_upstream: bool
+    upstream_learns: bool = False  # this step: trainable and past upstream.freeze_steps (set_schedules sets it)
 
 
 def build_parts(cfg, num_classes: int) -> Parts:
@@ -286,7 +287,7 @@ def build_parts(cfg, num_classes: int) -> Parts:
     groups = param_groups(cfg, encoder, head, upstream)
     params = [p for g in groups for p in g["params"]]
     return Parts(upstream, encoder, head, trained, params, make_optimizer(cfg.optim, groups), spec_rng,
-                 cfg.upstream.trainable)
+                 cfg.upstream.trainable, cfg.upstream.trainable and cfg.upstream.freeze_steps == 0)  # step 0's stage
 
 
 def param_groups(cfg, encoder, head, upstream) -> list[dict]:
@@ -320,9 +321,12 @@ def train_step(accelerator, parts: Parts, wavs, lengths, labels, clip: float):
     """One micro-batch: forward, backward and, when the gradients are complete, clip and step.
     Returns (loss, logits, finite); `finite` is False when the step's loss or gradient norm is not
     finite: then no update was made (the caller puts back BatchNorm statistics: NonFiniteGuard)."""
+    if parts.trainable_upstream:  # staged: in its frozen stage it runs as a frozen upstream does (eval mode)
+        parts.upstream.train(parts.upstream_learns)
     with accelerator.accumulate(*parts.trained):
-        # a frozen upstream is not prepared, so Accelerate's autocast must be asked for explicitly
-        with accelerator.autocast(), torch.set_grad_enabled(parts.trainable_upstream):
+        # a frozen upstream is not prepared, so Accelerate's autocast must be asked for explicitly. Without
+        # gradients DDP does not wait for the upstream's: its frozen stage is a plain forward
+        with accelerator.autocast(), torch.set_grad_enabled(parts.upstream_learns):
             hidden, frames = parts.upstream(wavs, lengths)  # frozen: no activations kept for backward
         loss, logits = parts.head(parts.encoder(hidden, frames), labels)
         accelerator.backward(loss)
@@ -337,7 +341,10 @@ def train_step(accelerator, parts: Parts, wavs, lengths, labels, clip: float):
 
 
 def set_schedules(accelerator, cfg, parts: Parts, step: int):
-    """The lr and the margin of optimizer step `step`: pure functions of the step."""
+    """The lr, the margin and whether the upstream learns at optimizer step `step`: pure functions of the step.
+    A staged upstream has no gradient (so the optimizer leaves it and its moments alone) before
+    upstream.freeze_steps; a resume anywhere, across the switch too, picks the stage up from the step."""
+    parts.upstream_learns = parts.trainable_upstream and step >= cfg.upstream.freeze_steps
     lr = lr_at(step, cfg.optim.lr, cfg.scheduler, cfg.train.total_steps)
     for group in parts.optimizer.param_groups:
         group["lr"] = lr * group["lr_ratio"]  # each group's own share of the schedule (param_groups)

@@ -104,8 +104,8 @@ def save_model_file(path: str, encoder: nn.Module, upstream: nn.Module, trainabl
     state = {"encoder": encoder.state_dict(), "meta": meta}
     if head is not None:
         state["head"] = head.state_dict()
-    if trainable_upstream:
-        state["upstream"] = upstream.state_dict()
+    if trainable_upstream:  # LoRA on a rebuildable upstream: its adapters only (SSLUpstream.trained_state)
+        state["upstream"] = upstream.trained_state() if hasattr(upstream, "trained_state") else upstream.state_dict()
     torch.save(state, path)
 
 
@@ -126,7 +126,15 @@ def load_model_file(path: str, encoder: nn.Module, upstream: nn.Module, meta: di
     try:
         encoder.load_state_dict(state["encoder"])
         if "upstream" in state:
-            upstream.load_state_dict(state["upstream"])
+            saved = state["upstream"]
+            adapters = {k for k in upstream.state_dict() if "lora_" in k}
+            if saved and all("lora_" in k for k in saved):  # adapters only: the base came from its source
+                if set(saved) != adapters:
+                    raise ValueError(f"{path}: its LoRA adapters do not match the config's (upstream.lora_rank, "
+                                     "featurizer.layer_selections)")
+                upstream.load_state_dict(saved, strict=False)
+            else:
+                upstream.load_state_dict(saved)
         if head is not None:
             if "head" not in state:
                 raise ValueError(f"{path}: holds no speaker head to start from")

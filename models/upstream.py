@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torchaudio
 import torchaudio.compliance.kaldi as kaldi
+from torch.utils.checkpoint import checkpoint
 
 from .pooling import frame_mask
 
@@ -127,6 +128,10 @@ class SSLUpstream(nn.Module):
                 raise ValueError(f"cannot download the {name} weights ({type(e).__name__}: {reason}); "
                                  "set upstream.ckpt to a local weights file or upstream.random_init=true") from None
         self.is_wavlm = name.startswith("wavlm")
+        self.random_init, self.lora_rank = random_init and not ckpt, 0
+        # fine-tuning: keep each transformer layer's input only and recompute the layer in backward (the
+        # RNG state is kept, so dropout draws the same masks and the gradients are the same)
+        self.grad_checkpointing = False
         # large LV60K / XLS-R / WavLM Large expect zero-mean unit-variance input; a checkpoint's own setting wins
         self.normalize_waveform = bundle._normalize_waveform if normalize is None else normalize
         # sizes from the model itself: a checkpoint's own config may be larger than the bundle upstream.name names
@@ -173,6 +178,44 @@ class SSLUpstream(nn.Module):
         if not transformer.layer_norm_first:
             transformer.layer_norm.requires_grad_(False)
 
+    def add_lora(self, rank: int, alpha: float):
+        """LoRA adapters (peft) on the transformer layers that run; everything else in the model is frozen.
+        wav2vec 2.0 / HuBERT: the attention's q, k, v and output projections. WavLM: torchaudio reads its
+        fused q/k/v weight directly (F.linear on in_proj_weight), where no adapter can sit, so its attention
+        output projection and the feed-forward's two linears carry them."""
+        from peft import LoraConfig, inject_adapter_in_model  # here: only LoRA runs need peft
+
+        if self.layers[-1] == 0:
+            raise ValueError("upstream.lora_rank: featurizer.layer_selections runs no transformer layer to adapt")
+        used = "|".join(str(i) for i in range(self.layers[-1]))
+        modules = (r"attention\.attention\.out_proj|feed_forward\.(intermediate_dense|output_dense)" if self.is_wavlm
+                   else r"attention\.(q_proj|k_proj|v_proj|out_proj)")
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                           target_modules=rf"layers\.({used})\.({modules})"), self.model.encoder.transformer)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.lora_rank = rank
+
+    def merge_lora(self):
+        """Fold the adapters into plain weights (evaluation, export): the same module tree as without LoRA."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+                parent, child = name.rsplit(".", 1)
+                setattr(self.model.get_submodule(parent), child, module.get_base_layer())
+        self.lora_rank = 0
+
+    def trained_state(self) -> dict:
+        """What a fine-tuned model file holds of the upstream: the whole of it, or, with LoRA on weights
+        that can be rebuilt from their source (upstream.ckpt or the bundle), the adapters alone. A
+        random-weight upstream has no source, so it is stored whole."""
+        state = self.state_dict()
+        if self.lora_rank and not self.random_init:
+            return {k: v for k, v in state.items() if "lora_" in k}
+        return state
+
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """The parameters that learn, bottom to top: [0] what makes the transformer input (feature
         projection, positional conv, a leading layer norm), [i] transformer layer i (1..deepest selected).
@@ -211,7 +254,10 @@ class SSLUpstream(nn.Module):
         x = transformer._preprocess(x)
         hidden, position_bias = [x], None
         for layer in transformer.layers[:self.layers[-1]]:
-            x, position_bias = layer(x, position_bias=position_bias, **masks)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():  # recomputed in backward
+                x, position_bias = checkpoint(layer, x, position_bias=position_bias, use_reentrant=False, **masks)
+            else:
+                x, position_bias = layer(x, position_bias=position_bias, **masks)
             hidden.append(x)
         return [hidden[i] for i in self.layers], frames
 
@@ -236,6 +282,9 @@ def build_upstream(cfg, sample_rate: int, layers: list[int] = ()) -> nn.Module:
         upstream.eval().requires_grad_(False)
     elif isinstance(upstream, SSLUpstream):
         upstream.freeze_unused()
+        if cfg.lora_rank:
+            upstream.add_lora(cfg.lora_rank, cfg.lora_alpha)
+        upstream.grad_checkpointing = cfg.grad_checkpointing
     return upstream
 
 

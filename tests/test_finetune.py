@@ -94,3 +94,70 @@ def test_two_processes_fine_tune_an_upstream_with_layers_above_the_selection(tmp
     assert "2 process(es)" in result.stdout
     log = (tmp_path / "exp" / "train.log").read_text()
     assert all(f"step {s} | loss" in log for s in (1, 2, 3))
+
+
+def model_weights(ckpt):
+    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    return state["upstream"], state["encoder"]
+
+
+def test_staged_fine_tuning_resumes_exactly_across_the_switch(tmp_path):
+    """upstream.freeze_steps=2: frozen for steps 1-2, joint from step 3. A run stopped at its step-2 checkpoint
+    and resumed to step 4 (a kill right after that checkpoint leaves the same folder) ends with the
+    uninterrupted run's weights, bit for bit (same machine, same threads). The upstream's dropout draws from the
+    global RNG, seeded by the batch position (train_asv.py): without it the resume is off from step 3 on."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(data)], cwd=REPO, check=True,
+                   capture_output=True)
+
+    def run(exp, steps):
+        cmd = [sys.executable, "train_asv.py", "--config", "configs/demo.yaml", f"data.dir={data}", f"exp_dir={exp}",
+               "num_workers=0", "data.batch_size=4", "train.log_step=1", "train.eval_step=100", "train.save_step=1", "train.keep_num_ckpts=0",
+               "train.log_with=none", f"train.total_steps={steps}", "train.test_after_train=false",
+               "upstream.name=wavlm_base_plus", "upstream.n_mels=80", "upstream.random_init=true",
+               "upstream.trainable=true", f"upstream.arch={ARCH}", "featurizer.layer_selections=[0,2]",
+               "upstream.freeze_steps=2", "optim.upstream_lr_ratio=0.5"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    clean, staged = tmp_path / "clean", tmp_path / "staged"
+    run(clean, 4)
+    run(staged, 2)
+    assert "resumed from" in run(staged, 4)
+    up = {s: model_weights(clean / f"step-{s}")[0] for s in (1, 2, 3)}
+    learns = [k for k, v in up[3].items() if not torch.equal(v, up[2][k])]
+    assert all(torch.equal(v, up[1][k]) for k, v in up[2].items())  # steps 1-2: frozen
+    assert any(k.startswith("model.encoder.transformer.layers.1.") for k in learns)  # step 3: it learns
+    assert not any("feature_extractor" in k for k in learns)  # the CNN never does
+    for a, b in zip(model_weights(clean / "step-4"), model_weights(staged / "step-4")):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["wavlm_base_plus", "wav2vec2_base"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    """upstream.grad_checkpointing recomputes each transformer layer in backward; with dropout active (train
+    mode) the recomputation replays the same RNG state, so every gradient equals the plain backward's."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = ssl_config(name, f"upstream.grad_checkpointing={str(checkpointing).lower()}",
+                         f"upstream.arch={ARCH[:-1]}, encoder_dropout: 0.1, encoder_attention_dropout: 0.1}}")
+        parts = build_parts(cfg, num_classes=5)
+        assert parts.upstream.grad_checkpointing is checkpointing
+        parts.upstream.train()
+        calls = []
+        for layer in parts.upstream.model.encoder.transformer.layers:
+            layer.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop early: pre-hook
+        torch.manual_seed(1)
+        hidden, frames = parts.upstream(torch.randn(2, 16000), torch.tensor([16000, 11000]))
+        loss, _ = parts.head(parts.encoder(hidden, frames), torch.tensor([0, 3]))
+        loss.backward()
+        assert len(calls) == 3 * (2 if checkpointing else 1)  # checkpointed: each layer run again in backward
+        grads.append({n: p.grad for n, p in parts.upstream.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and all(g is not None for g in plain.values())
+    # the same kernels on the same inputs: equal up to float32 rounding of a reordered sum (~1e-7 relative)
+    for n in plain:
+        assert torch.allclose(plain[n], checkpointed[n], rtol=1e-5, atol=1e-7), n

@@ -124,14 +124,17 @@ def test_every_upstream_gives_all_layers_on_a_padded_batch(name):
 def test_trainable_upstream_keeps_gradients(name):
     up = make_upstream(name, trainable=True)
     assert up.training
-    params = list(up.parameters())
+    transformer = up.model.encoder.transformer
+    params = list(transformer.layers.parameters()) + list(up.model.encoder.feature_projection.parameters())
     assert params and all(p.requires_grad for p in params)
     wavs, lengths = padded([randn(3000, 1), randn(2000, 2)])
     hidden, frames = up(wavs, lengths)
     sum(h.pow(2).mean() for h in hidden).backward()
-    grads = [p.grad for p in up.model.encoder.transformer.layers[-1].parameters()]
+    grads = [p.grad for p in transformer.layers[-1].parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    assert up.model.feature_extractor.conv_layers[0].conv.weight.grad is not None
+    # the CNN feature extractor stays frozen when fine-tuning, as every peer keeps it (tests/test_finetune.py)
+    assert not up.model.feature_extractor.conv_layers[0].conv.weight.requires_grad
+    assert up.model.feature_extractor.conv_layers[0].conv.weight.grad is None
 
 
 @pytest.mark.parametrize("name", ["wavlm_base", "wavlm_large"])

@@ -76,3 +76,12 @@ def test_trains_from_a_config_and_short_inputs_work(name):
     out.square().sum().backward()
     assert out.shape == (3, 32) and torch.isfinite(out).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("config, millions", [("resnet34.yaml", 6.63), ("cam_plus.yaml", 7.18)])
+def test_recipes_build_the_reference_sized_models(config, millions):
+    from tests.conftest import REPO
+    cfg = load_config(str(REPO / "configs" / config))
+    assert (cfg.upstream.name, cfg.upstream.n_mels) == ("logmel", 80)  # 80-band filterbank, as the references
+    model = DOWNSTREAMS[cfg.downstream.name](cfg.upstream.n_mels, cfg.downstream)
+    assert round(n_params(model) / 1e6, 2) == millions

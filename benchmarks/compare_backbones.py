@@ -1,0 +1,92 @@
+"""Filterbank backbones at equal wall time on real speech (real-mini): ResNet34 and CAM++ against ECAPA-TDNN.
+
+    python benchmarks/compare_backbones.py --work /tmp/backbones --budget 150
+
+Each backbone is `train_asv.py --config configs/demo.yaml` with its downstream section replaced (written to
+WORK/configs/, a downstream section belongs to one architecture) and 80 log mel bands, on real-mini prepared
+with 5 test and 2 validation speakers. A probe run of --probe steps measures its seconds per step; the real
+run then gets as many steps as fit in --budget seconds of training, the probe's steady rate read from its
+log (crops/s between log lines, start-up, validation and saving excluded). The test EER is the run's last
+checkpoint (validated once, at the end). A CPU shared with other jobs moves the per-step times: the steps
+each backbone got are printed with its EER.
+"""
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from common import REAL_MINI, ROOT
+
+BACKBONES = {  # name: downstream section (the recipes' sizes: configs/resnet34.yaml, cam_plus.yaml, strong's ECAPA at 512)
+    "ECAPA-TDNN (C=512)": {"name": "ecapa", "channels": 512, "embed_dim": 192},
+    "ResNet34 (32 channels)": {"name": "resnet34", "channels": 32, "embed_dim": 256},
+    "CAM++": {"name": "campplus", "embed_dim": 512},
+}
+
+
+def run(cmd):
+    result = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def config(work: Path, downstream: dict) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["downstream"], cfg["upstream"] = downstream, {"name": "logmel", "n_mels": 80}
+    path = work / "configs" / f"{downstream['name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def train(cfg: Path, data: Path, exp: Path, steps: int, batch: int, test: bool) -> float:
+    """One run; returns its wall seconds. Logged every step, validated and saved at the end only."""
+    tic = time.perf_counter()
+    run(["train_asv.py", "--config", cfg, f"data.dir={data}", f"exp_dir={exp}", f"train.total_steps={steps}",
+         f"data.batch_size={batch}", f"train.eval_step={steps}", f"train.save_step={steps}", "train.log_step=1",
+         "train.log_with=none", "num_workers=1", f"train.test_after_train={'true' if test else 'false'}"])
+    return time.perf_counter() - tic
+
+
+def steady_seconds_per_step(exp: Path, batch: int) -> float:
+    """From the probe's log: crops/s of its steps after the first (the first holds lazy initialisation)."""
+    rates = [float(r) for r in re.findall(r"^step \d+ \|.* \| (\d+) crops/s", (exp / "train.log").read_text(), re.M)]
+    steady = rates[1:] or rates
+    return batch / (sum(steady) / len(steady))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/backbones", help="data and run folders")
+    parser.add_argument("--budget", type=float, default=150.0, help="training seconds per backbone")
+    parser.add_argument("--probe", type=int, default=4, help="steps of the timing probe")
+    parser.add_argument("--batch", type=int, default=16, help="2 s crops per step")
+    args = parser.parse_args()
+    work = Path(args.work)
+    data = work / "real-mini"
+    run(["prepare_voxceleb.py", "--corpus", REAL_MINI, "--out", data, "--test-speakers", "5", "--valid-speakers", "2"])
+    rows = []
+    for name, downstream in BACKBONES.items():
+        cfg = config(work, downstream)
+        train(cfg, data, work / downstream["name"] / "probe", args.probe, args.batch, test=False)
+        probe = steady_seconds_per_step(work / downstream["name"] / "probe", args.batch)
+        steps = max(1, int(args.budget / probe))
+        wall = train(cfg, data, work / downstream["name"] / "run", steps, args.batch, test=True)
+        test = json.loads((work / downstream["name"] / "run" / "best" / "eval" / "test" / "metrics.json").read_text())
+        rows.append((name, probe, steps, wall, test["eer"], test["min_dcf_0.01"]))
+        print(rows[-1], flush=True)
+    print(f"\n`python benchmarks/compare_backbones.py --budget {args.budget:g} --probe {args.probe} --batch {args.batch}`"
+          " (real-mini, 5 test speakers)\n")
+    print("| backbone | s / step (probe, steady) | steps in budget | run wall s (incl. start-up, eval) | test EER % | minDCF0.01 |")
+    print("|---|---|---|---|---|---|")
+    for name, probe, steps, wall, eer, dcf in rows:
+        print(f"| {name} | {probe:.2f} | {steps} | {wall:.0f} | {eer:.2f} | {dcf:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
