@@ -20,7 +20,7 @@
     bash benchmarks/gpu_check.sh                # the same, from any directory
     python benchmarks/gpu_check.py --cpu-smoke  # every part at tiny sizes on the CPU, the same code paths
 
-About 5 minutes on one GPU. Audio: a small synthetic corpus (asv.demo voices, --speakers x 12 files of 2-4 s)
+Not yet run on a GPU (none was lent to this project's sessions so far): its time there is unmeasured. Audio: a small synthetic corpus (asv.demo voices, --speakers x 12 files of 2-4 s)
 written to a temporary folder and prepared with prepare_voxceleb.py (2 test and 2 validation speakers), so the
 check needs no data set and no network. Weights: random (upstream.random_init).
 """
