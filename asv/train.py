@@ -231,7 +231,7 @@ def set_backends(t):
     per product): base.yaml trains in fp32, and without it every WavLM matmul on an H100 is full fp32.
     Deterministic: every op picks a deterministic kernel (or raises, naming the op, when CUDA has none),
     cuBLAS a fixed workspace, cuDNN no autotuning; without it atomics in scatter/index backward and cuDNN's
-    chosen algorithms make two CUDA runs of the same seed differ in the last bits, then more."""
+    chosen algorithms can make two CUDA runs of the same seed differ in the last bits, then more."""
     # the flags every torch >= 2.6 knows; they leave the CPU's (oneDNN's) fp32 precision alone
     torch.backends.cuda.matmul.allow_tf32 = t.tf32
     torch.backends.cudnn.allow_tf32 = t.tf32

@@ -267,3 +267,23 @@ def test_loaders_pin_their_batches_when_cuda_is_there(monkeypatch):
     assert eval_loader([u.path for u in utts], [3.0] * 12, cfg, 400, "cuda").pin_memory
     monkeypatch.undo()
     assert make_accelerator(cfg).dataloader_config.non_blocking
+
+
+def test_ecapa_squeeze_is_the_mean_over_2999_frames_under_bf16():
+    """The SE squeeze of each ECAPA block: the mean of the block's output over the valid frames, in float32
+    (its input, h, is bf16 under autocast; its count and sum must not be)."""
+    from asv.models.ecapa import ECAPA
+    torch.manual_seed(0)
+    model = ECAPA(8, ECAPA.Options(channels=16, embed_dim=4, attention_dim=8)).eval()
+    block = model.blocks[0]
+    seen = {}
+    block.post.register_forward_hook(lambda m, args, out: seen.__setitem__("h", out))
+    block.se.register_forward_pre_hook(lambda m, args: seen.__setitem__("squeeze", args[0]))
+    # bf16 features, as an SSL upstream run under autocast hands them over
+    feats, lengths = torch.randn(1, 2999 + 40, 8).bfloat16(), torch.tensor([2999])
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model(feats, lengths)
+    assert seen["squeeze"].dtype == torch.float32
+    ref = seen["h"][..., :2999].double().mean(-1).float()
+    # float32 sums of 2999 bf16 values: ~sqrt(T) * 2^-24 relative; a bf16 count (2992) is 2.3e-3 off
+    torch.testing.assert_close(seen["squeeze"], ref, rtol=1e-4, atol=1e-6)

@@ -212,6 +212,12 @@ def test_gpu_check_cpu_smoke_runs_every_part():
     assert any(re.match(r"eval wavlm_base_plus fp32: \d+ audio s/s .* vs \d+ at batch 1", x) for x in lines)
     fp16 = next(x for x in lines if x.startswith("fp16 train_asv.py:"))
     assert int(re.search(r"(\d+) skipped as non-finite", fp16)[1]) >= 1 and fp16.endswith("weights finite: yes")
+    # train_asv.py as users run it: strong.yaml's bf16 AAM recipe on 2 (gloo) processes, validated, then tested
+    recipe = next(x for x in lines if x.startswith("recipe train_asv.py configs/strong.yaml bf16 x 2 process(es): "))
+    assert "global batch 8," in recipe, recipe  # 4 per process x 1 x 2 processes
+    assert re.search(r"valid EER \d+\.\d+% \(step 2\), \d+\.\d+% \(step 4\)", recipe), recipe
+    assert re.search(r"test EER \d+\.\d+% \(AS-norm \d+\.\d+%\)", recipe), recipe
+    assert "bit for bit equal: yes" in next(x for x in lines if x.startswith("deterministic train_asv.py:"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the check would run")
