@@ -447,6 +447,22 @@ def data_fingerprint(run):
         return None
 
 
+def other_corpora(runs) -> str | None:
+    """One line when two runs trained on different data (run.json's fingerprints) share a test list name: their
+    `test` lists are not the same trials, so a side-by-side comparison would mislead. None when they may be compared."""
+    for name in sorted({n for run in runs for n in list_names(run.evals)}):
+        having = {}
+        for run in runs:
+            fingerprint = data_fingerprint(run)
+            if fingerprint and name in list_names(run.evals):
+                having.setdefault(fingerprint, run)
+        if len(having) > 1:
+            (a, ra), (b, rb) = list(having.items())[:2]
+            return (f"{ra.path} and {rb.path} were trained on different data (data fingerprints {a}, {b}) and both "
+                    f"have a list named '{name}': those are other trials; report them separately")
+    return None
+
+
 def config_lines(runs):
     """The config keys that differ between the runs (those with a readable config.yaml), one column per run."""
     compared = [run for run in runs if run.config is not None]
@@ -514,6 +530,10 @@ def main(argv=None):
     runs = [run for run in runs if run is not None]
     if not runs:
         print("error: no run had any evaluated checkpoint", file=sys.stderr)
+        return 1
+    problem = other_corpora(runs) if len(runs) > 1 else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     out = args.out or (args.runs[0] / "report.md" if len(args.runs) == 1 else Path("report.md"))
     if args.ci_resamples > 0:

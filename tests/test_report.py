@@ -624,3 +624,16 @@ def test_averaged_checkpoints_appear_in_the_report(tmp_path):
     text = (run / "report.md").read_text()
     assert "### Averaged checkpoints" in text
     assert "| avg-last2 | 100, 200 | test | 7.25 | 0.5000 | 0.3000 |" in text
+
+
+def test_runs_on_different_corpora_are_not_compared_under_one_list_name(tmp_path):
+    one, two = make_run(tmp_path / "exp" / "run1"), make_run(tmp_path / "exp" / "run2")
+    (one / "run.json").write_text(json.dumps({"data_fingerprint": "aaaa"}))
+    (two / "run.json").write_text(json.dumps({"data_fingerprint": "bbbb"}))
+    result = run_report(one, two, "--out", tmp_path / "report.md")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trained on different data" in lines[0] and "'vox1_h'" in lines[0], result.stderr
+    assert not (tmp_path / "report.md").exists()
+    (two / "run.json").write_text(json.dumps({"data_fingerprint": "aaaa"}))  # the same data: compared
+    assert run_report(one, two, "--out", tmp_path / "report.md").returncode == 0
