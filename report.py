@@ -50,8 +50,12 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
 def fmt(key, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_number(value):
         return "-"
     if key.endswith("eer"):
         return f"{value:.2f}"
@@ -99,6 +103,9 @@ def collect(run):
         metrics = load_json(eval_dir / "metrics.json")
         if metrics is None:
             continue
+        for key, _ in COLUMNS:  # a hand-edited or foreign file: say which value the table shows as "-"
+            if key in metrics and not is_number(metrics[key]):
+                warn(f"{eval_dir / 'metrics.json'}: {key} is {metrics[key]!r}, not a finite number: shown as -")
         if (eval_dir / "metrics_asnorm.json").exists():
             asnorm = load_json(eval_dir / "metrics_asnorm.json") or {}
             metrics.update({"asnorm_" + key: value for key, value in asnorm.items()})

@@ -637,3 +637,14 @@ def test_runs_on_different_corpora_are_not_compared_under_one_list_name(tmp_path
     assert not (tmp_path / "report.md").exists()
     (two / "run.json").write_text(json.dumps({"data_fingerprint": "aaaa"}))  # the same data: compared
     assert run_report(one, two, "--out", tmp_path / "report.md").returncode == 0
+
+
+def test_non_numeric_metrics_are_warned_and_shown_as_dashes(tmp_path):
+    run = make_run(tmp_path / "exp" / "run1")
+    path = run / "step-300" / "eval" / "vox1_o" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eer": "12%", "min_dcf_0.01": float("inf")}))
+    result = run_report(run)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {path}: eer is '12%', not a finite number: shown as -" in result.stderr
+    assert f"warning: {path}: min_dcf_0.01 is inf, not a finite number: shown as -" in result.stderr
+    assert "inf" not in (run / "report.md").read_text()
