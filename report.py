@@ -53,8 +53,12 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
 def fmt(key, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_number(value):
         return "-"
     if key.endswith("eer"):
         return f"{value:.2f}"
@@ -102,6 +106,9 @@ def collect(run):
         metrics = load_json(eval_dir / "metrics.json")
         if metrics is None:
             continue
+        for key, _ in COLUMNS:  # a hand-edited or foreign file: say which value the table shows as "-"
+            if key in metrics and not is_number(metrics[key]):
+                warn(f"{eval_dir / 'metrics.json'}: {key} is {metrics[key]!r}, not a finite number: shown as -")
         if (eval_dir / "metrics_asnorm.json").exists():
             asnorm = load_json(eval_dir / "metrics_asnorm.json") or {}
             metrics.update({"asnorm_" + key: value for key, value in asnorm.items()})
@@ -499,6 +506,22 @@ def data_fingerprint(run):
         return None
 
 
+def other_corpora(runs) -> str | None:
+    """One line when two runs trained on different data (run.json's fingerprints) share a test list name: their
+    `test` lists are not the same trials, so a side-by-side comparison would mislead. None when they may be compared."""
+    for name in sorted({n for run in runs for n in list_names(run.evals)}):
+        having = {}
+        for run in runs:
+            fingerprint = data_fingerprint(run)
+            if fingerprint and name in list_names(run.evals):
+                having.setdefault(fingerprint, run)
+        if len(having) > 1:
+            (a, ra), (b, rb) = list(having.items())[:2]
+            return (f"{ra.path} and {rb.path} were trained on different data (data fingerprints {a}, {b}) and both "
+                    f"have a list named '{name}': those are other trials; report them separately")
+    return None
+
+
 def config_lines(runs):
     """The config keys that differ between the runs (those with a readable config.yaml), one column per run."""
     compared = [run for run in runs if run.config is not None]
@@ -566,6 +589,10 @@ def main(argv=None):
     runs = [run for run in runs if run is not None]
     if not runs:
         print("error: no run had any evaluated checkpoint", file=sys.stderr)
+        return 1
+    problem = other_corpora(runs) if len(runs) > 1 else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     out = args.out or (args.runs[0] / "report.md" if len(args.runs) == 1 else Path("report.md"))
     if args.ci_resamples > 0:

@@ -707,3 +707,27 @@ def test_plots_are_embedded_relative_to_the_md_and_out_may_be_a_new_folder(tmp_p
     assert "![det_vox1_o](../../exp/a/det_vox1_o.png)" in text
     for target in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
         assert (out.parent / target).is_file(), target  # every embedded image resolves from the .md's folder
+
+
+def test_runs_on_different_corpora_are_not_compared_under_one_list_name(tmp_path):
+    one, two = make_run(tmp_path / "exp" / "run1"), make_run(tmp_path / "exp" / "run2")
+    (one / "run.json").write_text(json.dumps({"data_fingerprint": "aaaa"}))
+    (two / "run.json").write_text(json.dumps({"data_fingerprint": "bbbb"}))
+    result = run_report(one, two, "--out", tmp_path / "report.md")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trained on different data" in lines[0] and "'vox1_h'" in lines[0], result.stderr
+    assert not (tmp_path / "report.md").exists()
+    (two / "run.json").write_text(json.dumps({"data_fingerprint": "aaaa"}))  # the same data: compared
+    assert run_report(one, two, "--out", tmp_path / "report.md").returncode == 0
+
+
+def test_non_numeric_metrics_are_warned_and_shown_as_dashes(tmp_path):
+    run = make_run(tmp_path / "exp" / "run1")
+    path = run / "step-300" / "eval" / "vox1_o" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eer": "12%", "min_dcf_0.01": float("inf")}))
+    result = run_report(run)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {path}: eer is '12%', not a finite number: shown as -" in result.stderr
+    assert f"warning: {path}: min_dcf_0.01 is inf, not a finite number: shown as -" in result.stderr
+    assert "inf" not in (run / "report.md").read_text()
