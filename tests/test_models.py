@@ -79,13 +79,14 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0):
     """Non-trivial BN statistics and affine terms, as after training: a missing mask shows in eval mode."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm1d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             c = m.num_features
             m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
             m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            with torch.no_grad():
-                m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
-                m.bias.copy_(0.3 * torch.randn(c, generator=g))
+            if m.affine:  # CAM++'s last BatchNorm has no affine terms
+                with torch.no_grad():
+                    m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+                    m.bias.copy_(0.3 * torch.randn(c, generator=g))
 
 
 # ---------------------------------------------------------------- upstreams
@@ -373,7 +374,9 @@ def test_ssl_padding_never_changes_an_embedding_with_a_layer_norm_extractor(name
 FAMILIES = [*FILTERBANKS, "wavlm_base_plus", "hubert_base", "wavlm_large"]
 SMALL_OPTIONS = {"superb_xvector": dict(hidden_size=32, aggregation_size=48, embed_dim=16),
                  "xvector_bn": dict(proj_dim=32, channels=32, stats_dim=48, embed_dim=16),
-                 "ecapa": dict(channels=32, embed_dim=16, attention_dim=8)}
+                 "ecapa": dict(channels=32, embed_dim=16, attention_dim=8),
+                 "resnet34": dict(channels=4, embed_dim=16),
+                 "campplus": dict(init_channels=16, growth=8, embed_dim=16)}
 
 
 def short_alone_and_beside_a_long_one(name, downstream, **cfg_keys):
