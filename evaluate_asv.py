@@ -79,7 +79,12 @@ def extract_inputs(source: str, out: Path) -> tuple[list[str], list[str], list[f
     """--extract's (ids, files, durations), every file checked before any model work."""
     if out.suffix not in (".npz", ".ark"):
         raise ValueError(f"--out {out}: must end in .npz (NumPy) or .ark (Kaldi ark + scp)")
-    ids, paths = read_audio_list(source)
+    try:
+        ids, paths = read_audio_list(source)
+    except UnicodeDecodeError as e:  # a path in another encoding (e.g. Latin-1 file names)
+        line = Path(source).read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{source}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); write the list in "
+                         "UTF-8, or give the files by a folder") from None
     if out.suffix == ".ark":
         import_kaldiio()
         for i in ids:

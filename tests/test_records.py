@@ -202,3 +202,10 @@ def test_ctrl_c_says_how_to_resume_in_one_line(trained, exp):
     lines = err.strip().splitlines()
     assert proc.returncode != 0 and "Traceback" not in err, err
     assert lines[-1] == f"interrupted: re-run the same command to resume from {exp / 'step-2'}", err
+
+
+def test_a_non_utf8_path_in_an_extract_list_is_named(exp, tmp_path):
+    listing = tmp_path / "wavs.txt"
+    listing.write_bytes(b"a.wav\n/tmp/caf\xe9.wav\n")  # Latin-1
+    result = evaluate(exp / "step-2", "--extract", listing, "--out", tmp_path / "emb.npz")
+    assert_one_line_error(result, f"{listing}:2: not UTF-8 text")
