@@ -54,7 +54,7 @@ def train(cfg: Path, data: Path, exp: Path, steps: int, batch: int, test: bool) 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work", default="/tmp/backbones", help="data and run folders")
     parser.add_argument("--budget", type=float, default=150.0, help="training seconds per backbone")
     parser.add_argument("--probe", type=int, default=4, help="steps of the timing probe")
