@@ -5,14 +5,14 @@
 Each backbone is `train_asv.py --config configs/demo.yaml` with its downstream section replaced (written to
 WORK/configs/, a downstream section belongs to one architecture) and 80 log mel bands, on real-mini prepared
 with 5 test and 2 validation speakers. A probe run of --probe steps measures its seconds per step; the real
-run then gets as many steps as fit in --budget seconds of training, the probe's steady rate read from its
-log (crops/s between log lines, start-up, validation and saving excluded). The test EER is the run's last
+run then gets as many steps as fit in --budget seconds of training: seconds per step are the wall-time
+difference of a 1-step and a --probe-step run over the extra steps (start-up, validation and saving
+cancel out). The test EER is the run's last
 checkpoint (validated once, at the end). A CPU shared with other jobs moves the per-step times: the steps
 each backbone got are printed with its EER.
 """
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -53,15 +53,8 @@ def train(cfg: Path, data: Path, exp: Path, steps: int, batch: int, test: bool) 
     return time.perf_counter() - tic
 
 
-def steady_seconds_per_step(exp: Path, batch: int) -> float:
-    """From the probe's log: crops/s of its steps after the first (the first holds lazy initialisation)."""
-    rates = [float(r) for r in re.findall(r"^step \d+ \|.* \| (\d+) crops/s", (exp / "train.log").read_text(), re.M)]
-    steady = rates[1:] or rates
-    return batch / (sum(steady) / len(steady))
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work", default="/tmp/backbones", help="data and run folders")
     parser.add_argument("--budget", type=float, default=150.0, help="training seconds per backbone")
     parser.add_argument("--probe", type=int, default=4, help="steps of the timing probe")
@@ -73,8 +66,9 @@ def main():
     rows = []
     for name, downstream in BACKBONES.items():
         cfg = config(work, downstream)
-        train(cfg, data, work / downstream["name"] / "probe", args.probe, args.batch, test=False)
-        probe = steady_seconds_per_step(work / downstream["name"] / "probe", args.batch)
+        one = train(cfg, data, work / downstream["name"] / "probe1", 1, args.batch, test=False)
+        more = train(cfg, data, work / downstream["name"] / "probe", args.probe, args.batch, test=False)
+        probe = max(more - one, 1e-3) / (args.probe - 1)
         steps = max(1, int(args.budget / probe))
         wall = train(cfg, data, work / downstream["name"] / "run", steps, args.batch, test=True)
         test = json.loads((work / downstream["name"] / "run" / "best" / "eval" / "test" / "metrics.json").read_text())

@@ -63,7 +63,7 @@ def one_variant(args) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per variant (the first is not timed)")
     parser.add_argument("--layers", type=int, default=4, help="transformer layers of the random WavLM")
     parser.add_argument("--dim", type=int, default=256, help="its width")
