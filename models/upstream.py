@@ -35,19 +35,26 @@ def masked_group_norm(x: torch.Tensor, frames: torch.Tensor, norm: nn.GroupNorm)
     """nn.GroupNorm over the first `frames[b]` frames of each row of x (B, C, T), as if each row were alone.
 
     Statistics in float32 (as autocast runs group norm), mean first then the centred variance (biased, as
-    GroupNorm's). No host sync: the mask and the counts stay on the device. Frames past `frames[b]` are
-    normalised with the row's statistics too; nothing valid depends on them (convolutions without padding).
+    GroupNorm's); the masked sums are matrix products with the frame mask, so the only full-size temporaries
+    are the centred copy (normalised in place when no gradient is kept) and one product. No host sync: mask and counts stay on the
+    device. Frames past `frames[b]` are normalised with the row's statistics too; nothing valid depends on
+    them (the convolutions after it have no padding).
     """
     b, c, t = x.shape
     g = norm.num_groups
-    mask = frame_mask(frames, t).view(b, 1, 1, t).float()  # (B, 1, 1, T)
+    mask = frame_mask(frames, t).float()  # (B, T)
     xf = x.float().view(b, g, c // g, t)
-    count = (frames.clamp(min=1).float() * (c // g)).view(b, 1, 1, 1)
-    mean = (xf * mask).sum((2, 3), keepdim=True) / count
-    var = ((xf - mean).square() * mask).sum((2, 3), keepdim=True) / count
-    y = ((xf - mean) * torch.rsqrt(var + norm.eps)).view(b, c, t)
+    count = (frames.clamp(min=1).float() * (c // g)).view(b, 1)  # (B, 1) values per group
+    mean = torch.einsum("bgct,bt->bg", xf, mask) / count  # (B, G)
+    centred = xf - mean.view(b, g, 1, 1)
+    var = torch.einsum("bgct,bgct,bt->bg", centred, centred, mask) / count
+    scale = torch.rsqrt(var + norm.eps).view(b, g, 1, 1)
+    if torch.is_grad_enabled():  # autograd keeps `centred` for the variance's gradient: no in-place steps
+        y = (centred * scale).view(b, c, t)
+        return (y * norm.weight.view(1, c, 1) + norm.bias.view(1, c, 1) if norm.affine else y).to(x.dtype)
+    y = centred.mul_(scale).view(b, c, t)
     if norm.affine:
-        y = y * norm.weight.float().view(1, c, 1) + norm.bias.float().view(1, c, 1)
+        y = y.mul_(norm.weight.float().view(1, c, 1)).add_(norm.bias.float().view(1, c, 1))
     return y.to(x.dtype)
 from .ssl_weights import SSL_BUNDLES, build_architecture, load_checkpoint
 
