@@ -354,21 +354,47 @@ def fit_calibration(scores, labels, prior: float = 0.5) -> Calibration:
     refused = calibration_refusal(scores, labels)
     if refused:
         return Calibration(scale=1.0, offset=0.0, prior=prior, num_trials=n, num_targets=n_tar, refused=refused)
+    (scale,), offset = weighted_logistic(scores[:, None], labels, prior)
+    return Calibration(scale=scale, offset=offset, prior=prior, num_trials=n, num_targets=n_tar)
+
+
+def weighted_logistic(x, labels, prior: float) -> tuple[np.ndarray, float]:
+    """(weights (D,), offset) of the LLR x @ weights + offset: the prior-weighted, L2-regularised logistic
+    regression of fit_calibration on the columns of x (N, D), each standardised. A column that is constant,
+    or a copy of an earlier one up to scale and shift, says nothing more and gets weight 0 (with the L2
+    penalty, two copies would share a weight and be penalised less than one)."""
     from sklearn.linear_model import LogisticRegression  # here: a second to import, needed only to fit
 
+    x = np.asarray(x, np.float64)
+    n, n_tar = len(labels), int(labels.sum())
     effective = 1.0 / (prior ** 2 / n_tar + (1 - prior) ** 2 / (n - n_tar))
     weights = {1: effective * prior / n_tar, 0: effective * (1 - prior) / (n - n_tar)}
-    mean, sd = scores.mean(), scores.std()  # sd > 0: the trials are not separated, so not all equal
-    z = (scores - mean) / sd
+    mean, sd = x.mean(0), x.std(0)
+    z = (x - mean) / np.where(sd > 0, sd, 1.0)
+    keep = []
+    for j in range(x.shape[1]):
+        # float64 correlations of copies are 1 to ~1e-15; 1e-9 leaves any real difference in
+        if sd[j] > 1e-12 * max(1.0, abs(mean[j])) and all(abs(z[:, j] @ z[:, k]) / n < 1 - 1e-9 for k in keep):
+            keep.append(j)
     # tol far below sklearn's 1e-4, which stops lbfgs some percent short of the optimum scale here
-    model = LogisticRegression(C=CALIBRATION_C, class_weight=weights, tol=1e-8, max_iter=1000).fit(z[:, None], labels)
-    a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
-    return Calibration(scale=a / sd, offset=b - a * mean / sd - _logit(prior), prior=prior, num_trials=n,
-                       num_targets=n_tar)
+    model = LogisticRegression(C=CALIBRATION_C, class_weight=weights, tol=1e-8, max_iter=5000).fit(z[:, keep], labels)
+    w = np.zeros(x.shape[1])
+    w[keep] = model.coef_[0] / sd[keep]
+    return w, float(model.intercept_[0] - w[keep] @ mean[keep] - _logit(prior))
 
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
+
+
+def read_json(path: Path):
+    """The JSON in `path`, None when there is no such file; a one-line ValueError naming it when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
 
 
 def save_calibration(folder, cal: Calibration):
@@ -378,12 +404,9 @@ def save_calibration(folder, cal: Calibration):
 def load_calibration(folder) -> Calibration | None:
     """<folder>/calibration.json, or None when there is none (or it predates `refused`: it is then refit)."""
     path = Path(folder) / CALIBRATION_FILE
-    if not path.is_file():
+    data = read_json(path)
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
     names = [f.name for f in dataclasses.fields(Calibration)]
     if isinstance(data, dict) and sorted(data) == sorted(n for n in names if n != "refused"):
         return None  # an unregularised fit of an earlier version, with no refusal: fit again
@@ -486,19 +509,15 @@ class QualityCalibration:
 
 
 def fit_qmf(scores, labels, enroll_secs, test_secs, prior: float = 0.5) -> QualityCalibration:
-    """The logistic regression of fit_calibration (same class weights and prior, plain maximum likelihood) on
-    the quality measures instead of the score alone: WeSpeaker's score_calibration.py QMF, with durations."""
+    """fit_calibration's logistic regression (weighted_logistic: the same class weights, prior and
+    regularisation) on the quality measures instead of the score alone: WeSpeaker's score_calibration.py
+    QMF, with durations. With durations that say nothing (all equal) it is the plain calibration."""
     if not 0 < prior < 1:
         raise ValueError(f"prior must be in (0, 1), got {prior}")
     scores, labels = _scores_labels(scores, labels)
-    x = quality_measures(scores, enroll_secs, test_secs)
-    from sklearn.linear_model import LogisticRegression
-
     n, n_tar = len(labels), int(labels.sum())
-    weights = {1: prior * n / n_tar, 0: (1 - prior) * n / (n - n_tar)}
-    model = LogisticRegression(C=1e6, class_weight=weights, tol=1e-8, max_iter=5000).fit(x, labels)
-    return QualityCalibration(weights=tuple(float(w) for w in model.coef_[0]),
-                              offset=float(model.intercept_[0] - _logit(prior)), prior=prior, num_trials=n,
+    w, offset = weighted_logistic(quality_measures(scores, enroll_secs, test_secs), labels, prior)
+    return QualityCalibration(weights=tuple(float(v) for v in w), offset=offset, prior=prior, num_trials=n,
                               num_targets=n_tar)
 
 
@@ -510,14 +529,14 @@ def save_qmf(folder, cal: QualityCalibration):
 def load_qmf(folder) -> QualityCalibration | None:
     """<folder>/calibration_qmf.json, or None when there is none."""
     path = Path(folder) / QMF_FILE
-    if not path.is_file():
+    data = read_json(path)
+    if data is None:
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         if data.pop("measures") != list(QMF_MEASURES) or len(data["weights"]) != len(QMF_MEASURES):
             raise ValueError("other quality measures than " + ", ".join(QMF_MEASURES))
         return QualityCalibration(**{**data, "weights": tuple(float(w) for w in data["weights"])})
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
 
 
