@@ -26,10 +26,12 @@ thresholds and a calibration), then evaluates it like any checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 
 from asv.api import Model
 from asv.config import help_text
@@ -119,7 +121,7 @@ def validation_inputs(cfg, trials: list[str], trials_root: str | None):
 
 def average(ckpts: list[str], out: str) -> str:
     """--average: the main process writes the mean of the checkpoints; the others wait for it."""
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it later
     if state.is_main_process:
         average_checkpoints(ckpts, out)
         print(f"{out}: the mean of {len(ckpts)} checkpoints' weights")
@@ -197,7 +199,9 @@ def parse_args():
 
 
 def is_main() -> bool:
-    return PartialState().is_main_process
+    """The main process, read from the launcher's RANK: asking Accelerate here would fix its process state
+    before the Accelerator is made (a PartialState() without the CPU flag is one process per rank)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main():
