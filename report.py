@@ -38,7 +38,7 @@ import yaml
 from asv import metrics, plots
 from asv.run import write_text
 from asv.run import CHOICE_FILE, best_entry, best_step, best_target, read_history, step_of
-from asv.plots import VALID, ppf  # noqa: F401  (report.ppf: the name the tests and older notebooks use)
+from asv.plots import VALID
 COLUMNS = [("eer", "EER %"), ("min_dcf_0.01", "minDCF 0.01"), ("min_dcf_0.05", "minDCF 0.05")]
 # Written by evaluation when the checkpoint has a calibration (min Cllr always): shown when present.
 CALIBRATION_COLUMNS = [("act_dcf_0.01", "actDCF 0.01"), ("act_dcf_0.05", "actDCF 0.05"), ("cllr", "Cllr"),

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from .models import DOWNSTREAMS, LOSSES, POOLINGS
-from .models.upstream import FEATURES
+from .models.options import key
+from .models.upstream import FEATURES, UPSTREAMS
 
 
 class ConfigError(ValueError):
@@ -27,115 +28,144 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dir: str = "data/demo"          # a prepare_voxceleb.py output folder
-    sample_rate: int = 16000        # model rate; files at other rates are resampled on load
-    effects: str = "superb"         # training audio: superb (gain -3 dB + SoX silence trimming, as s3prl) | none
-    crop: str = "superb"            # superb: whole utterances, longer than max_secs cropped to it, batches padded | fixed: one length per batch in [min_secs, max_secs], short files tiled
-    min_secs: float = 2.0           # superb: drop training utterances of at most this (after effects) | fixed: shortest crop
-    max_secs: float = 8.0           # superb: random crop of longer utterances | fixed: longest crop
-    batch_size: int = 10            # utterances per batch per process (SUPERB: 10)
-    eval_batch_secs: float = 0.0    # audio seconds per evaluation batch, length-sorted; 0: the fastest for the device (CPU: 60, GPU: 600). Embeddings do not depend on it
-    eval_chunk_secs: float = 0.0    # >0: upstream on windows this long at evaluation: memory bounded by it, not the longest file
+    dir: str = key("data/demo", "a prepare_voxceleb.py output folder")
+    sample_rate: int = key(16000, "model rate; files at other rates are resampled on load")
+    effects: str = key("superb", "training audio: superb (gain -3 dB + SoX silence trimming, as s3prl) | none")
+    crop: str = key("superb",
+                    "superb: whole utterances, longer than max_secs cropped to it, batches padded | fixed: one "
+                    "length per batch in [min_secs, max_secs], short files tiled")
+    min_secs: float = key(2.0,
+                          "superb: drop training utterances of at most this (after effects) | fixed: shortest crop")
+    max_secs: float = key(8.0, "superb: random crop of longer utterances | fixed: longest crop")
+    batch_size: int = key(10, "utterances per batch per process (SUPERB: 10)")
+    eval_batch_secs: float = key(0.0,
+                                 "audio seconds per evaluation batch, length-sorted; 0: the fastest for the device "
+                                 "(CPU: 60, GPU: 600). Embeddings do not depend on it")
+    eval_chunk_secs: float = key(0.0,
+                                 ">0: upstream on windows this long at evaluation: memory bounded by it, not the "
+                                 "longest file")
 
 
 @dataclass
 class UpstreamConfig:
-    name: str = "wavlm_base_plus"   # fbank | mfcc (s3prl's Kaldi features) | logmel | wavlm_base(_plus|_large) | hubert_base|hubert_large | wav2vec2_base|_large|_large_lv60k | xlsr53|xlsr_300m
-    ckpt: str = ""                  # SSL weights on disk: torchaudio .pth, Hugging Face folder, fairseq/WavLM/s3prl .pt; empty: torchaudio bundle (hub cache)
-    random_init: bool = False       # SSL: build the architecture with random weights (tests, benchmarks, no hub)
-    arch: dict = field(default_factory=dict)  # SSL: architecture overrides for random_init, e.g. {encoder_num_layers: 2}
-    trainable: bool = False         # fine-tune the upstream (SUPERB: frozen); an SSL model's CNN stays frozen
-    lora_rank: int = 0              # trainable SSL: LoRA adapters (peft) of this rank instead of the full weights (0: off); model.pt holds the adapters
-    lora_alpha: float = 16.0        # LoRA scaling numerator (peft's lora_alpha; the update is scaled by alpha / rank)
-    grad_checkpointing: bool = False  # trainable SSL: recompute each transformer layer in backward (memory for time)
-    freeze_steps: int = 0           # trainable SSL: frozen for the first N optimizer steps, then joint (WeSpeaker's frozen -> joint_ft)
-    padded_group_norm: bool = False  # Base SSL models: first conv's group norm over the padded batch, as s3prl (false: each utterance's own samples, batch-invariant)
-    n_mels: int = 80                # fbank, logmel: mel bands (s3prl's fbank: 80)
-    n_mfcc: int = 13                # mfcc: cepstra (s3prl's mfcc: 13)
+    name: str = key("wavlm_base_plus", "a row of models.upstream.UPSTREAMS: " + " | ".join(UPSTREAMS)
+                    + " (fbank, mfcc: s3prl's Kaldi features; logmel: batched)")
+    ckpt: str = key("",
+                    "SSL weights on disk: torchaudio .pth, Hugging Face folder, fairseq/WavLM/s3prl .pt; empty: "
+                    "torchaudio bundle (hub cache)")
+    random_init: bool = key(False, "SSL: build the architecture with random weights (tests, benchmarks, no hub)")
+    arch: dict = key({}, "SSL: architecture overrides for random_init, e.g. {encoder_num_layers: 2}")
+    trainable: bool = key(False, "fine-tune the upstream (SUPERB: frozen); an SSL model's CNN stays frozen")
+    lora_rank: int = key(0,
+                         "trainable SSL: LoRA adapters (peft) of this rank instead of the full weights (0: off); "
+                         "model.pt holds the adapters")
+    lora_alpha: float = key(16.0, "LoRA scaling numerator (peft's lora_alpha; the update is scaled by alpha / rank)")
+    grad_checkpointing: bool = key(False,
+                                   "trainable SSL: recompute each transformer layer in backward (memory for time)")
+    freeze_steps: int = key(0,
+                            "trainable SSL: frozen for the first N optimizer steps, then joint (WeSpeaker's frozen "
+                            "-> joint_ft)")
+    padded_group_norm: bool = key(False,
+                                  "Base SSL models: first conv's group norm over the padded batch, as s3prl (false: "
+                                  "each utterance's own samples, batch-invariant)")
+    n_mels: int = key(80, "fbank, logmel: mel bands (s3prl's fbank: 80)")
+    n_mfcc: int = key(13, "mfcc: cepstra (s3prl's mfcc: 13)")
 
 
 @dataclass
 class FeaturizerConfig:
-    layer_selections: list = field(default_factory=list)  # upstream layers to weigh (0 = CNN/transformer input); []: all. The upstream stops at the deepest
-    normalize: bool = False         # layer-norm each layer before the weighted sum (SUPERB: false)
+    layer_selections: list = key([],
+                                 "upstream layers to weigh (0 = CNN/transformer input); []: all. The upstream stops "
+                                 "at the deepest")
+    normalize: bool = key(False, "layer-norm each layer before the weighted sum (SUPERB: false)")
 
 
 @dataclass
 class LossConfig:
-    name: str = "amsoftmax"         # a row of models.LOSSES: amsoftmax (cos - m, SUPERB) | aamsoftmax (cos(theta + m), ArcFace)
-    margin: float = 0.4             # SUPERB AM-softmax: 0.4
-    scale: float = 30.0             # SUPERB AM-softmax: 30
-    sub_centers: int = 1            # >1: sub-centre AM/AAM-softmax (K centres per speaker, robust to label noise)
-    margin_warmup_start: int = 0    # margin is 0 until this optimizer step...
-    margin_warmup_steps: int = 0    # ...then rises linearly to loss.margin over this many steps (0: full margin at once)
+    name: str = key("amsoftmax",
+                    "a row of models.LOSSES: amsoftmax (cos - m, SUPERB) | aamsoftmax (cos(theta + m), ArcFace)")
+    margin: float = key(0.4, "SUPERB AM-softmax: 0.4")
+    scale: float = key(30.0, "SUPERB AM-softmax: 30")
+    sub_centers: int = key(1, ">1: sub-centre AM/AAM-softmax (K centres per speaker, robust to label noise)")
+    margin_warmup_start: int = key(0, "margin is 0 until this optimizer step...")
+    margin_warmup_steps: int = key(0,
+                                   "...then rises linearly to loss.margin over this many steps (0: full margin at "
+                                   "once)")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"             # adamw | adam | sgd
-    lr: float = 1e-4                # peak learning rate (SUPERB: 1e-4)
-    weight_decay: float = 0.01      # decoupled for adamw, L2 otherwise (SUPERB: torch's AdamW default, 0.01)
-    momentum: float = 0.9           # sgd only
-    upstream_lr_ratio: float = 1.0  # a trainable SSL upstream's lr as a fraction of optim.lr (e.g. 0.1)
-    layer_decay: float = 1.0        # layer-wise lr decay: transformer layer i of a trainable upstream (of n run) gets decay^(n-i) (1.0: none)
+    name: str = key("adamw", "adamw | adam | sgd")
+    lr: float = key(1e-4, "peak learning rate (SUPERB: 1e-4)")
+    weight_decay: float = key(0.01, "decoupled for adamw, L2 otherwise (SUPERB: torch's AdamW default, 0.01)")
+    momentum: float = key(0.9, "sgd only")
+    upstream_lr_ratio: float = key(1.0, "a trainable SSL upstream's lr as a fraction of optim.lr (e.g. 0.1)")
+    layer_decay: float = key(1.0,
+                             "layer-wise lr decay: transformer layer i of a trainable upstream (of n run) gets "
+                             "decay^(n-i) (1.0: none)")
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "constant"          # constant | linear | cosine | exponential (after warm-up)
-    warmup_steps: int = 0           # linear warm-up from 0 over this many optimizer steps
-    final_lr_ratio: float = 0.01    # lr at the last step as a fraction of optim.lr (linear, cosine, exponential)
+    name: str = key("constant", "constant | linear | cosine | exponential (after warm-up)")
+    warmup_steps: int = key(0, "linear warm-up from 0 over this many optimizer steps")
+    final_lr_ratio: float = key(0.01, "lr at the last step as a fraction of optim.lr (linear, cosine, exponential)")
 
 
 @dataclass
 class AugmentConfig:
-    noise_dir: str = ""             # MUSAN-style folder: noise/, music/, speech/ subfolders of wav/flac (empty: off)
-    noise_prob: float = 0.0         # probability a crop gets additive noise (one of noise, music, babble)
-    noise_snr_min: float = 0.0      # noise/: SNR range in dB (Kaldi/WeSpeaker: 0-15)
+    noise_dir: str = key("", "MUSAN-style folder: noise/, music/, speech/ subfolders of wav/flac (empty: off)")
+    noise_prob: float = key(0.0, "probability a crop gets additive noise (one of noise, music, babble)")
+    noise_snr_min: float = key(0.0, "noise/: SNR range in dB (Kaldi/WeSpeaker: 0-15)")
     noise_snr_max: float = 15.0
-    music_snr_min: float = 5.0      # music/: SNR range in dB (5-15)
+    music_snr_min: float = key(5.0, "music/: SNR range in dB (5-15)")
     music_snr_max: float = 15.0
-    babble_snr_min: float = 13.0    # babble from speech/: SNR range in dB (13-20)
+    babble_snr_min: float = key(13.0, "babble from speech/: SNR range in dB (13-20)")
     babble_snr_max: float = 20.0
-    babble_speakers_min: int = 3    # babble: speech segments summed (3-7)
+    babble_speakers_min: int = key(3, "babble: speech segments summed (3-7)")
     babble_speakers_max: int = 7
-    rir_dir: str = ""               # folder of room impulse responses (wav/flac, any depth) (empty: off)
-    rir_prob: float = 0.0           # probability a crop is reverberated (before the noise is added)
-    speed_prob: float = 0.0         # probability of speed perturbation 0.9 or 1.1 (each factor a new speaker)
-    specaug_prob: float = 0.0       # probability an utterance's upstream features get SpecAugment masks
-    specaug_time_masks: int = 1     # time masks per utterance
-    specaug_time_width: int = 10    # widest time mask in frames (width drawn from 1..this)
-    specaug_freq_masks: int = 1     # frequency masks per utterance
-    specaug_freq_width: int = 8     # widest frequency mask in bins (width drawn from 1..this)
+    rir_dir: str = key("", "folder of room impulse responses (wav/flac, any depth) (empty: off)")
+    rir_prob: float = key(0.0, "probability a crop is reverberated (before the noise is added)")
+    speed_prob: float = key(0.0, "probability of speed perturbation 0.9 or 1.1 (each factor a new speaker)")
+    specaug_prob: float = key(0.0, "probability an utterance's upstream features get SpecAugment masks")
+    specaug_time_masks: int = key(1, "time masks per utterance")
+    specaug_time_width: int = key(10, "widest time mask in frames (width drawn from 1..this)")
+    specaug_freq_masks: int = key(1, "frequency masks per utterance")
+    specaug_freq_width: int = key(8, "widest frequency mask in bins (width drawn from 1..this)")
 
 
 @dataclass
 class ScoreConfig:
-    asnorm: bool = False            # also write adaptive s-norm scores (scores_asnorm.txt, metrics_asnorm.json)
-    cohort_size: int = 1000         # training utterances in the AS-norm cohort (spread over speakers)
-    top_k: int = 300                # closest cohort members per side
-    calibration: str = "plain"      # plain: score -> LLR | qmf: also the plain one's quality-measure twin (log enrolment/test durations), both fit on validation trials, both reported
+    asnorm: bool = key(False, "also write adaptive s-norm scores (scores_asnorm.txt, metrics_asnorm.json)")
+    cohort_size: int = key(1000, "training utterances in the AS-norm cohort (spread over speakers)")
+    top_k: int = key(300, "closest cohort members per side")
+    calibration: str = key("plain",
+                           "plain: score -> LLR | qmf: also the plain one's quality-measure twin (log enrolment/test"
+                           " durations), both fit on validation trials, both reported")
 
 
 @dataclass
 class TrainConfig:
-    total_steps: int = 200000       # optimizer steps (SUPERB: 200k)
-    log_step: int = 500             # print/log loss, accuracy, lr and speed every N steps
-    eval_step: int = 10000          # validation on the held-out validation speakers every N steps (SUPERB: none)
-    save_step: int = 10000          # checkpoint every N steps (and whenever validation improves)
-    keep_num_ckpts: int = 0         # keep the newest N step-* folders (0: all, as SUPERB); the best is never deleted
-    gradient_clipping: float = 1000.0  # max global grad norm (SUPERB: 1e3, in effect none; 0: off)
-    gradient_accumulate: int = 5    # micro-batches per optimizer step (SUPERB: 5)
-    mixed_precision: str = "no"     # no | fp16 | bf16 (via Accelerate)
-    tf32: bool = True               # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere or newer)
-    deterministic: bool = False     # torch deterministic algorithms, cuDNN without autotuning: bit-repeatable CUDA runs, slower (docs/training.md)
-    seed: int = 0                   # model init, sample order, crops: the same seed gives the same run (SUPERB: 0)
-    auto_resume: bool = True        # re-running the same command resumes from the newest complete checkpoint
-    resume_ckpt_dir: str = ""       # resume from this step-* folder instead
-    init_from: str = ""             # a model.pt to start from (weights only, new optimizer): large-margin fine-tuning
-    valid_metric: str = "eer"       # eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best (ties: see asv/run.py)
-    test_after_train: bool = True   # evaluate the best checkpoint on the test trial lists at the end
-    log_with: str = "tensorboard"   # Accelerate trackers, comma-separated: tensorboard | wandb | comet_ml | mlflow | all | none
+    total_steps: int = key(200000, "optimizer steps (SUPERB: 200k)")
+    log_step: int = key(500, "print/log loss, accuracy, lr and speed every N steps")
+    eval_step: int = key(10000, "validation on the held-out validation speakers every N steps (SUPERB: none)")
+    save_step: int = key(10000, "checkpoint every N steps (and whenever validation improves)")
+    keep_num_ckpts: int = key(0, "keep the newest N step-* folders (0: all, as SUPERB); the best is never deleted")
+    gradient_clipping: float = key(1000.0, "max global grad norm (SUPERB: 1e3, in effect none; 0: off)")
+    gradient_accumulate: int = key(5, "micro-batches per optimizer step (SUPERB: 5)")
+    mixed_precision: str = key("no", "no | fp16 | bf16 (via Accelerate)")
+    tf32: bool = key(True, "CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere or newer)")
+    deterministic: bool = key(False,
+                              "torch deterministic algorithms, cuDNN without autotuning: bit-repeatable CUDA runs, "
+                              "slower (docs/training.md)")
+    seed: int = key(0, "model init, sample order, crops: the same seed gives the same run (SUPERB: 0)")
+    auto_resume: bool = key(True, "re-running the same command resumes from the newest complete checkpoint")
+    resume_ckpt_dir: str = key("", "resume from this step-* folder instead")
+    init_from: str = key("", "a model.pt to start from (weights only, new optimizer): large-margin fine-tuning")
+    valid_metric: str = key("eer", "eer | min_dcf_0.01 | min_dcf_0.05: selects exp/<run>/best (ties: see asv/run.py)")
+    test_after_train: bool = key(True, "evaluate the best checkpoint on the test trial lists at the end")
+    log_with: str = key("tensorboard",
+                        "Accelerate trackers, comma-separated: tensorboard | wandb | comet_ml | mlflow | all | none")
 
 
 def downstream_options(name: str):
@@ -147,9 +177,9 @@ def downstream_options(name: str):
 
 @dataclass
 class Config:
-    exp_dir: str = "exp/run"        # the run folder: config, labels, step-*/ checkpoints, logs
-    num_workers: int = 2            # data loader worker processes
-    eval_batch: int = -1            # cap validation/evaluation to N batches (-1: all; quick checks only)
+    exp_dir: str = key("exp/run", "the run folder: config, labels, step-*/ checkpoints, logs")
+    num_workers: int = key(2, "data loader worker processes")
+    eval_batch: int = key(-1, "cap validation/evaluation to N batches (-1: all; quick checks only)")
     data: DataConfig = field(default_factory=DataConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
@@ -223,36 +253,36 @@ REMOVED = {  # keys of older configs: loading one says what replaces it
 def _merge(obj, updates: dict, prefix: str = "", owner: str = ""):
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in updates.items():
-        full = prefix + str(key)
+    for part, value in updates.items():
+        full = prefix + str(part)
         if full in REMOVED:
             raise ConfigError(f"config key '{full}' was removed: {REMOVED[full]}; delete it from the config")
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if part not in names:
+            close = difflib.get_close_matches(str(part), names, n=1)
             if owner:
                 hint = f" (keys of {owner}: {', '.join(n for n in names if n != 'name')})"
                 raise ConfigError(f"config key '{full}' does not apply to {owner}{hint}")
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(prefix + n for n in names)})"
             raise ConfigError(f"unknown config key '{full}'{hint}")
-        current = getattr(obj, key)
+        current = getattr(obj, part)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' is a section; set its fields, e.g. {full}.<key>=...")
-            if key == "downstream":
+            if part == "downstream":
                 current = _downstream(current, value)
-                setattr(obj, key, current)
+                setattr(obj, part, current)
                 continue
-            if key == "upstream" and value.get("name", current.name) != current.name:
+            if part == "upstream" and value.get("name", current.name) != current.name:
                 for field_name, applies in UPSTREAM_KEYS.items():  # the previous upstream's own keys go
                     if not applies(value["name"]):
                         setattr(current, field_name, getattr(UpstreamConfig(), field_name))
             _merge(current, value, full + ".")
         else:
-            value = _coerce(value, hints[key], full)
+            value = _coerce(value, hints[part], full)
             allowed = CHOICES.get(full)
             if allowed and value not in allowed:
                 raise ConfigError(f"config key '{full}' must be one of {', '.join(allowed)}, got {value!r}")
-            setattr(obj, key, value)
+            setattr(obj, part, value)
 
 
 def _downstream(current, updates: dict):
@@ -309,20 +339,20 @@ def _is_text_key(cfg: Config, dotted: str) -> bool:
 def _check(cfg: Config):
     """Values that pass the type check but cannot be meant."""
     flat = flatten(cfg)
-    for key in AT_LEAST_ONE:
-        if flat[key] < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {flat[key]}")
-    for key in NOT_NEGATIVE:
-        if flat[key] < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]}")
-    for key in POSITIVE:
-        if flat[key] <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]}")
+    for dotted in AT_LEAST_ONE:
+        if flat[dotted] < 1:
+            raise ConfigError(f"config key '{dotted}' must be >= 1, got {flat[dotted]}")
+    for dotted in NOT_NEGATIVE:
+        if flat[dotted] < 0:
+            raise ConfigError(f"config key '{dotted}' must be >= 0, got {flat[dotted]}")
+    for dotted in POSITIVE:
+        if flat[dotted] <= 0:
+            raise ConfigError(f"config key '{dotted}' must be > 0, got {flat[dotted]}")
     if cfg.eval_batch == 0 or cfg.eval_batch < -1:
         raise ConfigError(f"config key 'eval_batch' must be -1 (all) or >= 1, got {cfg.eval_batch}")
-    for key, value in flat.items():
-        if key.startswith("augment.") and key.endswith("_prob") and not 0 <= value <= 1:
-            raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value}")
+    for dotted, value in flat.items():
+        if dotted.startswith("augment.") and dotted.endswith("_prob") and not 0 <= value <= 1:
+            raise ConfigError(f"config key '{dotted}' must be a probability in [0, 1], got {value}")
     if cfg.data.min_secs > cfg.data.max_secs:
         raise ConfigError(f"data.min_secs ({cfg.data.min_secs}) must not exceed data.max_secs ({cfg.data.max_secs})")
     if cfg.data.crop == "fixed" and cfg.data.min_secs <= 0:
@@ -352,12 +382,12 @@ def _check(cfg: Config):
         raise ConfigError("upstream.grad_checkpointing applies to a trainable SSL upstream only (upstream.trainable=true)")
     if u.freeze_steps and not finetune:
         raise ConfigError("upstream.freeze_steps applies to a trainable SSL upstream only (upstream.trainable=true)")
-    for key in ("upstream_lr_ratio", "layer_decay"):
-        if not finetune and getattr(cfg.optim, key) != getattr(OptimConfig(), key):
-            raise ConfigError(f"optim.{key} applies to a trainable SSL upstream only (upstream.trainable=true)")
-    for key, applies in UPSTREAM_KEYS.items():
-        if not applies(u.name) and getattr(u, key) != getattr(UpstreamConfig(), key):
-            raise ConfigError(f"upstream.{key} does not apply to upstream.name={u.name}")
+    for dotted in ("upstream_lr_ratio", "layer_decay"):
+        if not finetune and getattr(cfg.optim, dotted) != getattr(OptimConfig(), dotted):
+            raise ConfigError(f"optim.{dotted} applies to a trainable SSL upstream only (upstream.trainable=true)")
+    for dotted, applies in UPSTREAM_KEYS.items():
+        if not applies(u.name) and getattr(u, dotted) != getattr(UpstreamConfig(), dotted):
+            raise ConfigError(f"upstream.{dotted} does not apply to upstream.name={u.name}")
     if u.name in FEATURES and any(cfg.featurizer.layer_selections):
         raise ConfigError(f"featurizer.layer_selections: upstream {u.name} has a single layer, 0")
 
@@ -420,37 +450,32 @@ def unsafe_changes(old: Config, new: Config) -> dict[str, tuple]:
 
 
 def reference_rows() -> list[tuple[str, str, str]]:
-    """(dotted key, default, comment) for every key, read from the source of the dataclasses."""
-    import inspect
-    import re
-
-    sections = {c.__name__: c for c in SECTIONS}
+    """(dotted key, default, help) for every key, from each field's metadata (models.options.key)."""
     rows = []
 
-    def walk(cls, prefix, note=""):
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+): ([\w.]+) = .+?(?:\s+# (.*))?$", line)
-            if not m or (note and m[1] == "name"):
+    def walk(obj, prefix, note=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if note and f.name == "name":
                 continue
-            if m[2] in sections:
-                walk(sections[m[2]], f"{prefix}{m[1]}.")
-            elif m[1] == "downstream":
-                rows.append(("downstream.name", "superb_xvector", " | ".join(DOWNSTREAMS) + " (models.DOWNSTREAMS); "
+            if f.name == "downstream" and not prefix:
+                rows.append(("downstream.name", value.name, " | ".join(DOWNSTREAMS) + " (models.DOWNSTREAMS); "
                              "the other downstream keys are the chosen architecture's own"))
                 for name, model in DOWNSTREAMS.items():
-                    walk(model.Options, "downstream.", f"[{name}] ")
+                    walk(model.Options(), "downstream.", f"[{name}] ")
+            elif dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
             else:
-                rows.append((f"{prefix}{m[1]}", str(getattr(cls(), m[1])), note + (m[3] or "")))
+                rows.append((f"{prefix}{f.name}", str(value), note + f.metadata.get("help", "")))
 
-    walk(Config, "")
+    walk(Config(), "")
     return rows
 
 
 def reference() -> str:
-    """Markdown table of every key, default and comment (README embeds it)."""
+    """Markdown table of every key, default and help (docs/config.md embeds it)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    pipe = " \\| "  # a | inside a table cell
-    rows += [f"| `{key}` | `{default}` | {comment.replace(' | ', pipe)} |" for key, default, comment in reference_rows()]
+    rows += [f"| `{key}` | `{default}` | {text.replace('|', chr(92) + '|')} |" for key, default, text in reference_rows()]
     return "\n".join(rows)
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .options import key
 from .pooling import POOLINGS, frame_mask
 from .resnet import BasicBlock, halve
 
@@ -105,10 +106,10 @@ class CAMPPlus(nn.Module):
     @dataclass
     class Options:
         name: str = "campplus"
-        embed_dim: int = 512          # speaker embedding size (3D-Speaker's VoxCeleb recipe: 512)
-        init_channels: int = 128      # the TDNN's output, before the dense blocks
-        growth: int = 32              # channels each CAM layer adds
-        pooling: str = "stats"        # stats (3D-Speaker's) | attentive (models.pooling.POOLINGS)
+        embed_dim: int = key(512, "speaker embedding size (3D-Speaker's VoxCeleb recipe: 512)")
+        init_channels: int = key(128, "the TDNN's output, before the dense blocks")
+        growth: int = key(32, "channels each CAM layer adds")
+        pooling: str = key("stats", "stats (3D-Speaker's) | attentive (models.pooling.POOLINGS)")
 
     def __init__(self, input_dim: int, opts: Options):
         super().__init__()

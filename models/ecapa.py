@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .options import key
 from .pooling import POOLINGS, frame_mask
 
 
@@ -67,11 +68,11 @@ class ECAPA(nn.Module):
     @dataclass
     class Options:
         name: str = "ecapa"
-        channels: int = 512           # C: 512 (small) or 1024 (large)
-        embed_dim: int = 192          # speaker embedding size
-        scale: int = 8                # Res2Net scale: the channels split into this many groups
-        attention_dim: int = 128      # attentive pooling's hidden size
-        pooling: str = "attentive"    # attentive | stats (models.pooling.POOLINGS)
+        channels: int = key(512, "C: 512 (small) or 1024 (large)")
+        embed_dim: int = key(192, "speaker embedding size")
+        scale: int = key(8, "Res2Net scale: the channels split into this many groups")
+        attention_dim: int = key(128, "attentive pooling's hidden size")
+        pooling: str = key("attentive", "attentive | stats (models.pooling.POOLINGS)")
 
     def __init__(self, input_dim: int, opts: Options):
         super().__init__()

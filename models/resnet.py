@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .options import key
 from .pooling import POOLINGS, frame_mask
 
 BLOCKS = (3, 4, 6, 3)  # ResNet34
@@ -61,9 +62,9 @@ class ResNet34(nn.Module):
     @dataclass
     class Options:
         name: str = "resnet34"
-        channels: int = 32            # base channels m (WeSpeaker: 32); stages have m, 2m, 4m, 8m
-        embed_dim: int = 256          # speaker embedding size (WeSpeaker: 256)
-        pooling: str = "stats"        # stats (WeSpeaker's TSTP) | attentive (models.pooling.POOLINGS)
+        channels: int = key(32, "base channels m (WeSpeaker: 32); stages have m, 2m, 4m, 8m")
+        embed_dim: int = key(256, "speaker embedding size (WeSpeaker: 256)")
+        pooling: str = key("stats", "stats (WeSpeaker's TSTP) | attentive (models.pooling.POOLINGS)")
 
     def __init__(self, input_dim: int, opts: Options):
         super().__init__()

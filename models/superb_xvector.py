@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .options import key
 from .pooling import StatsPool
 
 CONTEXTS = (5, 3, 3, 1, 1)
@@ -89,9 +90,9 @@ class SuperbXvector(nn.Module):
     @dataclass
     class Options:
         name: str = "superb_xvector"
-        hidden_size: int = 512        # projector output (s3prl: hidden_size)
-        aggregation_size: int = 1500  # last TDNN layer, before statistics pooling (s3prl: aggregation_size)
-        embed_dim: int = 512          # speaker embedding (s3prl: output_size)
+        hidden_size: int = key(512, "projector output (s3prl: hidden_size)")
+        aggregation_size: int = key(1500, "last TDNN layer, before statistics pooling (s3prl: aggregation_size)")
+        embed_dim: int = key(512, "speaker embedding (s3prl: output_size)")
 
     def __init__(self, input_dim: int, opts: Options):
         super().__init__()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .options import key
 from .pooling import POOLINGS
 
 CONTEXTS = (5, 3, 3, 1, 1)
@@ -27,11 +28,11 @@ class XVectorBN(nn.Module):
     @dataclass
     class Options:
         name: str = "xvector_bn"
-        proj_dim: int = 512           # projector from the upstream's hidden size
-        channels: int = 512           # TDNN channels
-        stats_dim: int = 1500         # last frame-level layer before pooling
-        embed_dim: int = 512          # speaker embedding size
-        pooling: str = "stats"        # stats | attentive (models.pooling.POOLINGS)
+        proj_dim: int = key(512, "projector from the upstream's hidden size")
+        channels: int = key(512, "TDNN channels")
+        stats_dim: int = key(1500, "last frame-level layer before pooling")
+        embed_dim: int = key(512, "speaker embedding size")
+        pooling: str = key("stats", "stats | attentive (models.pooling.POOLINGS)")
 
     def __init__(self, input_dim: int, opts: Options):
         super().__init__()

@@ -1,5 +1,6 @@
 """Checks of asv/config.py: defaults (SUPERB's), the shipped recipes, dotted overrides, the downstream section
 owned by the chosen architecture, clear errors naming the key, save/load, and what a run folder may change."""
+import re
 import dataclasses
 
 import pytest
@@ -551,3 +552,20 @@ def test_total_steps_is_unsafe_when_the_lr_schedule_depends_on_it(name):
     sched = [f"scheduler.name={name}"]
     old, new = load_config(None, sched), load_config(None, [*sched, "train.total_steps=400000"])
     assert unsafe_changes(old, new) == {"train.total_steps": (200000, 400000)}
+
+
+def test_reference_is_read_from_field_metadata_not_source():
+    """Every field of every section (list and dict fields included) is a row with its help from the field's
+    metadata, and no help text breaks its table row (a `|` inside is escaped)."""
+    import dataclasses
+
+    from asv.config import SECTIONS, reference_rows
+    rows = {k: text for k, _, text in reference_rows()}
+    for section in SECTIONS:
+        for f in dataclasses.fields(section):
+            if not dataclasses.is_dataclass(f.type) and f.metadata.get("help"):
+                assert any(k.endswith("." + f.name) or k == f.name for k in rows), f.name
+    assert rows["featurizer.layer_selections"] and rows["upstream.arch"]  # a list and a dict field
+    assert "wavlm_base_plus" in rows["upstream.name"]  # the choices come from models.upstream.UPSTREAMS
+    for line in reference().splitlines():
+        assert len(re.split(r"(?<!\\)\|", line)) == 5, line  # | key | default | meaning |

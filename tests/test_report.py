@@ -271,8 +271,8 @@ def test_read_scores_and_probit(tmp_path):
     scores, labels = report.read_scores(path)
     assert scores.tolist() == [0.75, -0.125] and labels.tolist() == [1, 0]
     # tolerance: the reference values are given to 6 decimals
-    assert np.allclose(report.ppf([0.5, 0.975, 0.001]), [0.0, 1.959964, -3.090232], atol=1e-6)
-    assert np.isfinite(report.ppf([0.0, 1.0])).all()  # the DET sweep's end points stay plottable
+    assert np.allclose(report.plots.ppf([0.5, 0.975, 0.001]), [0.0, 1.959964, -3.090232], atol=1e-6)
+    assert np.isfinite(report.plots.ppf([0.0, 1.0])).all()  # the DET sweep's end points stay plottable
 
 
 def test_corrupt_metrics_json_is_named_and_skipped(tmp_path):

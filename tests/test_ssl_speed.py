@@ -2,7 +2,6 @@
 upstream (asv/embed.py, evaluate_asv.py --feature-cache), and the GPU check's CPU smoke mode."""
 import os
 import re
-import shutil
 import subprocess
 import zlib
 import sys
