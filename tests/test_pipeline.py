@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from asv import metrics
 from conftest import REPO as ROOT
@@ -157,15 +158,23 @@ def test_real_speech_learns(real_mini, tmp_path):
     assert metrics.compute_metrics(scores, labels)["eer"] < 10.0, out  # 6.8% with the step-50 checkpoint
 
 
-def test_bad_config_and_checkpoint(demo, ref):
+def test_bad_config_and_checkpoint(demo, ref, tmp_path):
     bad = run("train_asv.py", "--config", "configs/demo.yaml", f"data.dir={demo}", "train.totl_steps=3", check=False)
     one_line_error(bad, "error: unknown config key 'train.totl_steps' (did you mean 'train.total_steps'?)")
 
     exp = ref[0]
-    # a checkpoint evaluated under a config with another model size: one clear line, results untouched
-    mismatch = run("evaluate_asv.py", "--ckpt_dir", exp / "step-10", "downstream.embed_dim=64", check=False)
-    one_line_error(mismatch, "step-10/model.pt", "embed_dim")
+    # another model size as an evaluation override: a training key, refused in one line, results untouched
+    refused = run("evaluate_asv.py", "--ckpt_dir", exp / "step-10", "downstream.embed_dim=64", check=False)
+    one_line_error(refused, "downstream.embed_dim is a training key")
     assert (exp / "step-10" / "eval" / "valid" / "metrics.json").is_file()
+    # a checkpoint whose run config says another model size: one line naming the model file
+    other = tmp_path / "exp"
+    shutil.copytree(exp, other, ignore=lambda folder, names: [n for n in names if n in ("step-20", "step-30", "best")])
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["downstream"]["embed_dim"] = 64
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    mismatch = run("evaluate_asv.py", "--ckpt_dir", other / "step-10", check=False)
+    one_line_error(mismatch, "step-10/model.pt", "embed_dim")
 
 
 def test_fine_tune_from_checkpoint(demo, ref, tmp_path):
