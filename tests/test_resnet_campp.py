@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from asv.config import load_config
 from asv.models import DOWNSTREAMS
+from tests.test_models import randomise_batchnorm  # the one definition: BN statistics as after training
 
 
 def build(name, input_dim=80, **options):
@@ -18,19 +19,6 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def randomise_batchnorm(model: nn.Module, seed: int = 0):
-    """Non-trivial BN statistics and affine terms, as after training: eval-mode BN then shifts zeroed padding
-    away from zero, so a missing mask before any conv (or in the CAM context) shows in the embeddings."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = m.num_features
-            m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            if m.affine:
-                with torch.no_grad():
-                    m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
-                    m.bias.copy_(0.3 * torch.randn(c, generator=g))
 
 
 def test_resnet34_has_wespeakers_parameter_count():
