@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,10 +54,12 @@ def tree_pss_kib(root_pid: int) -> int:
 
 def run_measured(name: str, cmd: list, logs: Path, env: dict | None = None, cwd: Path | None = None,
                  tag: str = "measure") -> dict:
-    """Run cmd (a list) with its output in logs/<name>.log; returns wall s and peak PSS MB of the whole tree
-    (sampled every 0.5 s). Exits with the log's tail when the command fails."""
+    """Run cmd (a list) with its output in logs/<name>.log; returns wall s, CPU s (user + system of the command
+    and every descendant it waited for: what other jobs on a shared machine barely change) and peak PSS MB of
+    the whole tree (sampled every 0.5 s). Exits with the log's tail when the command fails."""
     log = logs / f"{name}.log"
     print(f"[{tag}] {name}: {' '.join(map(str, cmd))}", flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0, peak = time.perf_counter(), 0
     with open(log, "w") as f:
         proc = subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
@@ -65,10 +68,12 @@ def run_measured(name: str, cmd: list, logs: Path, env: dict | None = None, cwd:
             peak = max(peak, tree_pss_kib(proc.pid))
             time.sleep(0.5)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode != 0:
         sys.exit(f"[{tag}] {name} failed (rc {proc.returncode}); {log}:\n" + "".join(open(log).readlines()[-30:]))
-    print(f"[{tag}] {name}: {wall:.0f} s, peak PSS {peak / 1024:.0f} MB", flush=True)
-    return {"wall": wall, "pss": peak / 1024, "cmd": " ".join(map(str, cmd)), "env": env or {}}
+    print(f"[{tag}] {name}: {wall:.0f} s, CPU {cpu:.1f} s, peak PSS {peak / 1024:.0f} MB", flush=True)
+    return {"wall": wall, "cpu": cpu, "pss": peak / 1024, "cmd": " ".join(map(str, cmd)), "env": env or {}}
 
 
 def peer_view(data: Path, view: Path, trials: Path | None = None) -> Path:

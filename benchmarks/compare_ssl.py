@@ -118,6 +118,9 @@ def parse_args():
     ap.add_argument("--parity-secs", type=float, default=4.0, help="audio seconds of the parity row")
     ap.add_argument("--bf16", action="store_true", help="an extra training run of ours under bf16 autocast")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-part breakdown of a training step")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="re-time only (b), on what a full run left in --work: ours, s3prl's stage 3 (the command its "
+                         "runner recorded), ours again; wall and CPU seconds, so a shared machine's load shows")
     ap.add_argument("--peer-venv", type=Path, default=Path("/tmp/s3prl-peer-venv"), help="s3prl 0.4.18's venv")
     ap.add_argument("--breakdown-child", help=argparse.SUPPRESS)  # internal: ours' side of the breakdown
     return ap.parse_args()
@@ -387,8 +390,40 @@ def report(args, r: dict, trials: int, loads: list) -> str:
     return "\n".join(text) + "\n"
 
 
+def eval_only(args):
+    """--eval-only: the evaluation of a full run's checkpoints, both toolkits, ours timed before and after s3prl
+    (the load of a shared machine drifts); CPU seconds (user + system, what other jobs barely change) beside wall."""
+    trials, recorded = args.work / "eval_trials.txt", args.work / "s3prl" / "logs" / "s3prl_stage3-4_test.log.cmd"
+    ckpts = sorted((args.work / "ours").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not (trials.is_file() and ckpts and recorded.is_file()):
+        sys.exit(f"--eval-only needs a full run's {trials}, {args.work / 'ours'}/step-* and {recorded}")
+    peer_cmd = recorded.read_text().split(": ", 1)[1].split()  # the runner's "[run] <stage>: <command>"
+    loads, r = [], {}
+    for name in ("ours_before", "s3prl", "ours_after"):
+        loads.append((name, os.getloadavg()[0]))
+        r[name] = (run_measured("s3prl_stage3_again", peer_cmd, args.work / "logs", {**PEER_ENV, **threads_env(args)},
+                                cwd=ROOT, tag="compare_ssl") if name == "s3prl"
+                   else eval_ours(args, f"eval_only_{name}", ckpts, trials))
+    ours = {k: mean([r["ours_before"][k], r["ours_after"][k]]) for k in ("wall", "cpu", "pss")}
+    head = [f"# Evaluation of {len(ckpts)} checkpoints, WavLM Base+, s3prl 0.4.18 vs ours, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}", "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
+            f"{os.cpu_count()} CPUs; load average (1 min) at the starts: "
+            f"{', '.join(f'{n} {load:.1f}' for n, load in loads)}; intra-op threads {args.threads or 'torch default'}",
+            "", f"| {sum(1 for _ in open(trials))} trials | s3prl 0.4.18 stage 3 | ours, before | ours, after | "
+            "s3prl / mean of ours |", "|---|---|---|---|---|"]
+    rows = [f"| {label} | {r['s3prl'][k]:.1f} | {r['ours_before'][k]:.1f} | {r['ours_after'][k]:.1f} | "
+            f"{r['s3prl'][k] / ours[k]:.2f}x |" for k, label in (("wall", "wall s"), ("cpu", "CPU s (user + system)"),
+                                                                 ("pss", "peak PSS MB"))]
+    text = "\n".join(head + rows + ["", f"- s3prl: `{r['s3prl']['cmd']}`", f"- ours: `{r['ours_before']['cmd']}`"])
+    (args.work / "eval_only.md").write_text(text + "\n")
+    print(text)
+
+
 def main():
     args = parse_args()
+    if args.eval_only:
+        eval_only(args)
+        return
     if args.breakdown_child:
         breakdown_child(json.loads(args.breakdown_child))
         return
