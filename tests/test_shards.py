@@ -45,12 +45,23 @@ def train_args(data, exp, *extra):
 
 
 @pytest.fixture(scope="module")
-def runs(store, tmp_path_factory):
-    """The same seeded run from the raw files and from the shards."""
+def bare(store, tmp_path_factory):
+    """The data folder without its audio (the manifest, trials, effects.tsv): the store is the only audio there
+    is, as on a node that reaches the corpus through its shards only."""
+    data, _ = store
+    out = tmp_path_factory.mktemp("bare") / "data"
+    shutil.copytree(data, out, ignore=shutil.ignore_patterns("corpus"))
+    assert not any(Path(u.path).exists() for u in read_manifest(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(store, bare, tmp_path_factory):
+    """The same seeded run from the raw files and from the shards (with no raw file to read)."""
     data, shards = store
     root = tmp_path_factory.mktemp("runs")
     run(*train_args(data, root / "raw"))
-    run(*train_args(data, root / "shards", f"data.shards={shards}"))
+    run(*train_args(bare, root / "shards", f"data.shards={shards}"))
     return root / "raw", root / "shards"
 
 
@@ -95,11 +106,11 @@ def test_training_from_shards_equals_training_from_the_raw_files(runs):
     assert (raw / "step-10/eval/valid/scores.txt").read_text() == (shards / "step-10/eval/valid/scores.txt").read_text()
 
 
-def test_a_killed_shard_run_resumes_exactly(store, runs, tmp_path):
-    data, shards = store
+def test_a_killed_shard_run_resumes_exactly(store, bare, runs, tmp_path):
+    _, shards = store
     _, clean = runs
     exp = tmp_path / "exp"
-    cmd = [sys.executable, *train_args(data, exp, f"data.shards={shards}")]
+    cmd = [sys.executable, *train_args(bare, exp, f"data.shards={shards}")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (exp / "step-5").exists():  # killed as soon as the mid-epoch checkpoint is in place
@@ -114,13 +125,13 @@ def test_a_killed_shard_run_resumes_exactly(store, runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_evaluation_from_shards_equals_evaluation_from_the_raw_files(store, runs):
+def test_evaluation_from_shards_equals_evaluation_from_the_raw_files(store, bare, runs):
     _, shards = store
     raw, _ = runs
     run("evaluate_asv.py", "--ckpt-dir", raw / "step-10")
     from_files = (raw / "step-10/eval/test/scores.txt").read_text()
     (raw / "step-10/eval/test/scores.txt").unlink()
-    out = run("evaluate_asv.py", "--ckpt-dir", raw / "step-10", f"data.shards={shards}").stdout
+    out = run("evaluate_asv.py", "--ckpt-dir", raw / "step-10", f"data.dir={bare}", f"data.shards={shards}").stdout
     assert "EER" in out and (raw / "step-10/eval/test/scores.txt").read_text() == from_files
 
 
