@@ -253,7 +253,7 @@ def print_loader_table(args, utts, trims, store, aug_dirs) -> dict:
     rates = {recipe[0]: recipe_row(recipe, utts, trims, store, frames, args.examples, aug_dirs) for recipe in RECIPES}
     print("\nfixed crops without effects: whole file and span are the same code (the crop alone was already read); "
           "span from shards: the same TrainDataset reading each file's bytes from a local shard store (wids, 64 MB "
-          "shards). Every timed example of the two paths was equal (np.array_equal), and so was every one from "
+          "shards); every timed example of the two paths was equal (np.array_equal), and so was every one from "
           "shards. augmentation: the share of the span path's time in reverberation + noise, and in their noise/RIR "
           "file reads")
     return rates
