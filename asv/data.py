@@ -760,7 +760,7 @@ class ShardStore:
         else:
             import tempfile
             with tempfile.TemporaryDirectory() as tmp:
-                text = Path(_wids().wids_dl.download_file(self.source + "/" + SHARD_FILES,
+                text = Path(_wids().wids_dl.download_file(self.index.rsplit("/", 1)[0] + "/" + SHARD_FILES,
                                                           f"{tmp}/{SHARD_FILES}")).read_text(encoding="utf-8")
         return dict(line.split("\t", 1) for line in text.splitlines() if line)
 
