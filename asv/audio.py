@@ -334,7 +334,8 @@ def trimmed_span(path, sample_rate: int, intervals: np.ndarray, db: float | None
     if rate != sample_rate:  # whole file, as load_audio reads it
         wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), rate, sample_rate).numpy()[lo:hi]
     if len(wav) != hi - lo:
-        raise AudioError(f"{source_name(path)}: {len(wav)} samples where [{lo}, {hi}) was expected: has the file changed?")
+        raise AudioError(f"{source_name(path)}: {len(wav)} samples where [{lo}, {hi}) was expected: "
+                         "has the file changed?")
     if len(pieces) > 1:  # the kept pieces first: the gain is elementwise, so it may come after the cut
         wav = np.concatenate([wav[s - lo:e - lo] for s, e in pieces])
     if db is not None and wav.dtype == np.int16:  # the float chain's result for each 16-bit value, looked up

@@ -19,6 +19,10 @@ what the whole-file chain gives.
 Every random choice (order, crop length, offset) is a pure function of (seed, epoch,
 position), so a resumed run sees exactly the batches an uninterrupted run would.
 
+With `data.shards` the files' bytes come from a shard store (prepare_voxceleb.py --shards: tar shards
+that wids reads by index) and go through the same readers, so the examples are the same; the sampler
+stays the definition of an epoch, and each process reads its own batches' samples only (ShardStore).
+
 Evaluation batches are whole utterances sorted by length and packed up to a budget of audio
 seconds, so padding stays small and memory is bounded by the budget.
 """

@@ -125,6 +125,18 @@ def test_a_killed_shard_run_resumes_exactly(store, bare, runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_raw_file_run_goes_on_from_shards(store, runs, tmp_path):
+    """data.shards may change on a re-run: the same examples, so the run goes on as if nothing changed."""
+    data, shards = store
+    raw, _ = runs
+    exp = tmp_path / "exp"
+    run(*train_args(data, exp, "train.total_steps=5"))
+    resumed = run(*train_args(data, exp, f"data.shards={shards}"))
+    assert "at step 5" in resumed.stdout and losses(resumed.stdout) == {10: losses((raw / "train.log").read_text())[10]}
+    a, b = weights(raw / "step-10"), weights(exp / "step-10")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_evaluation_from_shards_equals_evaluation_from_the_raw_files(store, bare, runs):
     _, shards = store
     raw, _ = runs
