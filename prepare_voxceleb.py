@@ -5,6 +5,7 @@
     python prepare_voxceleb.py --corpus ROOT --out data/mine [--trials FILE ...]
     python prepare_voxceleb.py --kaldi data/kaldi/train --out data/mine [--trials FILE ...]
     python prepare_voxceleb.py --demo --out data/demo
+    python prepare_voxceleb.py --shards data/vox1 --out shards/vox1 [--shard-mb 256]
 
 Writes, under --out:
     utterances.csv      id,path,speaker,duration,sample_rate,split (one row per usable file; paths
@@ -17,6 +18,11 @@ Writes, under --out:
     prepare.json        the arguments and the counts of this preparation
     effects.tsv         SUPERB's effects (gain -3 dB, SoX silence trimming) of each training file: its
                         kept sample intervals, so training decodes only each crop's span (--effects)
+
+--shards writes a prepared data folder's audio (every file of its manifest, bytes as they are) into tar
+shards for training and evaluation from a network filesystem or an object store (data.shards=DIR or URL:
+docs/data.md); each shard is renamed into place once complete, the index last, and a re-run keeps the
+complete ones.
 
 A corpus is a `speaker/session/utterance.<audio>` tree, or a Kaldi data folder (wav.scp naming
 audio files, utt2spk): then the utterance ids are Kaldi's, and trial lists name them.
@@ -43,7 +49,7 @@ from pathlib import Path
 import soundfile as sf
 
 from asv.audio import AUDIO_EXTENSIONS, SUPERB_RATE, AudioError, header_frames, header_subtype, load_audio, progress
-from asv.data import read_kaldi_folder, read_manifest, read_trials, read_utt2spk, stored_path, trim_once
+from asv.data import read_kaldi_folder, read_manifest, read_trials, read_utt2spk, stored_path, trim_once, write_shards
 from asv.demo import make_demo_corpus
 from asv.run import atomic_write, recover_dir, replace_dir, what_is, write_json
 
@@ -394,6 +400,10 @@ def parse_args(argv=None):
                         help="a Kaldi data folder: wav.scp ('utt_id path' lines naming audio files; commands "
                              "'... |' are refused) and utt2spk; the utterance ids are Kaldi's, --trials name them")
     source.add_argument("--demo", action="store_true", help="generate a small synthetic corpus in OUT/corpus")
+    source.add_argument("--shards", metavar="DATA_DIR",
+                        help="write the audio of a prepared data folder into tar shards in --out (wids' indexed "
+                             "format; train and evaluate with data.shards=OUT or its URL)")
+    parser.add_argument("--shard-mb", metavar="MB", type=float, default=256, help="--shards: size of a shard")
     parser.add_argument("--voxceleb2", metavar="ROOT",
                         help="VoxCeleb2 dev set for training: ROOT/dev/aac, ROOT/aac or ROOT holding the id* "
                              "speaker folders (.m4a). With --voxceleb1, VoxCeleb1 dev joins training and VoxCeleb1's "
@@ -432,8 +442,12 @@ def parse_args(argv=None):
                              "training with data.effects=superb (the default); none: skip it (data.effects=none "
                              "does not need it, and training computes what it lacks)")
     args = parser.parse_args(argv)
-    if not (args.voxceleb1 or args.voxceleb2 or args.corpus or args.kaldi or args.demo):
-        parser.error("one of --voxceleb1, --voxceleb2, --corpus, --kaldi or --demo is required")
+    if not (args.voxceleb1 or args.voxceleb2 or args.corpus or args.kaldi or args.demo or args.shards):
+        parser.error("one of --voxceleb1, --voxceleb2, --corpus, --kaldi, --demo or --shards is required")
+    if args.shards and args.voxceleb2:
+        parser.error("--shards takes a prepared data folder only")
+    if args.shard_mb <= 0:
+        parser.error("--shard-mb must be > 0")
     if args.voxceleb2 and (args.corpus or args.kaldi or args.demo):
         parser.error("--voxceleb2 combines with --voxceleb1 only")
     if (args.trials or args.voxceleb1) and args.test_speakers != "auto":
@@ -608,6 +622,12 @@ def effects_pass(args, out: Path):
 def main(argv=None):
     args = parse_args(argv)
     out = args.out.resolve()
+    if args.shards:
+        try:
+            print(write_shards(args.shards, out, args.shard_mb))
+        except (ValueError, OSError) as e:  # AudioError is a ValueError: one line naming the file
+            raise SystemExit(f"error: {e}") from None
+        return
     record = record_of(args)
     previous = existing(out, record, args.overwrite)
     if previous and args.demo:  # generated from the seed: the same arguments make the same corpus

@@ -25,8 +25,8 @@ from accelerate.utils import gather_object, set_seed
 from safetensors import SafetensorError
 
 from asv.config import flatten, help_text, load_config
-from asv.data import (compute_effects, read_effects, read_manifest, read_trials, train_loader, trial_lists, trims_of,
-                      write_effects)
+from asv.data import (compute_effects, open_store, read_effects, read_manifest, read_trials, train_loader, trial_lists,
+                      trims_of, write_effects)
 from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of, resolve_lists, score_trials,
                        scores_text, trial_audio, trial_rows, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
@@ -66,6 +66,8 @@ def absolute_paths(cfg):
         owner = getattr(cfg, section) if section else cfg
         if getattr(owner, key):
             setattr(owner, key, os.path.abspath(getattr(owner, key)))
+    if cfg.data.shards and "://" not in cfg.data.shards:  # a URL stays as it is
+        cfg.data.shards = os.path.abspath(cfg.data.shards)
     return cfg
 
 
@@ -80,7 +82,8 @@ def build_data(accelerator, cfg, exp: Path):
         label_encoder(exp, [u.speaker for u in train_utts])
     accelerator.wait_for_everyone()
     label_of = label_encoder(exp, [u.speaker for u in train_utts])
-    trims = effects_of(accelerator, cfg, train_utts) if d.effects == "superb" else None
+    store = open_store(cfg)  # checked against the data folder before any work
+    trims = effects_of(accelerator, cfg, train_utts, store) if d.effects == "superb" else None
     durations = [u.duration for u in train_utts] if trims is None else list(trims.kept / d.sample_rate)
     if d.crop == "superb":  # s3prl drops utterances of at most min_secs
         kept = [i for i, s in enumerate(durations) if s > d.min_secs]
@@ -91,19 +94,23 @@ def build_data(accelerator, cfg, exp: Path):
         train_utts, durations = [train_utts[i] for i in kept], [durations[i] for i in kept]
         trims = trims.take(kept) if trims is not None else None
     loader = train_loader(cfg, train_utts, [label_of[u.speaker] for u in train_utts], durations,
-                          multiple=cfg.train.gradient_accumulate * accelerator.num_processes, trims=trims)
+                          multiple=cfg.train.gradient_accumulate * accelerator.num_processes, trims=trims, store=store)
     num_classes = len(label_of) * (3 if cfg.augment.speed_prob > 0 else 1)  # speed-perturbed copies are new speakers
     return loader, num_classes, (f"{len(train_utts)} utterances of {len(label_of)} speakers; "
                                  f"{len(loader.batch_sampler)} batches per epoch")
 
 
-def effects_of(accelerator, cfg, train_utts):
+def effects_of(accelerator, cfg, train_utts, store=None):
     """The training files' SUPERB effects from the data folder's effects.tsv (prepare_voxceleb.py writes it).
     What it lacks (an older data folder, files changed since) is computed here once, every process taking
     an equal share (so none waits long for another), and the main process writes it back: the next run
-    on this data reads it."""
+    on this data reads it. From a shard store, its rows must match the files the store was written from."""
     d = cfg.data
-    rows, missing = read_effects(d.dir, train_utts, d.sample_rate)
+    rows, missing = read_effects(d.dir, train_utts, d.sample_rate, store.keys() if store else None)
+    if store and missing:
+        raise ValueError(f"{d.dir}/effects.tsv lacks {len(missing)} training files of the shard store {d.shards} "
+                         f"(e.g. {missing[0].path}), or they changed since: run prepare_voxceleb.py on the files "
+                         "first (it writes effects.tsv), then --shards, or train with data.effects=none")
     # every process computes its share of what any of them lacks, so all agree on the work
     todo = sorted({u.path: u for u in gather_object(missing)}.values(), key=lambda u: u.path) \
         if accelerator.num_processes > 1 else missing
@@ -137,7 +144,7 @@ class Validation:
         self.rows = trial_rows({p: i for i, p in enumerate(self.paths)}, self.trials, audio)
         durations = {u.path: u.duration for u in utts}
         self.loader = eval_loader(self.paths, [durations[p] for p in self.paths], cfg, min_samples,
-                                  accelerator.device)
+                                  accelerator.device, open_store(cfg))
 
     def due(self, step: int) -> bool:
         t = self.cfg.train

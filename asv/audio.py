@@ -32,15 +32,28 @@ def progress(iterable=None, total=None, desc=None, unit="it", enabled=True):
                 disable=not (enabled and sys.stderr.isatty()))
 
 
-def _uses_ffmpeg(path: str) -> bool:
-    return path.lower().endswith(".m4a")
+def source_name(source) -> str:
+    """A reader's source is a path or a file object (a shard's sample, io.BytesIO) with a `name`: the file it
+    holds, which messages name and whose extension picks the decoder."""
+    return source if isinstance(source, (str, os.PathLike)) else source.name
+
+
+def _rewound(source):
+    """A path as it is; a file object from its start, so that several reads of one object see the same file."""
+    if not isinstance(source, (str, os.PathLike)):
+        source.seek(0)
+    return source
+
+
+def _uses_ffmpeg(source) -> bool:
+    return str(source_name(source)).lower().endswith(".m4a")
 
 
 def _read_soundfile(path, window, int16_rate=None):
     """(samples (T, C), rate) of the frames window(rate, frames) -> (start, stop) names; only those are
     decoded. float32, or the file's own integers for a 16-bit PCM mono file at `int16_rate` (its
     float32 samples are exactly those / 32768: libsndfile scales by 1 / 0x8000)."""
-    with sf.SoundFile(path) as f:
+    with sf.SoundFile(_rewound(path)) as f:
         start, stop = window(f.samplerate, f.frames)
         stop = f.frames if stop is None else min(stop, f.frames)
         f.seek(min(start, f.frames))
@@ -58,9 +71,9 @@ def _read_av(path, window, int16_rate=None):
     of the last frame, so mp4 audio is cut at the exact length its header gives (as prepare
     records it).
     """
-    with av.open(path) as container:
+    with av.open(_rewound(path)) as container:
         if not container.streams.audio:
-            raise AudioError(f"{path}: no audio stream")
+            raise AudioError(f"{source_name(path)}: no audio stream")
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate
         end = None
@@ -82,34 +95,36 @@ def _read_av(path, window, int16_rate=None):
     return np.concatenate(chunks, axis=1)[:, start:stop].T, rate
 
 
-def _decode(path, window, int16_rate=None) -> tuple[np.ndarray, int, int]:
+def _decode(source, window, int16_rate=None) -> tuple[np.ndarray, int, int]:
     """(mono (T,), rate, channels) of the frames window(rate, frames) -> (start, stop or None) selects;
     `frames` may be None for a container that does not say (then stop None is the end).
     Checked: readable, some samples, all finite. Several channels are averaged. float32, or int16
-    for a 16-bit PCM mono file at `int16_rate` (_read_soundfile)."""
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such file")
+    for a 16-bit PCM mono file at `int16_rate` (_read_soundfile). `source`: a path or a file object (source_name)."""
+    path = source
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise AudioError(f"{source}: no such file")
     read = _read_av if _uses_ffmpeg(path) else _read_soundfile
     try:
         wav, sr = read(path, window, int16_rate)  # (T, C)
     except (sf.LibsndfileError, av.FFmpegError, RuntimeError, OSError) as e:
         # FFmpeg's own message repeats the path: keep only its reason
         reason = getattr(e, "strerror", None) if isinstance(e, av.FFmpegError) else None
-        raise AudioError(f"{path}: unreadable audio ({reason or str(e).splitlines()[-1]})") from None
+        raise AudioError(f"{source_name(path)}: unreadable audio ({reason or str(e).splitlines()[-1]})") from None
     if wav.shape[0] == 0:
-        raise AudioError(f"{path}: no audio samples")
+        raise AudioError(f"{source_name(path)}: no audio samples")
     if wav.dtype == np.float32 and not np.isfinite(wav).all():
-        raise AudioError(f"{path}: audio contains NaN or inf samples")
+        raise AudioError(f"{source_name(path)}: audio contains NaN or inf samples")
     # one channel: the samples as they are (the mean of one value is that value)
     return (wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)), sr, wav.shape[1]
 
 
-def header_frames(path: str) -> tuple[int, int]:
-    """(frames, sample_rate) from the header, nothing decoded: libsndfile, or FFmpeg for m4a."""
+def header_frames(path) -> tuple[int, int]:
+    """(frames, sample_rate) from the header, nothing decoded: libsndfile, or FFmpeg for m4a. A path or a
+    file object (source_name)."""
     if not _uses_ffmpeg(path):
-        info = sf.info(path)
-        return info.frames, info.samplerate
-    with av.open(path, format="mp4") as container:  # naming m4a's demuxer skips format probing: -30% time
+        with sf.SoundFile(_rewound(path)) as f:  # sf.info takes paths only
+            return f.frames, f.samplerate
+    with av.open(_rewound(path), format="mp4") as container:  # naming m4a's demuxer skips format probing: -30% time
         stream = container.streams.audio[0] if container.streams.audio else None
         if stream is None or stream.duration is None:
             raise ValueError("no audio stream with a duration")
@@ -122,10 +137,11 @@ def header_subtype(path: str) -> str:
     return "" if _uses_ffmpeg(path) else sf.info(path).subtype
 
 
-def load_audio(path: str, sample_rate: int, start_secs: float = 0.0, num_secs: float | None = None) -> torch.Tensor:
+def load_audio(path, sample_rate: int, start_secs: float = 0.0, num_secs: float | None = None) -> torch.Tensor:
     """Read [start, start+num) seconds of a file as mono float32 at `sample_rate`: (T,).
 
-    Whole files (num_secs None) must hold some sound; a silent crop of a file is fine.
+    Whole files (num_secs None) must hold some sound; a silent crop of a file is fine. `path` may be a file
+    object with a `name` (source_name): a shard's sample decodes exactly as its file.
     """
     def window(rate, frames):
         start = int(round(start_secs * rate))
@@ -135,7 +151,7 @@ def load_audio(path: str, sample_rate: int, start_secs: float = 0.0, num_secs: f
     # checked in NumPy: torch's any() is a parallel region, which costs ~20 ms a file when the cores are busy
     if num_secs is None and not mono.any():  # after the mix: channels that cancel are silent too
         mixed = f" once its {channels} channels are mixed to mono" if channels > 1 else ""
-        raise AudioError(f"{path}: silent (every sample is zero{mixed})")
+        raise AudioError(f"{source_name(path)}: silent (every sample is zero{mixed})")
     wav = torch.from_numpy(np.ascontiguousarray(mono))
     if sr != sample_rate:
         wav = AF.resample(wav, sr, sample_rate)
@@ -295,7 +311,7 @@ def span_pieces(intervals: np.ndarray, start: int, stop: int) -> np.ndarray:
     return pieces
 
 
-def trimmed_span(path: str, sample_rate: int, intervals: np.ndarray, db: float | None, start: int,
+def trimmed_span(path, sample_rate: int, intervals: np.ndarray, db: float | None, start: int,
                  stop: int) -> torch.Tensor:
     """Samples [start, stop) of a file once gained by `db` (None: no gain) and cut to `intervals` (file
     samples at `sample_rate`): with superb_intervals' intervals and SUPERB_GAIN_DB, exactly
@@ -303,10 +319,11 @@ def trimmed_span(path: str, sample_rate: int, intervals: np.ndarray, db: float |
 
     Only the frames from the first piece's start to the last one's end are decoded when the file is
     at `sample_rate` (its samples are the file's own); a file at another rate is decoded and resampled
-    whole, since a resampled span's edges would differ from the whole file's.
+    whole, since a resampled span's edges would differ from the whole file's. `path` may be a file object
+    (source_name).
     """
     if not 0 <= start < stop <= int((intervals[:, 1] - intervals[:, 0]).sum()):
-        raise ValueError(f"{path}: samples [{start}, {stop}) are not in its kept audio")
+        raise ValueError(f"{source_name(path)}: samples [{start}, {stop}) are not in its kept audio")
     pieces = span_pieces(intervals, start, stop)
     lo, hi = int(pieces[0, 0]), int(pieces[-1, 1])
 
@@ -317,7 +334,8 @@ def trimmed_span(path: str, sample_rate: int, intervals: np.ndarray, db: float |
     if rate != sample_rate:  # whole file, as load_audio reads it
         wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), rate, sample_rate).numpy()[lo:hi]
     if len(wav) != hi - lo:
-        raise AudioError(f"{path}: {len(wav)} samples where [{lo}, {hi}) was expected: has the file changed?")
+        raise AudioError(f"{source_name(path)}: {len(wav)} samples where [{lo}, {hi}) was expected: "
+                         "has the file changed?")
     if len(pieces) > 1:  # the kept pieces first: the gain is elementwise, so it may come after the cut
         wav = np.concatenate([wav[s - lo:e - lo] for s, e in pieces])
     if db is not None and wav.dtype == np.int16:  # the float chain's result for each 16-bit value, looked up

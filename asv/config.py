@@ -30,6 +30,8 @@ class ConfigError(ValueError):
 class DataConfig:
     dir: str = key("data/demo", "a prepare_voxceleb.py output folder")
     sample_rate: int = key(16000, "model rate; files at other rates are resampled on load")
+    shards: str = key("", "read audio from a shard store (prepare_voxceleb.py --shards): its folder or URL; "
+                      "empty: the files the manifest names. The same samples either way")
     effects: str = key("superb", "training audio: superb (gain -3 dB + SoX silence trimming, as s3prl) | none")
     crop: str = key("superb",
                     "superb: whole utterances, longer than max_secs cropped to it, batches padded | fixed: one "
@@ -218,8 +220,10 @@ NOT_NEGATIVE = ("num_workers", "upstream.freeze_steps", "upstream.lora_rank", "d
                 "scheduler.final_lr_ratio", "loss.margin_warmup_start", "loss.margin_warmup_steps")
 POSITIVE = ("data.max_secs", "optim.lr", "loss.scale")
 # What a re-run may change in an existing run folder without being refused: nothing here alters
-# what the trained weights are (train.total_steps only while the lr schedule ignores it)
-SAFE_TO_CHANGE = ("exp_dir", "num_workers", "eval_batch", "data.eval_batch_secs", "data.eval_chunk_secs", "score.",
+# what the trained weights are (train.total_steps only while the lr schedule ignores it; data.shards holds the
+# very bytes of the files: the same examples)
+SAFE_TO_CHANGE = ("exp_dir", "num_workers", "eval_batch", "data.shards", "data.eval_batch_secs", "data.eval_chunk_secs",
+                  "score.",
                   "train.total_steps", "train.log_step", "train.eval_step", "train.save_step", "train.keep_num_ckpts",
                   "train.auto_resume", "train.resume_ckpt_dir", "train.test_after_train", "train.log_with")
 

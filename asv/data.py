@@ -19,17 +19,25 @@ what the whole-file chain gives.
 Every random choice (order, crop length, offset) is a pure function of (seed, epoch,
 position), so a resumed run sees exactly the batches an uninterrupted run would.
 
+With `data.shards` the files' bytes come from a shard store (prepare_voxceleb.py --shards: tar shards
+that wids reads by index) and go through the same readers, so the examples are the same; the sampler
+stays the definition of an epoch, and each process reads its own batches' samples only (ShardStore).
+
 Evaluation batches are whole utterances sorted by length and packed up to a budget of audio
 seconds, so padding stays small and memory is bounded by the budget.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
+import io
 import itertools
 import math
 import os
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,12 +303,13 @@ class TrainDataset(torch.utils.data.Dataset):
     all drawn from the item's own seed.
     `trims` (effects superb: Trims of `utts`, from trim_once): only the span of the file the crop
     needs is decoded; without them the whole file goes through the effects (the same samples).
+    `store` (a ShardStore): the files' bytes come from it, decoded by the same readers.
     """
 
     def __init__(self, utts: list[Utterance], labels: list[int], sample_rate: int, crop: str, effects: str,
-                 augmenter=None, trims: Trims | None = None):
+                 augmenter=None, trims: Trims | None = None, store: ShardStore | None = None):
         self.utts, self.labels, self.sample_rate, self.augmenter = utts, labels, sample_rate, augmenter
-        self.crop, self.effects, self.trims = crop, effects, trims
+        self.crop, self.effects, self.trims, self.store = crop, effects, trims, store
         self.num_speakers = max(labels, default=-1) + 1
         if trims is not None and len(trims) != len(utts):
             raise ValueError(f"{len(trims)} trims for {len(utts)} utterances")
@@ -311,26 +320,27 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, secs, seed = item
         utt = self.utts[index]
+        source = self.store.open(utt.path) if self.store else utt.path  # the file, or its bytes from the store
         rng = np.random.default_rng(seed)
         factor = self.augmenter.speed_factor(rng) if self.augmenter else 1.0
         if self.effects == "none" and self.crop == "fixed":  # only the crop is decoded
             start = rng.uniform(0.0, max(utt.duration - secs * factor, 0.0))
-            wav = load_audio(utt.path, self.sample_rate, start, secs * factor)
+            wav = load_audio(source, self.sample_rate, start, secs * factor)
         elif self.trims is not None or (self.effects == "none" and utt.sample_rate == self.sample_rate):
             # what the effects keep is known (effects.tsv, or all of a file at the model's rate):
             # the crop is drawn as below, and only its span of the file is decoded
             if self.trims is not None:
                 db, intervals = self.trims[index]
             else:
-                db, intervals = None, np.array([[0, header_frames(utt.path)[0]]])
+                db, intervals = None, np.array([[0, header_frames(source)[0]]])
             available = int((intervals[:, 1] - intervals[:, 0]).sum())
             if available == 0:
                 raise AudioError(f"{utt.path}: nothing left after SUPERB's silence trimming")
             keep = example_samples(available, secs * factor, self.sample_rate, "superb")
             start = int(rng.integers(0, available - keep + 1)) if keep < available else 0
-            wav = trimmed_span(utt.path, self.sample_rate, intervals, db, start, start + keep)
+            wav = trimmed_span(source, self.sample_rate, intervals, db, start, start + keep)
         else:  # the effects see the whole file, as SoX does in s3prl
-            wav = load_audio(utt.path, self.sample_rate)
+            wav = load_audio(source, self.sample_rate)
             if self.effects == "superb":
                 wav = superb_effects(wav, self.sample_rate)
                 if wav.numel() == 0:
@@ -404,9 +414,11 @@ def _table_rows(path: Path, params: str) -> dict[str, str]:
     return {line.split("\t", 1)[0]: line for line in lines if line and not line.startswith(("#", "path\t"))}
 
 
-def read_effects(data_dir, utts: list[Utterance], sample_rate: int) -> tuple[dict[str, str], list[Utterance]]:
+def read_effects(data_dir, utts: list[Utterance], sample_rate: int,
+                 keys: dict[str, str] | None = None) -> tuple[dict[str, str], list[Utterance]]:
     """({stored path: effects.tsv line} for the utterances effects.tsv and any saved chunks cover with their
-    current size and mtime, the utterances still to compute)."""
+    current size and mtime, the utterances still to compute). `keys` (ShardStore.keys): the size and mtime of
+    the files a shard store was written from, in the place of the files themselves."""
     params = effects_params(sample_rate)
     rows = _table_rows(Path(data_dir) / EFFECTS_FILE, params)
     for part in sorted((Path(data_dir) / EFFECTS_PARTS).glob("*.tsv")):
@@ -416,7 +428,7 @@ def read_effects(data_dir, utts: list[Utterance], sample_rate: int) -> tuple[dic
         stored = stored_path(u.path, data_dir)
         line = rows.get(stored)
         try:
-            current = file_key(u.path)
+            current = file_key(u.path) if keys is None else keys[stored]
         except OSError as e:
             raise AudioError(f"{u.path}: {e.strerror or e}") from None
         if line is not None and line.split("\t", 3)[1:3] == current.split("\t"):
@@ -511,17 +523,17 @@ def trim_once(data_dir, utts: list[Utterance], sample_rate: int, workers: int, s
 
 
 def train_loader(cfg, utts: list[Utterance], labels: list[int], durations: list[float], multiple: int = 1,
-                 num_workers: int | None = None, trims: Trims | None = None):
+                 num_workers: int | None = None, trims: Trims | None = None, store: ShardStore | None = None):
     """The training loader of train_asv.py (and of the benchmarks): the sampler's batches of (utterance,
     crop, seed), SUPERB's effects or none, augmentation when the config asks for it. `multiple`: the
     batches per epoch are a multiple of it (gradient accumulation x processes); `trims`: the files' kept
-    intervals from effects.tsv, so an example decodes only its crop's span."""
+    intervals from effects.tsv, so an example decodes only its crop's span; `store`: the audio from a shard store."""
     d, a = cfg.data, cfg.augment
     workers = cfg.num_workers if num_workers is None else num_workers
     sampler = TrainBatchSampler(durations, d.batch_size, d.crop, d.min_secs, d.max_secs, cfg.train.seed,
                                 multiple=multiple)
     augmenter = Augmenter(a, d.sample_rate) if a.noise_prob or a.rir_prob or a.speed_prob else None
-    dataset = TrainDataset(utts, labels, d.sample_rate, d.crop, d.effects, augmenter, trims)
+    dataset = TrainDataset(utts, labels, d.sample_rate, d.crop, d.effects, augmenter, trims, store)
     # pinned batches on CUDA: the prepared loader's non_blocking copy then overlaps the step before
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_padded,
                                        num_workers=workers, persistent_workers=workers > 0,
@@ -559,18 +571,249 @@ class UtteranceDataset(torch.utils.data.Dataset):
     """Whole utterances: index -> (waveform (T,), index). Too-short ones are repeated to `min_samples`.
 
     `paths` may also hold waveforms (T,) already at `sample_rate` (the API's arrays): they go through
-    the same repetition and batching as files, so an array and its file embed the same.
+    the same repetition and batching as files, so an array and its file embed the same. `store` (a ShardStore):
+    the manifest's files are read from it (others from disk).
     """
 
-    def __init__(self, paths: list[str | torch.Tensor], sample_rate: int, min_samples: int = 0):
-        self.paths, self.sample_rate, self.min_samples = paths, sample_rate, min_samples
+    def __init__(self, paths: list[str | torch.Tensor], sample_rate: int, min_samples: int = 0,
+                 store: ShardStore | None = None):
+        self.paths, self.sample_rate, self.min_samples, self.store = paths, sample_rate, min_samples, store
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         item = self.paths[index]
-        wav = item if isinstance(item, torch.Tensor) else load_audio(item, self.sample_rate)
+        if isinstance(item, torch.Tensor):
+            wav = item
+        else:
+            wav = load_audio(self.store.open(item) if self.store else item, self.sample_rate)
         if wav.numel() < self.min_samples:
             wav = wav.repeat(math.ceil(self.min_samples / wav.numel()))[: self.min_samples]
         return wav, index
+
+
+# ---------------------------------------------------------------------------- shard store
+
+SHARD_INDEX = "shards.json"  # wids' shard index (wids-shard-index-v1) plus our "asv" record; written last
+SHARD_FILES = "files.tsv"  # stored path, size, mtime_ns of every sample, in the index's order (the manifest's)
+SHARD_NAME = "shard-{:06d}.tar"  # each written as .tmp and renamed when complete
+
+
+def _wids():
+    try:
+        import wids
+    except ImportError:
+        raise ValueError("data.shards needs wids (pip install -e '.[extra]', or pip install wids)") from None
+    return wids
+
+
+def manifest_fingerprint(data_dir) -> str:
+    """sha256 of utterances.csv: a store is written from one manifest and read with that one only (its order is
+    the store's, its paths name the samples)."""
+    return hashlib.sha256((Path(data_dir) / "utterances.csv").read_bytes()).hexdigest()[:16]
+
+
+def _store_entries(out: Path) -> list[str]:
+    """What a store folder holds that is not a store's: refused rather than written over."""
+    ours = re.compile(r"^(shard-\d{6}\.tar(\.tmp)?|shard-\d{6}\.tar\.lock|%s|%s)$" % (SHARD_INDEX, SHARD_FILES))
+    return [p.name for p in out.iterdir() if not ours.match(p.name)]
+
+
+def _shard_plan(sizes: list[int], shard_bytes: int) -> list[tuple[int, int]]:
+    """[lo, hi) runs of consecutive samples, each filling a shard up to shard_bytes (at least one sample)."""
+    plan, lo, used = [], 0, 0
+    for i, size in enumerate(sizes):
+        need = 512 + -(-size // 512) * 512  # a tar member: its header and its data in 512-byte blocks
+        if i > lo and used + need > shard_bytes:
+            plan.append((lo, i))
+            lo, used = i, 0
+        used += need
+    if lo < len(sizes):
+        plan.append((lo, len(sizes)))
+    return plan
+
+
+def _member(i: int, path: str) -> str:
+    """A sample's name in its shard: its position in the manifest (wids' key) and its file's extension."""
+    return f"{i:09d}{Path(path).suffix.lower()}"
+
+
+def _shard_holds(shard: Path, names: list[str], sizes: list[int]) -> bool:
+    """Whether a complete shard left by an earlier (killed) write holds exactly these members."""
+    with tarfile.open(shard) as tar:
+        members = [(m.name, m.size) for m in tar.getmembers()]
+    return members == list(zip(names, sizes))
+
+
+def write_shards(data_dir, out, shard_mb: float = 256, show_progress: bool = True) -> str:
+    """Every utterance of a data folder's manifest, its file's bytes as they are, into tar shards of about
+    `shard_mb` MB that wids reads by index (random access), with wids' JSON index. Each shard is written under a
+    temporary name and renamed; files.tsv and the index come last, so a killed write leaves no index, and a re-run
+    keeps the complete shards that already hold what they should. Returns a summary line."""
+    from .run import write_json, write_text
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; give a new or empty folder for the shards")
+    if out.is_dir() and _store_entries(out):
+        raise ValueError(f"{out}: holds {_store_entries(out)[0]}, not a shard store's file; give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    utts = read_manifest(data_dir)
+    keys = []
+    for u in utts:
+        try:
+            keys.append(file_key(u.path).split("\t"))
+        except OSError as e:
+            raise AudioError(f"{u.path}: {e.strerror or e}") from None
+    sizes = [int(size) for size, _ in keys]
+    plan = _shard_plan(sizes, int(shard_mb * 1e6))
+    bar = progress(total=len(utts), desc="writing shards", unit="file", enabled=show_progress)
+    shardlist, kept = [], 0
+    for k, (lo, hi) in enumerate(plan):
+        final = out / SHARD_NAME.format(k)
+        names = [_member(i, utts[i].path) for i in range(lo, hi)]
+        if final.is_file() and _shard_holds(final, names, sizes[lo:hi]):
+            kept += 1
+        else:
+            tmp = final.with_name(final.name + ".tmp")
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for i, name in zip(range(lo, hi), names):
+                    data = Path(utts[i].path).read_bytes()
+                    if len(data) != sizes[i]:
+                        raise AudioError(f"{utts[i].path}: changed while the shards were written; run it again")
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            os.replace(tmp, final)
+        bar.update(hi - lo)
+        shardlist.append({"url": final.name, "nsamples": hi - lo, "filesize": final.stat().st_size})
+    bar.close()
+    for stale in sorted(out.glob("shard-*.tar*")):  # from an earlier write of more shards, or a killed one
+        if stale.name not in {s["url"] for s in shardlist}:
+            stale.unlink()
+    stored = [stored_path(u.path, data_dir) for u in utts]
+    write_text(out / SHARD_FILES, "".join(f"{p}\t{size}\t{mtime}\n" for p, (size, mtime) in zip(stored, keys)))
+    write_json(out / SHARD_INDEX, {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": Path(data_dir).resolve().name,
+        "shardlist": shardlist,
+        "asv": {"manifest": manifest_fingerprint(data_dir), "utterances": len(utts),
+                "files": hashlib.sha256((out / SHARD_FILES).read_bytes()).hexdigest()[:16]}})
+    total = sum(s["filesize"] for s in shardlist) / 1e6
+    again = f" ({kept} kept from an earlier write)" if kept else ""
+    return f"{out}: {len(utts)} files in {len(plan)} shards, {total:.1f} MB{again}"
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source or source.startswith("pipe:")
+
+
+class ShardStore:
+    """A shard store (write_shards) read through wids: sample i is utterance i of the manifest, read by index
+    (random access), so the sampler's batches stay the definition of an epoch and each process reads the samples
+    of its own batches only. A folder is read in place; a URL (what wids downloads: http(s), s3, gs, file) is
+    copied shard by shard into wids' cache ($WIDS_CACHE, default /tmp/_wids_cache) when first needed.
+
+    open(path) -> the utterance's file as an io.BytesIO named `path` (the readers of asv.audio take it as they
+    take the path), or `path` itself for a file the store does not hold. `reads` counts the samples read per shard
+    in this process."""
+
+    def __init__(self, source: str, data_dir):
+        self.source = source.rstrip("/")
+        self.index = self.source if self.source.endswith(".json") else f"{self.source}/{SHARD_INDEX}"
+        self.local = not _is_url(self.source)
+        if self.local and not Path(self.index).is_file():
+            raise ValueError(f"{self.index}: no shard index; write the store with prepare_voxceleb.py --shards "
+                             f"{data_dir} --out {self.source}")
+        self.spec = self._load_index()
+        found, wrote = manifest_fingerprint(data_dir), self.spec.get("asv", {}).get("manifest")
+        if found != wrote:
+            raise ValueError(f"{self.index}: written from another manifest (fingerprint {wrote}, {data_dir}/"
+                             f"utterances.csv has {found}): write the store again from {data_dir}")
+        self.shards = self.spec["shardlist"]
+        self.ends = np.cumsum([s["nsamples"] for s in self.shards])
+        self.row = {u.path: i for i, u in enumerate(read_manifest(data_dir))}
+        if len(self.row) != self.ends[-1]:
+            raise ValueError(f"{self.index}: {self.ends[-1]} samples for the {len(self.row)} utterances of {data_dir}")
+        if self.local:  # every shard there, at its size: a missing or cut one is named before any work
+            for s in self.shards:
+                self._check_size(Path(self.index).parent / s["url"], s)
+        self.reads = np.zeros(len(self.shards), dtype=np.int64)
+        self._dataset = None  # wids' dataset, opened in each process (loader worker) on first use
+
+    def _load_index(self) -> dict:
+        wids = _wids()
+        try:
+            return wids.wids_specs.load_remote_dsdesc_raw(self.index)
+        except Exception as e:  # wids' downloader fails with AssertionError, OSError or a JSON error
+            raise ValueError(f"{self.index}: unreadable shard index ({one_reason(e)})") from None
+
+    def _check_size(self, path: Path, desc: dict):
+        if not path.is_file():
+            raise AudioError(f"{path}: shard missing from the store {self.index}")
+        if path.stat().st_size != desc["filesize"]:
+            raise AudioError(f"{path}: {path.stat().st_size} bytes where {self.index} says {desc['filesize']}: "
+                             "a cut or corrupt shard; write the store again (or delete this copy of it)")
+
+    def __getstate__(self):  # a loader worker opens its own wids dataset (open files do not travel)
+        return {**self.__dict__, "_dataset": None}
+
+    def keys(self) -> dict[str, str]:
+        """stored path -> 'size\\tmtime_ns' of the files the store was written from (effects.tsv's keys)."""
+        if self.local:
+            text = (Path(self.index).parent / SHARD_FILES).read_text(encoding="utf-8")
+        else:
+            import tempfile
+            with tempfile.TemporaryDirectory() as tmp:
+                text = Path(_wids().wids_dl.download_file(self.index.rsplit("/", 1)[0] + "/" + SHARD_FILES,
+                                                          f"{tmp}/{SHARD_FILES}")).read_text(encoding="utf-8")
+        return dict(line.split("\t", 1) for line in text.splitlines() if line)
+
+    def _open_dataset(self):
+        wids = _wids()
+        base = str(Path(self.index).parent.resolve()) if self.local else self.index.rsplit("/", 1)[0]
+        with contextlib.redirect_stderr(io.StringIO()):  # wids 0.1.11 prints a summary line on every construction
+            self._dataset = wids.ShardListDataset(
+                [{**s, "url": f"{base}/{s['url']}"} for s in self.shards],
+                # in place: wids' cache folder is then the store's own (nothing copied); a URL: wids' cache
+                **({"cache_dir": base} if self.local else {}),
+                lru_size=min(len(self.shards), 200), transformations=[])  # every shard stays open (mmap)
+        self._checked = set()
+
+    def open(self, path):
+        """The utterance's file from the store, checked to be the sample the index lists there."""
+        i = self.row.get(path)
+        if i is None:
+            return path
+        if self._dataset is None:
+            self._open_dataset()
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        url = self._dataset.shards[k]["url"]
+        try:
+            tar, inner, desc = self._dataset.get_shard(i)
+            if k not in self._checked:
+                self._check_size(Path(tar.path), desc)
+                if len(tar) != desc["nsamples"]:
+                    raise AudioError(f"{url}: {len(tar)} samples where {self.index} says {desc['nsamples']}: a corrupt "
+                                     "shard; write the store again")
+                self._checked.add(k)
+            sample = tar[inner]
+        except AudioError:
+            raise
+        except Exception as e:  # a missing download, a header wids cannot parse
+            raise AudioError(f"{url}: unreadable shard ({one_reason(e)})") from None
+        files = [v for name, v in sample.items() if not name.startswith("__")]
+        if sample["__key__"] != f"{i:09d}" or len(files) != 1:
+            raise AudioError(f"{url}: holds {sample['__key__']} where sample {i:09d} was expected: not the shard "
+                             f"{self.index} lists; write the store again")
+        self.reads[k] += 1
+        files[0].name = path
+        return files[0]
+
+
+def one_reason(e: Exception) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def open_store(cfg) -> ShardStore | None:
+    """data.shards' store, checked against data.dir; None when the audio is read from the manifest's files."""
+    return ShardStore(cfg.data.shards, cfg.data.dir) if cfg.data.shards else None

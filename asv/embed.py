@@ -19,7 +19,8 @@ import torch
 from . import metrics
 from .audio import header_frames, progress
 from .config import Config
-from .data import Trials, UtteranceDataset, collate_padded, length_batches, read_manifest, read_trials, trial_lists
+from .data import (Trials, UtteranceDataset, collate_padded, length_batches, open_store, read_manifest, read_trials,
+                   trial_lists)
 from .models import (
     Extractor,
     SpeakerEncoder,
@@ -265,10 +266,11 @@ def eval_batch_secs(cfg: Config, device) -> float:
     return CPU_EVAL_BATCH_SECS
 
 
-def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_samples: int, device):
-    """Length-sorted batches of whole utterances, as large as eval_batch_secs(cfg, device) allows."""
+def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_samples: int, device, store=None):
+    """Length-sorted batches of whole utterances, as large as eval_batch_secs(cfg, device) allows; `store` (a
+    ShardStore): the manifest's files from it."""
     batches = length_batches(durations, eval_batch_secs(cfg, device))
-    return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples),
+    return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples, store),
                                        batch_sampler=batches, collate_fn=collate_padded,
                                        num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
 
@@ -364,8 +366,9 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
     upstreams = [u.to(accelerator.device) for u in ex.upstreams]
     encoders = [e.to(accelerator.device) for e in ex.encoders]
     chunk_samples = int(cfg.data.eval_chunk_secs * cfg.data.sample_rate)
+    store = open_store(cfg)  # data.shards: the manifest's files are read from it
     if cache is None:
-        loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples, accelerator.device))
+        loader = accelerator.prepare(eval_loader(paths, durations, cfg, ex.min_samples, accelerator.device, store))
         return embed(accelerator, upstreams, encoders, loader, len(paths), cfg.eval_batch, chunk_samples, names=paths)
     found = np.array([cache.has(p) for p in paths], dtype=bool)
     cache.found = int(found.sum())
@@ -386,7 +389,7 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
             part, part_done = embed(accelerator, [PassThrough()] * len(encoders), encoders,
                                     accelerator.prepare(loader), len(rows), cfg.eval_batch)
         else:
-            loader = accelerator.prepare(eval_loader(subset, secs, cfg, ex.min_samples, accelerator.device))
+            loader = accelerator.prepare(eval_loader(subset, secs, cfg, ex.min_samples, accelerator.device, store))
             part, part_done = embed(accelerator, upstreams, encoders, loader, len(rows), cfg.eval_batch, chunk_samples,
                                     cache.writer(subset), names=subset)
         for table, p in zip(tables, part):

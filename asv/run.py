@@ -607,12 +607,13 @@ def resolve_checkpoint(path) -> Path:
 
 # What an evaluation may override on top of the run's config.yaml; the rest (optim, loss, augment, the architecture,
 # train.* but mixed_precision) is training's: it changes nothing an evaluation does, or breaks the checkpoint.
-EVAL_KEYS = ("num_workers", "eval_batch", "data.dir", "data.sample_rate", "data.eval_batch_secs",
+EVAL_KEYS = ("num_workers", "eval_batch", "data.dir", "data.shards", "data.sample_rate", "data.eval_batch_secs",
              "data.eval_chunk_secs", "upstream.ckpt", "train.mixed_precision", "score")
 # Overrides that leave every cosine score as the run's config gives it: an embedding never depends on its
-# batch-mates; data.dir may only name the same data (its fingerprint is checked); score.* adds AS-norm results,
-# which record their cohort settings. The others give results of their own (eval/<list>@<hash>/).
-SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir", "score")
+# batch-mates; a shard store holds the very bytes of the files (tests/test_shards.py); data.dir may only name
+# the same data (its fingerprint is checked); score.* adds AS-norm results, which record their cohort settings.
+# The others give results of their own (eval/<list>@<hash>/).
+SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir", "data.shards", "score")
 
 
 def record_launch(exp: Path, processes: int, global_batch: int) -> dict:

@@ -126,6 +126,7 @@ def test_bench_loader_quick(real_mini, tmp_path):
     for r in rows:
         assert all(positive(c.rstrip("x")) for c in r[1:6])
     assert "every timed example of the two paths was equal" in out  # else the script exits non-zero
+    assert "and so was every one from shards" in out and table_rows(out, "crops/s per CPU core")[0][3] != "-"
     gpu = table_rows(out, "what a GPU consumes")
     assert gpu[0][1:3] == ["112", "3,532"]  # 14 GFLOP/s x 8 s; 0.4 x 989 TFLOP/s / 112 GFLOP
     assert len(gpu) == 3 and all(positive(r[2].replace(",", "")) for r in gpu)
