@@ -314,9 +314,12 @@ def train(cfg, amend: bool = False):
     accelerator = make_accelerator(cfg, exp)
     lock, checkpoints = open_run_folder(accelerator, cfg, amend)
     set_seed(t.seed)
-    accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                for k, v in flatten(cfg).items()})
     parts, loader, validation, state, about, resumed = build_run(accelerator, cfg, checkpoints)
+    # once the resume point is known: TensorBoard drops the events an interrupted run logged after it (a
+    # SessionLog START at purge_step), so the redone steps are shown once, not twice
+    accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                for k, v in flatten(cfg).items()},
+                              init_kwargs={"tensorboard": {"purge_step": state.step + 1}})
     set_schedules(accelerator, cfg, parts, state.step)
     log = Log(accelerator, exp, t.total_steps, state.step)
     if resumed:
