@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from asv.config import flatten, help_text, load_config
 from asv.data import (compute_effects, read_effects, read_manifest, read_trials, train_loader, trial_lists, trims_of,
                       write_effects)
-from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of, resolve_lists, score_trials,
-                       scores_text, trial_audio, trial_rows, validation_metrics)
+from asv.embed import (check_both_kinds, embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of,
+                       resolve_lists, score_trials, scores_text, trial_audio, trial_rows, unscored, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
 from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, complete_checkpoints, open_run, rank_key,
                      read_history, record_change, record_launch, record_validation, resume_folder, settle,
@@ -131,7 +131,8 @@ class Validation:
                               "no validation and no `best`; pick checkpoints with report.py --protocol superb")
             return
         utts = read_manifest(cfg.data.dir)
-        self.trials = read_trials(lists["valid"])
+        self.path, self.trials = lists["valid"], read_trials(lists["valid"])
+        check_both_kinds(self.path, self.trials)  # before training, not at the first validation
         audio = trial_audio(self.trials, lists["valid"], {u.id: u for u in utts})
         self.paths = sorted(set(audio.values()))
         self.rows = trial_rows({p: i for i, p in enumerate(self.paths)}, self.trials, audio)
@@ -148,6 +149,10 @@ class Validation:
         (table,), done = embed(self.accelerator, [upstream], [encoder], self.loader, len(self.paths), cfg.eval_batch,
                                int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         scores, keep = score_trials(table, done, *self.rows)
+        problem = unscored(self.path, self.trials, keep, done, cfg.eval_batch)
+        if problem:  # eval_batch left too few files: no metric, never the best; the run goes on
+            log.say(f"warning: step {step} validation skipped: {problem}")
+            return None
         bad = np.count_nonzero(~np.isfinite(scores))
         if bad:  # NaN/inf embeddings (a diverged model, a broken validation file): no metric, never the best
             log.say(f"warning: step {step} validation skipped: {bad} of {len(scores)} trial scores are NaN or inf")

@@ -581,6 +581,25 @@ class Inputs:
                                                                  # trained on (check_data): a result set of its own
 
 
+def check_both_kinds(path, trials: Trials):
+    """EER and minDCF need target and non-target trials: a list of one kind is refused before any work."""
+    if trials.labels.all() or not trials.labels.any():
+        raise ValueError(f"{path}: holds only {'target' if trials.labels.all() else 'non-target'} trials; "
+                         "an EER needs same- and different-speaker trials")
+
+
+def unscored(path, trials: Trials, keep: np.ndarray, done: np.ndarray, eval_batch: int) -> str | None:
+    """Why the trials of a list whose two sides were embedded (`keep`) give no EER, in a line naming the list; None
+    when they hold both kinds. Only eval_batch leaves files out (`done`): a list of one kind is refused before."""
+    labels = trials.labels[keep]
+    if labels.any() and not labels.all():
+        return None
+    what = "none of its" if not keep.any() else f"the {keep.sum()} of its"
+    kind = "" if not keep.any() else f" ({'target' if labels.all() else 'non-target'} trials only)"
+    return (f"{path}: {what} {len(keep)} trials have both sides embedded{kind}, so no EER: eval_batch={eval_batch} "
+            f"embedded {done.sum()} of {len(done)} files; raise eval_batch (-1: all)")
+
+
 def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> Inputs:
     """Read every list, resolve every entry to a file and every file's duration (a missing or unreadable file
     is a one-line error naming it) before any model work."""
@@ -591,9 +610,7 @@ def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> 
     loaded = {}
     for spec in lists:
         trials = read_trials(spec.path)
-        if trials.labels.all() or not trials.labels.any():  # EER and minDCF need both kinds: say so before any work
-            raise ValueError(f"{spec.path}: holds only {'target' if trials.labels.all() else 'non-target'} trials; "
-                             "an EER needs same- and different-speaker trials")
+        check_both_kinds(spec.path, trials)
         loaded[spec.name if not spec.user_file else str(spec.path)] = (spec, trials, trial_audio(
             trials, spec.path, by_id, trials_root))
     cohort = cohort_paths(utts, cfg.score.cohort_size) if cfg.score.asnorm else []
@@ -651,6 +668,10 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
         accelerator.print(f"note: eval_batch={cfg.eval_batch} embedded {done.sum()} of {len(paths)} utterances; "
                           "trials with the others are left out")
     rows = {key: trial_rows(row, trials, audio) for key, (_, trials, audio) in inputs.lists.items()}
+    for key, (spec, trials, _) in inputs.lists.items():  # the same on every process: `done` is gathered
+        problem = unscored(spec.path, trials, done[rows[key][0]] & done[rows[key][1]], done, cfg.eval_batch)
+        if problem:  # before any result set is written
+            raise ValueError(problem)
     out = {}
     for ckpt, table in zip(ex.ckpts, tables):
         out[str(ckpt)] = {}

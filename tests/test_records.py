@@ -187,6 +187,33 @@ def test_a_targets_only_list_is_named_before_any_embedding(trained, exp, tmp_pat
     assert "embedding" not in result.stdout
 
 
+def test_validation_that_scores_no_trial_is_one_warning_naming_the_list(trained, exp):
+    """eval_batch=1 with one file per batch embeds one validation file: no trial has both sides. The step's
+    validation is skipped in a line naming valid.txt (not numpy's zero-size error), and training goes on."""
+    result = train(trained / "data", exp, "train.total_steps=4", *STEPS, "eval_batch=1", "data.eval_batch_secs=1.5")
+    valid = trained / "data" / "trials" / "valid.txt"
+    assert f"warning: step 4 validation skipped: {valid}: none of its" in result.stdout
+    assert "eval_batch=1 embedded 1 of" in result.stdout and "Traceback" not in result.stderr
+    assert (exp / "step-4").is_dir() and not (exp / "step-4" / "eval" / "valid").exists()
+
+
+def test_an_evaluation_that_scores_no_trial_is_one_line_naming_the_list(trained, exp):
+    before = snapshot(exp / "step-2" / "eval")
+    result = evaluate(exp / "step-2", "eval_batch=1", "data.eval_batch_secs=1.5")
+    assert_one_line_error(result, f"{trained / 'data' / 'trials' / 'test.txt'}: none of its", "eval_batch=1")
+    assert snapshot(exp / "step-2" / "eval") == before  # no result set written, the run's own untouched
+
+
+def test_a_targets_only_validation_list_is_named_before_training(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained / "data", data)
+    valid = data / "trials" / "valid.txt"
+    valid.write_text("".join(line for line in valid.read_text().splitlines(True) if line.startswith("1 ")))
+    result = train(data, tmp_path / "exp", "train.total_steps=2", *STEPS, check=False)
+    assert_one_line_error(result, f"{valid}: holds only target trials")
+    assert "step 1 |" not in result.stdout and not list((tmp_path / "exp").glob("step-*"))
+
+
 def test_ctrl_c_says_how_to_resume_in_one_line(trained, exp):
     from test_faults import ROOT, train_cmd
     proc = subprocess.Popen([sys.executable, *map(str, train_cmd(trained / "data", exp, "train.total_steps=100000",
