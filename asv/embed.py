@@ -287,8 +287,9 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
     Pairs that share an upstream object share its pass. Utterances are placed by their index, so
     the padding duplicates that even batches add under several processes are harmless. `store(index,
     hidden, frames)` is handed each upstream pass (FeatureCache.writer). `names` (one per utterance): refuse
-    recordings without speech energy (RMS of their samples below NO_SPEECH_RMS) with a one-line ValueError
-    naming the first, raised on every process alike once all are embedded (so none waits on another).
+    recordings without speech energy (RMS of their samples below NO_SPEECH_RMS), and any whose embedding is NaN
+    or inf (samples of 1e30 overflow the features), with a one-line ValueError naming the first, raised on every
+    process alike once all are embedded (so none waits on another).
     """
     modules = [*upstreams, *encoders]
     was_training = [m.training for m in modules]
@@ -305,6 +306,8 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
                for key, m in groups.items()}
     done = np.zeros(num_utts, dtype=bool)
     rms = np.full(num_utts, np.inf)  # of each utterance's own samples (its padding left out)
+    peak = np.full(num_utts, np.nan)  # the largest |sample|, to say why an embedding is not finite
+    finite = np.ones(num_utts, dtype=bool)  # every embedding of the utterance (one per encoder) is finite
     total = len(loader) if max_batches < 0 else min(len(loader), max_batches)
     bar = progress(loader, total=total, desc="embedding", unit="batch", enabled=accelerator.is_main_process)
     for n, (wavs, lengths, index) in enumerate(bar):
@@ -324,13 +327,17 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
             mask = torch.arange(wavs.shape[1], device=wavs.device)[None, :] < lengths[:, None]
             energy = ((wavs.double() ** 2) * mask).sum(1) / lengths.clamp(min=1)
             energy = accelerator.gather_for_metrics(accelerator.pad_across_processes(energy.sqrt())).cpu().numpy()
+            top = (wavs.double().abs() * mask).amax(1)
+            top = accelerator.gather_for_metrics(accelerator.pad_across_processes(top)).cpu().numpy()
         # batches differ in size between processes: pad to a common size, gather, drop the pads
         index = accelerator.gather_for_metrics(accelerator.pad_across_processes(index, pad_index=-1)).cpu().numpy()
         real = index >= 0
         if names is not None and isinstance(wavs, torch.Tensor):
-            rms[index[real]] = energy[real]
+            rms[index[real]], peak[index[real]] = energy[real], top[real]
         for table, emb in zip(tables, embs):
-            table[index[real]] = accelerator.gather_for_metrics(accelerator.pad_across_processes(emb)).cpu().numpy()[real]
+            rows = accelerator.gather_for_metrics(accelerator.pad_across_processes(emb)).cpu().numpy()[real]
+            table[index[real]] = rows
+            finite[index[real]] &= np.isfinite(rows).all(axis=1)
         done[index[real]] = True
     for m, mode in zip(modules, was_training):
         m.train(mode)
@@ -339,6 +346,19 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
         more = f" ({len(quiet) - 1} more such file(s))" if len(quiet) > 1 else ""
         raise ValueError(f"{names[quiet[0]]}: no speech energy (RMS {rms[quiet[0]]:.1e} of full scale, below "
                          f"{NO_SPEECH_RMS:g} = -80 dBFS): nothing to embed{more}")
+    broken = np.flatnonzero(done & ~finite)
+    if names is not None and len(broken):
+        first = broken[0]
+        more = f" ({len(broken) - 1} more such file(s))" if len(broken) > 1 else ""
+        if np.isnan(peak[first]):  # no samples seen: embedded from the feature cache
+            why = "from its hidden states in the feature cache"
+        elif peak[first] > 1:
+            why = f"its samples reach {peak[first]:.1e}, far outside [-1, 1]: scale the audio to full scale 1.0"
+        elif len(broken) == done.sum():
+            why = "so is every other one: the checkpoint's weights are likely NaN or inf"
+        else:
+            why = "its samples are finite and within [-1, 1]"
+        raise ValueError(f"{names[first]}: its embedding is NaN or inf ({why}){more}")
     return tables, done
 
 
@@ -374,7 +394,7 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
                                                  collate_fn=collate_hidden, num_workers=cfg.num_workers,
                                                  pin_memory=torch.cuda.is_available())
             part, part_done = embed(accelerator, [PassThrough()] * len(encoders), encoders,
-                                    accelerator.prepare(loader), len(rows), cfg.eval_batch)
+                                    accelerator.prepare(loader), len(rows), cfg.eval_batch, names=subset)
         else:
             loader = accelerator.prepare(eval_loader(subset, secs, cfg, ex.min_samples, accelerator.device))
             part, part_done = embed(accelerator, upstreams, encoders, loader, len(rows), cfg.eval_batch, chunk_samples,

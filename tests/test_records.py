@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from test_faults import assert_one_line_error, make_corpus, prepare, run, train
 
@@ -212,6 +214,35 @@ def test_a_targets_only_validation_list_is_named_before_training(trained, tmp_pa
     result = train(data, tmp_path / "exp", "train.total_steps=2", *STEPS, check=False)
     assert_one_line_error(result, f"{valid}: holds only target trials")
     assert "step 1 |" not in result.stdout and not list((tmp_path / "exp").glob("step-*"))
+
+
+def loud_copy(trained, folder: Path) -> tuple[Path, np.ndarray]:
+    """A training file scaled by 1e30, saved as float WAV (finite samples that overflow the features)."""
+    source = sorted((trained / "corpus").rglob("*.wav"))[0]
+    wav, rate = sf.read(source, dtype="float32")
+    sf.write(folder / "loud.wav", wav * np.float32(1e30), rate, subtype="FLOAT")
+    return folder / "loud.wav", wav
+
+
+def test_a_waveform_that_gives_a_non_finite_embedding_is_named_by_the_api(trained, exp, tmp_path):
+    import asv
+    loud, wav = loud_copy(trained, tmp_path)
+    model = asv.load(exp / "step-2")
+    assert np.isfinite(model.embed(wav)).all()
+    with pytest.raises(ValueError, match=r"^waveform 1 \(24000 samples\): its embedding is NaN or inf \(its samples "
+                                         r"reach 6\.\de\+29, far outside \[-1, 1\]"):
+        model.embed([wav, wav * np.float32(1e30)])
+    with pytest.raises(ValueError, match=f"^{loud}: its embedding is NaN or inf"):
+        model.compare(wav, str(loud))
+
+
+def test_a_file_that_gives_a_non_finite_embedding_is_one_line_in_extract(trained, exp, tmp_path):
+    loud, _ = loud_copy(trained, tmp_path)
+    listing = tmp_path / "wavs.txt"
+    listing.write_text(f"{sorted((trained / 'corpus').rglob('*.wav'))[1]}\n{loud}\n")
+    result = evaluate(exp / "step-2", "--extract", listing, "--out", tmp_path / "emb.npz")
+    assert_one_line_error(result, f"{loud}: its embedding is NaN or inf", "far outside [-1, 1]")
+    assert not (tmp_path / "emb.npz").exists()
 
 
 def test_ctrl_c_says_how_to_resume_in_one_line(trained, exp):
