@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors import SafetensorError
 
 from asv.config import flatten, help_text, load_config
@@ -400,9 +400,32 @@ def finish(accelerator, cfg, exp: Path):
     ckpts = [exp / "best"] if best else complete_checkpoints(exp)
     lists = resolve_lists(cfg.data.dir, [])
     if lists and ckpts:
+        locks = lock_checkpoints(accelerator, ckpts)
         ex = load_extractors(ckpts)
         evaluate_checkpoints(accelerator, ex, lists)
+        for lock in locks:
+            lock.release()
     accelerator.end_training()
+
+
+def lock_checkpoints(accelerator, ckpts: list[Path]) -> list[RunLock]:
+    """The lock evaluate_asv.py takes on each checkpoint it writes results into (main process): an evaluation of
+    the same checkpoint running meanwhile refuses the test evaluation, on every process alike, naming its holder."""
+    locks, refused = [], None
+    if accelerator.is_main_process:
+        try:
+            for c in ckpts:
+                locks.append(RunLock(c.resolve()))
+        except ValueError as e:
+            refused = str(e)
+            for lock in locks:
+                lock.release()
+    if accelerator.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise ValueError(f"{refused}; training is complete, evaluate its test lists later with "
+                         f"evaluate_asv.py --ckpt-dir {' '.join(map(str, ckpts))}")
+    return locks
 
 
 if __name__ == "__main__":

@@ -180,6 +180,23 @@ def test_a_second_evaluation_of_a_checkpoint_is_refused_naming_the_first(exp):
         lock.release()
 
 
+def test_the_test_evaluation_after_training_takes_the_checkpoints_lock(trained, exp):
+    """A re-run of the finished run goes straight to its test evaluation of best (step-2), which an evaluate_asv.py
+    of step-2 holds: refused naming the holder, step-2's results untouched."""
+    from asv.run import RunLock
+    lock = RunLock(exp / "step-2")
+    try:
+        before = snapshot(exp / "step-2" / "eval")
+        result = train(trained / "data", exp, "train.total_steps=2", *STEPS, "train.test_after_train=true", check=False)
+        assert_one_line_error(result, f"{exp / 'step-2'} is in use by process {os.getpid()}", "training is complete",
+                              f"evaluate_asv.py --ckpt-dir {exp / 'best'}")
+        assert snapshot(exp / "step-2" / "eval") == before
+    finally:
+        lock.release()
+    train(trained / "data", exp, "train.total_steps=2", *STEPS, "train.test_after_train=true")  # free: it evaluates
+    RunLock(exp / "step-2").release()  # and let its lock go
+
+
 def test_a_targets_only_list_is_named_before_any_embedding(trained, exp, tmp_path):
     targets = tmp_path / "targets.txt"
     targets.write_text("".join(line for line in (trained / "data" / "trials" / "test.txt").read_text().splitlines(True)
