@@ -6,16 +6,13 @@ One tiny run (2 steps, one checkpoint) per module; each test damages a copy of i
 """
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_faults import assert_one_line_error, make_corpus, run, train
-
-STEPS = ["train.save_step=2", "train.eval_step=2"]
+from test_faults import STEPS, assert_one_line_error, copy_run, evaluate, train, trained_run
 
 
 class Boom:
@@ -30,19 +27,14 @@ class Boom:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hostile").resolve()
-    make_corpus(root)
-    train(root / "data", root / "exp", "train.total_steps=2", *STEPS)
+    root = trained_run(tmp_path_factory.mktemp("hostile").resolve())
     assert (root / "exp" / "step-2" / "train_state.json").is_file()
     return root
 
 
 @pytest.fixture
 def copy(trained, tmp_path) -> Path:
-    """A copy of the run folder (its config names the module's data folder, which stays untouched)."""
-    exp = tmp_path / "exp"
-    shutil.copytree(trained / "exp", exp, symlinks=True)
-    return exp
+    return copy_run(trained, tmp_path / "exp")
 
 
 def plant(path: Path, marker: Path):
@@ -97,10 +89,6 @@ def test_an_earlier_versions_pickled_train_state_is_read_weights_only(trained, c
 
 
 # ---------------------------------------------------------------- what evaluation reads
-
-def evaluate(ckpt, *args):
-    return run("evaluate_asv.py", "--ckpt_dir", ckpt, *args, check=False)
-
 
 def test_evaluation_runs_no_code_from_model_pt(copy, tmp_path):
     marker = tmp_path / "marker"

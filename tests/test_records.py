@@ -17,16 +17,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_faults import assert_one_line_error, make_corpus, prepare, run, train
-
-STEPS = ["train.save_step=2", "train.eval_step=2"]
+from test_faults import STEPS, assert_one_line_error, copy_run, evaluate, prepare, run, train, trained_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("records").resolve()
-    make_corpus(root)
-    train(root / "data", root / "exp", "train.total_steps=2", *STEPS)
+    root = trained_run(tmp_path_factory.mktemp("records").resolve())
     result = run("evaluate_asv.py", "--ckpt_dir", root / "exp" / "step-2")
     assert (root / "exp" / "step-2" / "eval" / "test" / "metrics.json").is_file(), result.stdout
     return root
@@ -34,13 +30,7 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def exp(trained, tmp_path) -> Path:
-    exp = tmp_path / "exp"
-    shutil.copytree(trained / "exp", exp, symlinks=True)
-    return exp
-
-
-def evaluate(*args):
-    return run("evaluate_asv.py", "--ckpt_dir", *map(str, args), check=False)
+    return copy_run(trained, tmp_path / "exp")
 
 
 def snapshot(folder: Path) -> dict:
