@@ -129,3 +129,18 @@ def test_a_feature_cache_entry_holding_a_pickle_is_never_unpickled(copy, tmp_pat
     assert not marker.exists()
     assert result.returncode == 0, result.stderr  # the bad entry is named, recomputed, and evaluation goes on
     assert str(entry) in result.stdout + result.stderr
+
+
+def test_an_enrolled_speakers_file_holding_a_pickle_is_never_unpickled(copy, tmp_path):
+    """The API's load_enrolled reads an .npz that save_enrolled wrote; one whose speakers are a pickled object array
+    (as a crafted file would be) is refused, naming the file, without running anything."""
+    import asv
+    marker = tmp_path / "marker"
+    speakers = np.empty(1, dtype=object)
+    speakers[0] = Boom(marker)
+    path = tmp_path / "enrolled.npz"
+    np.savez(path, speakers=speakers, embeddings=np.zeros((1, 4), np.float32), weights=np.array("x"))
+    model = asv.load(copy / "step-2")
+    with pytest.raises(ValueError, match=f"^{path}: not a file save_enrolled wrote") as e:
+        model.load_enrolled(path)
+    assert "\n" not in str(e.value) and not marker.exists() and not model.enrolled
