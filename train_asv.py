@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors import SafetensorError
 
 from asv.config import flatten, help_text, load_config
 from asv.data import (compute_effects, open_store, read_effects, read_manifest, read_trials, train_loader, trial_lists,
                       trims_of, write_effects)
-from asv.embed import (embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of, resolve_lists, score_trials,
-                       scores_text, trial_audio, trial_rows, validation_metrics)
+from asv.embed import (check_both_kinds, embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of,
+                       resolve_lists, score_trials, scores_text, trial_audio, trial_rows, unscored, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
 from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, complete_checkpoints, open_run, rank_key,
                      read_history, record_change, record_launch, record_validation, resume_folder, settle,
@@ -138,7 +138,8 @@ class Validation:
                               "no validation and no `best`; pick checkpoints with report.py --protocol superb")
             return
         utts = read_manifest(cfg.data.dir)
-        self.trials = read_trials(lists["valid"])
+        self.path, self.trials = lists["valid"], read_trials(lists["valid"])
+        check_both_kinds(self.path, self.trials)  # before training, not at the first validation
         audio = trial_audio(self.trials, lists["valid"], {u.id: u for u in utts})
         self.paths = sorted(set(audio.values()))
         self.rows = trial_rows({p: i for i, p in enumerate(self.paths)}, self.trials, audio)
@@ -155,6 +156,10 @@ class Validation:
         (table,), done = embed(self.accelerator, [upstream], [encoder], self.loader, len(self.paths), cfg.eval_batch,
                                int(cfg.data.eval_chunk_secs * cfg.data.sample_rate))
         scores, keep = score_trials(table, done, *self.rows)
+        problem = unscored(self.path, self.trials, keep, done, cfg.eval_batch)
+        if problem:  # eval_batch left too few files: no metric, never the best; the run goes on
+            log.say(f"warning: step {step} validation skipped: {problem}")
+            return None
         bad = np.count_nonzero(~np.isfinite(scores))
         if bad:  # NaN/inf embeddings (a diverged model, a broken validation file): no metric, never the best
             log.say(f"warning: step {step} validation skipped: {bad} of {len(scores)} trial scores are NaN or inf")
@@ -321,9 +326,12 @@ def train(cfg, amend: bool = False):
     accelerator = make_accelerator(cfg, exp)
     lock, checkpoints = open_run_folder(accelerator, cfg, amend)
     set_seed(t.seed)
-    accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                for k, v in flatten(cfg).items()})
     parts, loader, validation, state, about, resumed = build_run(accelerator, cfg, checkpoints)
+    # once the resume point is known: TensorBoard drops the events an interrupted run logged after it (a
+    # SessionLog START at purge_step), so the redone steps are shown once, not twice
+    accelerator.init_trackers(exp.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                for k, v in flatten(cfg).items()},
+                              init_kwargs={"tensorboard": {"purge_step": state.step + 1}})
     set_schedules(accelerator, cfg, parts, state.step)
     log = Log(accelerator, exp, t.total_steps, state.step)
     if resumed:
@@ -399,9 +407,32 @@ def finish(accelerator, cfg, exp: Path):
     ckpts = [exp / "best"] if best else complete_checkpoints(exp)
     lists = resolve_lists(cfg.data.dir, [])
     if lists and ckpts:
+        locks = lock_checkpoints(accelerator, ckpts)
         ex = load_extractors(ckpts)
         evaluate_checkpoints(accelerator, ex, lists)
+        for lock in locks:
+            lock.release()
     accelerator.end_training()
+
+
+def lock_checkpoints(accelerator, ckpts: list[Path]) -> list[RunLock]:
+    """The lock evaluate_asv.py takes on each checkpoint it writes results into (main process): an evaluation of
+    the same checkpoint running meanwhile refuses the test evaluation, on every process alike, naming its holder."""
+    locks, refused = [], None
+    if accelerator.is_main_process:
+        try:
+            for c in ckpts:
+                locks.append(RunLock(c.resolve()))
+        except ValueError as e:
+            refused = str(e)
+            for lock in locks:
+                lock.release()
+    if accelerator.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise ValueError(f"{refused}; training is complete, evaluate its test lists later with "
+                         f"evaluate_asv.py --ckpt-dir {' '.join(map(str, ckpts))}")
+    return locks
 
 
 if __name__ == "__main__":

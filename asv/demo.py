@@ -5,6 +5,7 @@ each session its own microphone and room (a random smooth equaliser), so same-sp
 cross channels as in VoxCeleb. It exists so that the whole pipeline runs in a minute with no
 download; the speech is not real, so figures on it say that the code works, not how well.
 """
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,8 +113,10 @@ def make_demo_speaker(root, seed, s):
         folder = Path(root) / f"spk{s:02d}" / f"sess{session}"
         for u in range(4):
             audio = demo_utterance(spk, session_gain, rng)
+            wav = io.BytesIO()  # encoded in memory: a full disk is then the file write's OSError (ENOSPC), not
+            sf.write(wav, audio, DEMO_SR, subtype="PCM_16", format="WAV")  # soundfile's assert on a short write
             with atomic_write(folder / f"utt{u}.wav", "wb") as f:
-                sf.write(f, audio, DEMO_SR, subtype="PCM_16", format="WAV")
+                f.write(wav.getvalue())
 
 
 def make_demo_corpus(root, seed=0):

@@ -299,8 +299,9 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
     Pairs that share an upstream object share its pass. Utterances are placed by their index, so
     the padding duplicates that even batches add under several processes are harmless. `store(index,
     hidden, frames)` is handed each upstream pass (FeatureCache.writer). `names` (one per utterance): refuse
-    recordings without speech energy (RMS of their samples below NO_SPEECH_RMS) with a one-line ValueError
-    naming the first, raised on every process alike once all are embedded (so none waits on another).
+    recordings without speech energy (RMS of their samples below NO_SPEECH_RMS), and any whose embedding is NaN
+    or inf (samples of 1e30 overflow the features), with a one-line ValueError naming the first, raised on every
+    process alike once all are embedded (so none waits on another).
     """
     modules = [*upstreams, *encoders]
     was_training = [m.training for m in modules]
@@ -317,6 +318,8 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
                for key, m in groups.items()}
     done = np.zeros(num_utts, dtype=bool)
     rms = np.full(num_utts, np.inf)  # of each utterance's own samples (its padding left out)
+    peak = np.full(num_utts, np.nan)  # the largest |sample|, to say why an embedding is not finite
+    finite = np.ones(num_utts, dtype=bool)  # every embedding of the utterance (one per encoder) is finite
     total = len(loader) if max_batches < 0 else min(len(loader), max_batches)
     bar = progress(loader, total=total, desc="embedding", unit="batch", enabled=accelerator.is_main_process)
     for n, (wavs, lengths, index) in enumerate(bar):
@@ -336,13 +339,17 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
             mask = torch.arange(wavs.shape[1], device=wavs.device)[None, :] < lengths[:, None]
             energy = ((wavs.double() ** 2) * mask).sum(1) / lengths.clamp(min=1)
             energy = accelerator.gather_for_metrics(accelerator.pad_across_processes(energy.sqrt())).cpu().numpy()
+            top = (wavs.double().abs() * mask).amax(1)
+            top = accelerator.gather_for_metrics(accelerator.pad_across_processes(top)).cpu().numpy()
         # batches differ in size between processes: pad to a common size, gather, drop the pads
         index = accelerator.gather_for_metrics(accelerator.pad_across_processes(index, pad_index=-1)).cpu().numpy()
         real = index >= 0
         if names is not None and isinstance(wavs, torch.Tensor):
-            rms[index[real]] = energy[real]
+            rms[index[real]], peak[index[real]] = energy[real], top[real]
         for table, emb in zip(tables, embs):
-            table[index[real]] = accelerator.gather_for_metrics(accelerator.pad_across_processes(emb)).cpu().numpy()[real]
+            rows = accelerator.gather_for_metrics(accelerator.pad_across_processes(emb)).cpu().numpy()[real]
+            table[index[real]] = rows
+            finite[index[real]] &= np.isfinite(rows).all(axis=1)
         done[index[real]] = True
     for m, mode in zip(modules, was_training):
         m.train(mode)
@@ -351,6 +358,19 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
         more = f" ({len(quiet) - 1} more such file(s))" if len(quiet) > 1 else ""
         raise ValueError(f"{names[quiet[0]]}: no speech energy (RMS {rms[quiet[0]]:.1e} of full scale, below "
                          f"{NO_SPEECH_RMS:g} = -80 dBFS): nothing to embed{more}")
+    broken = np.flatnonzero(done & ~finite)
+    if names is not None and len(broken):
+        first = broken[0]
+        more = f" ({len(broken) - 1} more such file(s))" if len(broken) > 1 else ""
+        if np.isnan(peak[first]):  # no samples seen: embedded from the feature cache
+            why = "from its hidden states in the feature cache"
+        elif peak[first] > 1:
+            why = f"its samples reach {peak[first]:.1e}, far outside [-1, 1]: scale the audio to full scale 1.0"
+        elif len(broken) == done.sum():
+            why = "so is every other one: the checkpoint's weights are likely NaN or inf"
+        else:
+            why = "its samples are finite and within [-1, 1]"
+        raise ValueError(f"{names[first]}: its embedding is NaN or inf ({why}){more}")
     return tables, done
 
 
@@ -387,7 +407,7 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
                                                  collate_fn=collate_hidden, num_workers=cfg.num_workers,
                                                  pin_memory=torch.cuda.is_available())
             part, part_done = embed(accelerator, [PassThrough()] * len(encoders), encoders,
-                                    accelerator.prepare(loader), len(rows), cfg.eval_batch)
+                                    accelerator.prepare(loader), len(rows), cfg.eval_batch, names=subset)
         else:
             loader = accelerator.prepare(eval_loader(subset, secs, cfg, ex.min_samples, accelerator.device, store))
             part, part_done = embed(accelerator, upstreams, encoders, loader, len(rows), cfg.eval_batch, chunk_samples,
@@ -594,6 +614,25 @@ class Inputs:
                                                                  # trained on (check_data): a result set of its own
 
 
+def check_both_kinds(path, trials: Trials):
+    """EER and minDCF need target and non-target trials: a list of one kind is refused before any work."""
+    if trials.labels.all() or not trials.labels.any():
+        raise ValueError(f"{path}: holds only {'target' if trials.labels.all() else 'non-target'} trials; "
+                         "an EER needs same- and different-speaker trials")
+
+
+def unscored(path, trials: Trials, keep: np.ndarray, done: np.ndarray, eval_batch: int) -> str | None:
+    """Why the trials of a list whose two sides were embedded (`keep`) give no EER, in a line naming the list; None
+    when they hold both kinds. Only eval_batch leaves files out (`done`): a list of one kind is refused before."""
+    labels = trials.labels[keep]
+    if labels.any() and not labels.all():
+        return None
+    what = "none of its" if not keep.any() else f"the {keep.sum()} of its"
+    kind = "" if not keep.any() else f" ({'target' if labels.all() else 'non-target'} trials only)"
+    return (f"{path}: {what} {len(keep)} trials have both sides embedded{kind}, so no EER: eval_batch={eval_batch} "
+            f"embedded {done.sum()} of {len(done)} files; raise eval_batch (-1: all)")
+
+
 def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> Inputs:
     """Read every list, resolve every entry to a file and every file's duration (a missing or unreadable file
     is a one-line error naming it) before any model work."""
@@ -604,9 +643,7 @@ def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> 
     loaded = {}
     for spec in lists:
         trials = read_trials(spec.path)
-        if trials.labels.all() or not trials.labels.any():  # EER and minDCF need both kinds: say so before any work
-            raise ValueError(f"{spec.path}: holds only {'target' if trials.labels.all() else 'non-target'} trials; "
-                             "an EER needs same- and different-speaker trials")
+        check_both_kinds(spec.path, trials)
         loaded[spec.name if not spec.user_file else str(spec.path)] = (spec, trials, trial_audio(
             trials, spec.path, by_id, trials_root))
     cohort = cohort_paths(utts, cfg.score.cohort_size) if cfg.score.asnorm else []
@@ -664,6 +701,10 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
         accelerator.print(f"note: eval_batch={cfg.eval_batch} embedded {done.sum()} of {len(paths)} utterances; "
                           "trials with the others are left out")
     rows = {key: trial_rows(row, trials, audio) for key, (_, trials, audio) in inputs.lists.items()}
+    for key, (spec, trials, _) in inputs.lists.items():  # the same on every process: `done` is gathered
+        problem = unscored(spec.path, trials, done[rows[key][0]] & done[rows[key][1]], done, cfg.eval_batch)
+        if problem:  # before any result set is written
+            raise ValueError(problem)
     out = {}
     for ckpt, table in zip(ex.ckpts, tables):
         out[str(ckpt)] = {}

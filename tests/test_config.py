@@ -457,6 +457,17 @@ def test_invalid_yaml_names_the_file(tmp_path):
     assert "broken.yaml" in error(path=yaml_file(tmp_path, "train:\n  total_steps: [1, 2\n", "broken.yaml"))
 
 
+@pytest.mark.parametrize("where", ["top", "value"])
+def test_a_python_tag_in_a_config_file_runs_nothing_and_names_the_file(tmp_path, where):
+    """yaml.safe_load: a tag that would call os.system under yaml.load is refused, naming the file."""
+    marker = tmp_path / "marker"
+    tag = f"!!python/object/apply:os.system [touch {marker}]"
+    text = f"{tag}\n" if where == "top" else f"train:\n  total_steps: {tag}\n"
+    path = yaml_file(tmp_path, text, "tagged.yaml")
+    assert path in error(path=path)
+    assert not marker.exists()
+
+
 def test_yaml_that_is_not_a_mapping(tmp_path):
     assert "list.yaml" in error(path=yaml_file(tmp_path, "- a\n- b\n", "list.yaml"))
 

@@ -86,3 +86,26 @@ def test_readme_is_short_and_starts_with_voxceleb1():
     assert len(text.encode()) <= 12 * 1024
     assert "## VoxCeleb1 in four commands" in "\n".join(text.splitlines()[:60])
     assert all(p.name in text or p.name == "README.md" for p in PAGES), "every docs page is linked from README"
+
+
+# docs/adversarial.md's batch command selects its tests with this pattern (grep -o), the check below with the same
+BATCH_PATTERN = r"tests/test_[a-z0-9_]*\.py::test_[a-z0-9_]*"
+
+
+def test_every_test_named_in_adversarial_md_exists():
+    """The page maps issue 21's cases to tests; a renamed or removed test must not leave a row pointing nowhere,
+    and its one command runs exactly the tests it names."""
+    import subprocess
+    page = REPO / "docs" / "adversarial.md"
+    text = page.read_text()
+    named = sorted(set(re.findall(BATCH_PATTERN, text)))
+    assert len(named) > 50, named
+    for node in named:
+        file, name = node.split("::")
+        path = REPO / file
+        assert path.is_file() and re.search(rf"^def {name}\(", path.read_text(), re.M), \
+            f"docs/adversarial.md names {node}, which does not exist"
+    command = f"grep -o '{BATCH_PATTERN}' docs/adversarial.md | sort -u"
+    assert f"$({command})" in text
+    selected = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert sorted(selected.split()) == named  # sort's order depends on the locale

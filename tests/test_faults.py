@@ -91,6 +91,28 @@ def prepare(corpus: Path, data: Path, test_speakers=2, valid_speakers=2) -> Path
     return data
 
 
+STEPS = ["train.save_step=2", "train.eval_step=2"]  # on top of QUICK: a validated checkpoint every 2 steps
+
+
+def trained_run(root: Path) -> Path:
+    """make_corpus in root, and a 2-step run of it in root/exp: one validated checkpoint, step-2 (test_hostile.py
+    and test_records.py damage copies of it, copy_run)."""
+    make_corpus(root)
+    train(root / "data", root / "exp", "train.total_steps=2", *STEPS)
+    return root
+
+
+def copy_run(root: Path, dest: Path) -> Path:
+    """A copy of root/exp at dest (its config names root's data folder, which stays untouched)."""
+    shutil.copytree(root / "exp", dest, symlinks=True)
+    return dest
+
+
+def evaluate(*args):
+    """evaluate_asv.py --ckpt_dir *args, whatever it returns."""
+    return run("evaluate_asv.py", "--ckpt_dir", *args, check=False)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """The module's corpus (base/corpus) and its preparation (base/data): read-only, copy_of() to change them."""

@@ -6,16 +6,13 @@ One tiny run (2 steps, one checkpoint) per module; each test damages a copy of i
 """
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_faults import assert_one_line_error, make_corpus, run, train
-
-STEPS = ["train.save_step=2", "train.eval_step=2"]
+from test_faults import STEPS, assert_one_line_error, copy_run, evaluate, train, trained_run
 
 
 class Boom:
@@ -30,19 +27,14 @@ class Boom:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hostile").resolve()
-    make_corpus(root)
-    train(root / "data", root / "exp", "train.total_steps=2", *STEPS)
+    root = trained_run(tmp_path_factory.mktemp("hostile").resolve())
     assert (root / "exp" / "step-2" / "train_state.json").is_file()
     return root
 
 
 @pytest.fixture
 def copy(trained, tmp_path) -> Path:
-    """A copy of the run folder (its config names the module's data folder, which stays untouched)."""
-    exp = tmp_path / "exp"
-    shutil.copytree(trained / "exp", exp, symlinks=True)
-    return exp
+    return copy_run(trained, tmp_path / "exp")
 
 
 def plant(path: Path, marker: Path):
@@ -98,10 +90,6 @@ def test_an_earlier_versions_pickled_train_state_is_read_weights_only(trained, c
 
 # ---------------------------------------------------------------- what evaluation reads
 
-def evaluate(ckpt, *args):
-    return run("evaluate_asv.py", "--ckpt_dir", ckpt, *args, check=False)
-
-
 def test_evaluation_runs_no_code_from_model_pt(copy, tmp_path):
     marker = tmp_path / "marker"
     plant(copy / "step-2" / "model.pt", marker)
@@ -141,3 +129,18 @@ def test_a_feature_cache_entry_holding_a_pickle_is_never_unpickled(copy, tmp_pat
     assert not marker.exists()
     assert result.returncode == 0, result.stderr  # the bad entry is named, recomputed, and evaluation goes on
     assert str(entry) in result.stdout + result.stderr
+
+
+def test_an_enrolled_speakers_file_holding_a_pickle_is_never_unpickled(copy, tmp_path):
+    """The API's load_enrolled reads an .npz that save_enrolled wrote; one whose speakers are a pickled object array
+    (as a crafted file would be) is refused, naming the file, without running anything."""
+    import asv
+    marker = tmp_path / "marker"
+    speakers = np.empty(1, dtype=object)
+    speakers[0] = Boom(marker)
+    path = tmp_path / "enrolled.npz"
+    np.savez(path, speakers=speakers, embeddings=np.zeros((1, 4), np.float32), weights=np.array("x"))
+    model = asv.load(copy / "step-2")
+    with pytest.raises(ValueError, match=f"^{path}: not a file save_enrolled wrote") as e:
+        model.load_enrolled(path)
+    assert "\n" not in str(e.value) and not marker.exists() and not model.enrolled

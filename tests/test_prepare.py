@@ -533,6 +533,24 @@ def log_spectrum(path):
     return spectrum - spectrum.mean()  # the demo draws a random level per utterance
 
 
+def test_a_full_disk_during_demo_is_one_line_and_the_old_demo_stays(demo, tmp_path):
+    """soundfile asserts on a short write (a bare AssertionError): --demo must say what a full disk says elsewhere."""
+    import resource
+    import signal
+    out = tmp_path / "out"
+    shutil.copytree(demo, out)
+    before = snapshot(out)
+
+    def small_files():  # writes past 20 kB fail with EFBIG, as on a full disk; a demo file is ~40-130 kB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    result = subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(out), "--seed", "1",
+                             "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            preexec_fn=small_files)
+    one_line_error(result, f"cannot write the preparation of {out}", "File too large", f"{out} is left as it was")
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_demo_speakers_really_differ(demo):
     corpus = demo / "corpus"
     spectra = {(s, v): [log_spectrum(corpus / f"spk{s:02d}" / f"sess{v}" / f"utt{u}.wav") for u in range(4)]

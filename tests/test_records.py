@@ -13,18 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
-from test_faults import assert_one_line_error, make_corpus, prepare, run, train
-
-STEPS = ["train.save_step=2", "train.eval_step=2"]
+from test_faults import STEPS, assert_one_line_error, copy_run, evaluate, prepare, run, train, trained_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("records").resolve()
-    make_corpus(root)
-    train(root / "data", root / "exp", "train.total_steps=2", *STEPS)
+    root = trained_run(tmp_path_factory.mktemp("records").resolve())
     result = run("evaluate_asv.py", "--ckpt_dir", root / "exp" / "step-2")
     assert (root / "exp" / "step-2" / "eval" / "test" / "metrics.json").is_file(), result.stdout
     return root
@@ -32,13 +30,7 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def exp(trained, tmp_path) -> Path:
-    exp = tmp_path / "exp"
-    shutil.copytree(trained / "exp", exp, symlinks=True)
-    return exp
-
-
-def evaluate(*args):
-    return run("evaluate_asv.py", "--ckpt_dir", *map(str, args), check=False)
+    return copy_run(trained, tmp_path / "exp")
 
 
 def snapshot(folder: Path) -> dict:
@@ -178,6 +170,23 @@ def test_a_second_evaluation_of_a_checkpoint_is_refused_naming_the_first(exp):
         lock.release()
 
 
+def test_the_test_evaluation_after_training_takes_the_checkpoints_lock(trained, exp):
+    """A re-run of the finished run goes straight to its test evaluation of best (step-2), which an evaluate_asv.py
+    of step-2 holds: refused naming the holder, step-2's results untouched."""
+    from asv.run import RunLock
+    lock = RunLock(exp / "step-2")
+    try:
+        before = snapshot(exp / "step-2" / "eval")
+        result = train(trained / "data", exp, "train.total_steps=2", *STEPS, "train.test_after_train=true", check=False)
+        assert_one_line_error(result, f"{exp / 'step-2'} is in use by process {os.getpid()}", "training is complete",
+                              f"evaluate_asv.py --ckpt-dir {exp / 'best'}")
+        assert snapshot(exp / "step-2" / "eval") == before
+    finally:
+        lock.release()
+    train(trained / "data", exp, "train.total_steps=2", *STEPS, "train.test_after_train=true")  # free: it evaluates
+    RunLock(exp / "step-2").release()  # and let its lock go
+
+
 def test_a_targets_only_list_is_named_before_any_embedding(trained, exp, tmp_path):
     targets = tmp_path / "targets.txt"
     targets.write_text("".join(line for line in (trained / "data" / "trials" / "test.txt").read_text().splitlines(True)
@@ -185,6 +194,62 @@ def test_a_targets_only_list_is_named_before_any_embedding(trained, exp, tmp_pat
     result = evaluate(exp / "step-2", "--trials", targets)
     assert_one_line_error(result, f"{targets}: holds only target trials")
     assert "embedding" not in result.stdout
+
+
+def test_validation_that_scores_no_trial_is_one_warning_naming_the_list(trained, exp):
+    """eval_batch=1 with one file per batch embeds one validation file: no trial has both sides. The step's
+    validation is skipped in a line naming valid.txt (not numpy's zero-size error), and training goes on."""
+    result = train(trained / "data", exp, "train.total_steps=4", *STEPS, "eval_batch=1", "data.eval_batch_secs=1.5")
+    valid = trained / "data" / "trials" / "valid.txt"
+    assert f"warning: step 4 validation skipped: {valid}: none of its" in result.stdout
+    assert "eval_batch=1 embedded 1 of" in result.stdout and "Traceback" not in result.stderr
+    assert (exp / "step-4").is_dir() and not (exp / "step-4" / "eval" / "valid").exists()
+
+
+def test_an_evaluation_that_scores_no_trial_is_one_line_naming_the_list(trained, exp):
+    before = snapshot(exp / "step-2" / "eval")
+    result = evaluate(exp / "step-2", "eval_batch=1", "data.eval_batch_secs=1.5")
+    assert_one_line_error(result, f"{trained / 'data' / 'trials' / 'test.txt'}: none of its", "eval_batch=1")
+    assert snapshot(exp / "step-2" / "eval") == before  # no result set written, the run's own untouched
+
+
+def test_a_targets_only_validation_list_is_named_before_training(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained / "data", data)
+    valid = data / "trials" / "valid.txt"
+    valid.write_text("".join(line for line in valid.read_text().splitlines(True) if line.startswith("1 ")))
+    result = train(data, tmp_path / "exp", "train.total_steps=2", *STEPS, check=False)
+    assert_one_line_error(result, f"{valid}: holds only target trials")
+    assert "step 1 |" not in result.stdout and not list((tmp_path / "exp").glob("step-*"))
+
+
+def loud_copy(trained, folder: Path) -> tuple[Path, np.ndarray]:
+    """A training file scaled by 1e30, saved as float WAV (finite samples that overflow the features)."""
+    source = sorted((trained / "corpus").rglob("*.wav"))[0]
+    wav, rate = sf.read(source, dtype="float32")
+    sf.write(folder / "loud.wav", wav * np.float32(1e30), rate, subtype="FLOAT")
+    return folder / "loud.wav", wav
+
+
+def test_a_waveform_that_gives_a_non_finite_embedding_is_named_by_the_api(trained, exp, tmp_path):
+    import asv
+    loud, wav = loud_copy(trained, tmp_path)
+    model = asv.load(exp / "step-2")
+    assert np.isfinite(model.embed(wav)).all()
+    with pytest.raises(ValueError, match=r"^waveform 1 \(24000 samples\): its embedding is NaN or inf \(its samples "
+                                         r"reach 6\.\de\+29, far outside \[-1, 1\]"):
+        model.embed([wav, wav * np.float32(1e30)])
+    with pytest.raises(ValueError, match=f"^{loud}: its embedding is NaN or inf"):
+        model.compare(wav, str(loud))
+
+
+def test_a_file_that_gives_a_non_finite_embedding_is_one_line_in_extract(trained, exp, tmp_path):
+    loud, _ = loud_copy(trained, tmp_path)
+    listing = tmp_path / "wavs.txt"
+    listing.write_text(f"{sorted((trained / 'corpus').rglob('*.wav'))[1]}\n{loud}\n")
+    result = evaluate(exp / "step-2", "--extract", listing, "--out", tmp_path / "emb.npz")
+    assert_one_line_error(result, f"{loud}: its embedding is NaN or inf", "far outside [-1, 1]")
+    assert not (tmp_path / "emb.npz").exists()
 
 
 def test_ctrl_c_says_how_to_resume_in_one_line(trained, exp):

@@ -731,3 +731,20 @@ def test_non_numeric_metrics_are_warned_and_shown_as_dashes(tmp_path):
     assert f"warning: {path}: eer is '12%', not a finite number: shown as -" in result.stderr
     assert f"warning: {path}: min_dcf_0.01 is inf, not a finite number: shown as -" in result.stderr
     assert "inf" not in (run / "report.md").read_text()
+
+
+def test_an_overridden_result_set_is_shown_under_its_own_name(tmp_path):
+    """evaluate_asv.py's eval/<list>@<hash>/ (eval_batch=1: 105 trials) beside the run's own eval/<list>/: the run's
+    row keeps the run's result; the override's set is a row and a section of its own name."""
+    run = make_run(tmp_path / "exp" / "run1")
+    overridden = run / "step-200" / "eval" / "vox1_o@1a2b3c4d"
+    overridden.mkdir()
+    (overridden / "metrics.json").write_text(json.dumps({"eer": 27.46, "eer_threshold": 0.5, "min_dcf_0.01": 0.9,
+                                                         "min_dcf_0.05": 0.8, "num_trials": 105, "num_targets": 50,
+                                                         "overrides": {"eval_batch": 1}}))
+    result = run_report(run)
+    assert result.returncode == 0, result.stderr
+    text = (run / "report.md").read_text()
+    assert summary_row(run, "vox1_o", 200) in text  # 2.10, not 27.46
+    assert f"| {run} | vox1_o@1a2b3c4d | 200 | 2.00 | 27.46 | 0.9000 | 0.8000 |" in text
+    assert "### vox1_o@1a2b3c4d" in text

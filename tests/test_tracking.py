@@ -29,11 +29,13 @@ def demo(tmp_path_factory):
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each scalar tag's (step, value) events as TensorBoard shows them: per run folder, all its event files read
+    in order, so that a restart's purge (SummaryWriter's purge_step) drops what it replaces."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     found = {}
-    for events in log_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
+    for folder in sorted({events.parent for events in log_dir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(folder))
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             found.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
@@ -103,3 +105,20 @@ def test_progress_bar_on_an_interactive_terminal(demo, tmp_path):
     assert "training:" in text and "/10 [" in text and "<" in text  # "5/10 [00:02<00:02, ...]"
     assert "step 10 | valid EER" in text
     assert (tmp_path / "tty" / "train.log").read_text().count("valid EER") == 1
+
+
+def test_a_resume_leaves_one_event_per_step_in_tensorboard(demo, tmp_path):
+    """Killed after logging steps 3 and 4 but before step-4 was complete: the resume from step-2 redoes steps 3 and
+    4, and TensorBoard must show each once (the redone values), not the interrupted run's as well."""
+    exp = tmp_path / "exp"
+    steps = ["train.log_step=1", "train.save_step=2", "train.eval_step=2", "train.total_steps=4"]
+    subprocess.run(train_cmd(demo, exp, *steps), cwd=ROOT, capture_output=True, check=True)
+    os.rename(exp / "step-4", exp / "step-4.tmp")  # what a kill during step 4's save leaves
+    subprocess.run(train_cmd(demo, exp, *steps), cwd=ROOT, capture_output=True, check=True)
+    assert len(list((exp / "logs" / "exp").glob("events.out.tfevents.*"))) == 2  # both runs logged
+    logged = scalars(exp / "logs")
+    for tag in ("train/loss", "train/lr", "layer_weights/00"):
+        assert [s for s, _ in logged[tag]] == [1, 2, 3, 4], (tag, logged[tag])
+    assert [s for s, _ in logged["valid/eer"]] == [2, 4]
+    log = (exp / "train.log").read_text()  # train.log keeps both, the redone steps below the resume mark
+    assert log.count("step 4 | loss") == 2 and log.index("--- resumed from") > log.index("step 4 | loss")
