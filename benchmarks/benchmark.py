@@ -44,7 +44,7 @@ import torch
 from asv import metrics
 from asv.audio import load_audio
 from asv.config import load_config
-from asv.data import length_batches, read_manifest, train_loader, trim_once
+from asv.data import length_batches, loader_workers, read_manifest, train_loader, trim_once
 from asv.embed import build_models, embed, eval_batch_secs, eval_loader
 from asv.models import cosine_scores, min_input_samples
 from asv.models.pooling import StatsPool
@@ -564,6 +564,7 @@ def training_section(args, tmp: Path, device, gpu_rows: list):
         cfg = load_config(str(ROOT / "configs" / base),
                           [f"data.dir={data_dir}", f"data.batch_size={s['batch']}", f"data.min_secs={s['secs']}",
                            f"data.max_secs={s['secs']}", "train.gradient_accumulate=1", *extra])  # a call = a step
+        cfg.num_workers = loader_workers(cfg.num_workers)  # the count the labels name
         label = f"{name}, {s['batch']} x {s['secs']:g} s"
         print(f"[bench] training: {label}", file=sys.stderr, flush=True)
         rows += bench_training(label, cfg, data_dir, device, s["steps"], s["loader"], gpu_rows)
@@ -581,6 +582,7 @@ def evaluation_section(args, tmp: Path, accelerator):
     rows = []
     for (name, base, extra), n in ((XVECTOR, n_fb), (WAVLM_BASE, n_ssl)):
         cfg = load_config(str(ROOT / "configs" / base), extra)
+        cfg.num_workers = loader_workers(cfg.num_workers)
         label = f"{name}, {n} utts ({sum(secs[:n]) / 60:.1f} min)"
         print(f"[bench] evaluation: {label}", file=sys.stderr, flush=True)
         rows += bench_eval(label, cfg, paths[:n], secs[:n], accelerator)
