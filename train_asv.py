@@ -25,8 +25,8 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors import SafetensorError
 
 from asv.config import flatten, help_text, load_config
-from asv.data import (compute_effects, open_store, read_effects, read_manifest, read_trials, train_loader, trial_lists,
-                      trims_of, write_effects)
+from asv.data import (compute_effects, loader_workers, open_store, read_effects, read_manifest, read_trials,
+                      train_loader, trial_lists, trims_of, write_effects)
 from asv.embed import (check_both_kinds, embed, eval_loader, evaluate_checkpoints, load_extractors, meta_of,
                        resolve_lists, score_trials, scores_text, trial_audio, trial_rows, unscored, validation_metrics)
 from asv.models import load_model_file, min_input_samples, save_model_file
@@ -281,7 +281,7 @@ def open_run_folder(accelerator, cfg, amend: bool):
     if accelerator.is_main_process:
         open_run(exp, cfg, amend)
         n, batch = accelerator.num_processes, global_batch(cfg, accelerator.num_processes)
-        before = record_launch(exp, n, batch)
+        before = record_launch(exp, n, batch, loader_workers(cfg.num_workers))
         if before and before.get("global_batch") != batch:  # a resume on another process count
             accelerator.print(f"note: this run was trained with {before.get('processes')} process(es), "
                               f"{before.get('global_batch')} utterances per optimizer step; it goes on with {n}, {batch}")
@@ -341,7 +341,8 @@ def train(cfg, amend: bool = False):
         m.train()
     batches = accelerator.skip_first_batches(loader, state.micro_batches) if state.micro_batches else loader
     accelerator.print(f"training {sum(p.numel() for p in parts.params) / 1e6:.2f}M parameters on {about}; "
-                      f"{accelerator.num_processes} process(es), {torch.get_num_threads()} threads each; global batch "
+                      f"{accelerator.num_processes} process(es), {torch.get_num_threads()} threads and "
+                      f"{loader_workers(cfg.num_workers)} loader workers each; global batch "
                       f"{cfg.data.batch_size} x {t.gradient_accumulate} x {accelerator.num_processes} = "
                       f"{global_batch(cfg, accelerator.num_processes)} utterances per optimizer step")
     seen, tic = 0, time.time()

@@ -180,7 +180,8 @@ def downstream_options(name: str):
 @dataclass
 class Config:
     exp_dir: str = key("exp/run", "the run folder: config, labels, step-*/ checkpoints, logs")
-    num_workers: int = key(2, "data loader worker processes")
+    num_workers: int = key(-1, "data loader worker processes per process; -1: fit the machine (the CPUs this "
+                                "process may use / processes on the node - 1, at most 8; asv.data.loader_workers)")
     eval_batch: int = key(-1, "cap validation/evaluation to N batches (-1: all; quick checks only)")
     data: DataConfig = field(default_factory=DataConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -215,7 +216,7 @@ UPSTREAM_KEYS = {  # upstream keys that only some upstreams read: name -> does i
 }
 AT_LEAST_ONE = ("data.batch_size", "data.sample_rate", "train.total_steps", "train.log_step", "train.eval_step",
                 "train.save_step", "train.gradient_accumulate", "loss.sub_centers", "score.cohort_size", "score.top_k")
-NOT_NEGATIVE = ("num_workers", "upstream.freeze_steps", "upstream.lora_rank", "data.min_secs", "data.eval_batch_secs", "data.eval_chunk_secs", "train.keep_num_ckpts",
+NOT_NEGATIVE = ("upstream.freeze_steps", "upstream.lora_rank", "data.min_secs", "data.eval_batch_secs", "data.eval_chunk_secs", "train.keep_num_ckpts",
                 "train.seed", "train.gradient_clipping", "optim.weight_decay", "scheduler.warmup_steps",
                 "scheduler.final_lr_ratio", "loss.margin_warmup_start", "loss.margin_warmup_steps")
 POSITIVE = ("data.max_secs", "optim.lr", "loss.scale")
@@ -352,6 +353,8 @@ def _check(cfg: Config):
     for dotted in POSITIVE:
         if flat[dotted] <= 0:
             raise ConfigError(f"config key '{dotted}' must be > 0, got {flat[dotted]}")
+    if cfg.num_workers < -1:
+        raise ConfigError(f"config key 'num_workers' must be -1 (fit the machine) or >= 0, got {cfg.num_workers}")
     if cfg.eval_batch == 0 or cfg.eval_batch < -1:
         raise ConfigError(f"config key 'eval_batch' must be -1 (all) or >= 1, got {cfg.eval_batch}")
     for dotted, value in flat.items():

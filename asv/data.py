@@ -447,7 +447,8 @@ def compute_effects(data_dir, utts: list[Utterance], sample_rate: int, workers: 
     params, parts = effects_params(sample_rate), Path(data_dir) / EFFECTS_PARTS
     items = [(u.path, stored_path(u.path, data_dir)) for u in utts]
     chunks = [items[i:i + EFFECTS_CHUNK] for i in range(0, len(items), EFFECTS_CHUNK)]
-    loader = torch.utils.data.DataLoader(_EffectChunks(chunks, sample_rate), batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(_EffectChunks(chunks, sample_rate), batch_size=None,
+                                         num_workers=loader_workers(workers))
     bar = progress(total=len(items), desc="trimming silence (once per data folder)", unit="file",
                    enabled=show_progress)
     rows = {}
@@ -522,6 +523,21 @@ def trim_once(data_dir, utts: list[Utterance], sample_rate: int, workers: int, s
     return trims_of(data_dir, utts, rows)
 
 
+AUTO_WORKERS_CAP = 8  # so a 128-core node does not start 100+ workers per process, each with its copy of the dataset
+
+
+def loader_workers(requested: int) -> int:
+    """`num_workers` as the loaders use it: a count as given; -1 the CPUs this process may use (its affinity,
+    which taskset, cgroups' cpusets and SLURM narrow; os.cpu_count() counts the whole machine) shared by the
+    processes of this node (LOCAL_WORLD_SIZE, set by torchrun and accelerate launch), less one for the
+    process's own main loop, at most AUTO_WORKERS_CAP: 1 on 2 cores, 0 with 2 processes on 2 cores."""
+    if requested >= 0:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(AUTO_WORKERS_CAP, per_process - 1))
+
+
 def train_loader(cfg, utts: list[Utterance], labels: list[int], durations: list[float], multiple: int = 1,
                  num_workers: int | None = None, trims: Trims | None = None, store: ShardStore | None = None):
     """The training loader of train_asv.py (and of the benchmarks): the sampler's batches of (utterance,
@@ -529,7 +545,7 @@ def train_loader(cfg, utts: list[Utterance], labels: list[int], durations: list[
     batches per epoch are a multiple of it (gradient accumulation x processes); `trims`: the files' kept
     intervals from effects.tsv, so an example decodes only its crop's span; `store`: the audio from a shard store."""
     d, a = cfg.data, cfg.augment
-    workers = cfg.num_workers if num_workers is None else num_workers
+    workers = loader_workers(cfg.num_workers if num_workers is None else num_workers)
     sampler = TrainBatchSampler(durations, d.batch_size, d.crop, d.min_secs, d.max_secs, cfg.train.seed,
                                 multiple=multiple)
     augmenter = Augmenter(a, d.sample_rate) if a.noise_prob or a.rir_prob or a.speed_prob else None

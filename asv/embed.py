@@ -19,8 +19,8 @@ import torch
 from . import metrics
 from .audio import header_frames, progress
 from .config import Config
-from .data import (Trials, UtteranceDataset, collate_padded, length_batches, open_store, read_manifest, read_trials,
-                   trial_lists)
+from .data import (Trials, UtteranceDataset, collate_padded, length_batches, loader_workers, open_store, read_manifest,
+                   read_trials, trial_lists)
 from .models import (
     Extractor,
     SpeakerEncoder,
@@ -272,7 +272,8 @@ def eval_loader(paths: list[str], durations: list[float], cfg: Config, min_sampl
     batches = length_batches(durations, eval_batch_secs(cfg, device))
     return torch.utils.data.DataLoader(UtteranceDataset(paths, cfg.data.sample_rate, min_samples, store),
                                        batch_sampler=batches, collate_fn=collate_padded,
-                                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=loader_workers(cfg.num_workers),
+                                       pin_memory=torch.cuda.is_available())
 
 
 def device_of(module: torch.nn.Module, fallback: torch.device) -> torch.device:
@@ -404,7 +405,7 @@ def embed_files(accelerator, ex: Extractors, paths: list[str], durations: list[f
         if hit:  # stored hidden states in the place of audio, through an upstream that passes them on
             stored = StoredHidden([cache.entry(p) for p in subset])
             loader = torch.utils.data.DataLoader(stored, batch_sampler=length_batches(secs, eval_batch_secs(cfg, accelerator.device)),
-                                                 collate_fn=collate_hidden, num_workers=cfg.num_workers,
+                                                 collate_fn=collate_hidden, num_workers=loader_workers(cfg.num_workers),
                                                  pin_memory=torch.cuda.is_available())
             part, part_done = embed(accelerator, [PassThrough()] * len(encoders), encoders,
                                     accelerator.prepare(loader), len(rows), cfg.eval_batch, names=subset)

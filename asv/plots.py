@@ -177,7 +177,9 @@ def histogram_figure(plt, curves, title):
 def eer_vs_step_figure(plt, panels, title):
     """EER % vs step, one axes per panel: {"title", "series": [{label, points [(step, eer %)], color?,
     linestyle?, marker?}], "chosen": {color: step} or {}}. A chosen step is a vertical dotted line."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    # constrained layout makes room for each legend beside its axes: with fixed margins the legend of a
+    # panel lay under its right-hand neighbour (long run names cut off), the last one past the figure's edge
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False, layout="constrained")
     for ax, panel in zip(axes[0], panels):
         for s in panel["series"]:
             if s["points"]:
@@ -189,6 +191,9 @@ def eer_vs_step_figure(plt, panels, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: the lines stay visible
     fig.suptitle(title)
+    # as wide as 5 in of axes plus the widest legend per panel, so long run names do not squeeze the axes
+    widest = max(ax.get_legend().get_window_extent(fig.canvas.get_renderer()).width for ax in axes[0]) / fig.dpi
+    fig.set_figwidth(len(panels) * (5.5 + widest))
     return fig
 
 

@@ -616,13 +616,14 @@ EVAL_KEYS = ("num_workers", "eval_batch", "data.dir", "data.shards", "data.sampl
 SAME_RESULTS = ("num_workers", "data.eval_batch_secs", "data.dir", "data.shards", "score")
 
 
-def record_launch(exp: Path, processes: int, global_batch: int) -> dict:
-    """Keep in run.json how the run is launched now (process count, utterances per optimizer step); returns
-    what was recorded before ({} for a new run). Main process only."""
+def record_launch(exp: Path, processes: int, global_batch: int, workers: int) -> dict:
+    """Keep in run.json how the run is launched now (process count, utterances per optimizer step, loader
+    workers per process as num_workers resolved); returns what was recorded before ({} for a new run).
+    Main process only."""
     path = exp / "run.json"
     run = json.loads(path.read_text()) if path.is_file() else {}
     before = {k: run[k] for k in ("processes", "global_batch") if k in run}
-    write_json(path, {**run, "processes": processes, "global_batch": global_batch})
+    write_json(path, {**run, "processes": processes, "global_batch": global_batch, "num_workers": workers})
     return before
 
 

@@ -7,6 +7,9 @@ import difflib
 import json
 import math
 import os
+import signal
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -185,12 +188,28 @@ def rate(per_second: float) -> str:
 
 def check_launch(accelerator):
     """Several processes that Accelerate does not see as one run would each train alone, all as the main
-    process: `accelerate launch --multi_gpu` on a machine without GPUs does that."""
+    process: `accelerate launch --multi_gpu` on a machine without GPUs does that.
+
+    Under torchrun's agent (which `accelerate launch` runs) the refusal is one line from local rank 0, and that
+    process stops the agent: a worker that exits non-zero makes the agent SIGTERM the others and print 40 lines
+    of ChildFailedError traceback after the line; SIGTERM or SIGINT make it print a SignalException traceback."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise ValueError(f"{launched} processes were started but Accelerate runs them as {accelerator.num_processes} "
-                         "independent ones (no GPUs and no CPU backend asked for); on a CPU-only machine launch with "
-                         "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N <script> ...")
+    if launched == accelerator.num_processes:
+        return
+    line = (f"{launched} processes were started but Accelerate runs them as {accelerator.num_processes} independent "
+            "ones (no GPUs and no CPU backend asked for); on a CPU-only machine launch with "
+            "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N <script> ...")
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun's worker: the verb prints the line
+        raise ValueError(line)
+    agent = os.getppid()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        os.kill(agent, signal.SIGKILL)  # the one signal it cannot answer with a traceback
+    else:  # exiting before local rank 0 has stopped the agent would let it print the traceback
+        deadline = time.monotonic() + 30
+        while os.getppid() == agent and time.monotonic() < deadline:
+            time.sleep(0.05)
+    sys.exit(1)
 
 
 def one_line(error: Exception) -> str:

@@ -44,7 +44,7 @@ import torch
 from asv import metrics
 from asv.audio import load_audio
 from asv.config import load_config
-from asv.data import length_batches, read_manifest, train_loader, trim_once
+from asv.data import length_batches, loader_workers, read_manifest, train_loader, trim_once
 from asv.embed import build_models, embed, eval_batch_secs, eval_loader
 from asv.models import cosine_scores, min_input_samples
 from asv.models.pooling import StatsPool
@@ -268,6 +268,21 @@ def gflop_per_audio_second(upstream, encoder, sample_rate: int, device) -> float
     return counter.get_total_flops() / 1e9 / 10
 
 
+def print_agreement(name: str, tables: dict):
+    """How far the faster paths' embeddings are from the default's: `tables` {False: default fp32, True: bf16,
+    batch seconds: that fixed batching} -> (utterances, dim) arrays, one row per utterance in the same order."""
+    base = torch.from_numpy(tables[False])
+    for key, table in tables.items():
+        if key is False:
+            continue
+        cos = torch.nn.functional.cosine_similarity(base, torch.from_numpy(table)).min().item()
+        if key is True:  # what bf16 costs
+            print(f"{name}: bf16 vs fp32 embeddings, lowest cosine over {len(base)} utterances: {cos:.5f}")
+        else:  # batching changes speed, not embeddings
+            print(f"{name}: default batching vs {key:g} s batches, lowest cosine over {len(base)} "
+                  f"utterances: {cos:.7f}")
+
+
 @torch.no_grad()
 def bench_eval(name, cfg, paths, secs, accelerator):
     device = accelerator.device
@@ -340,15 +355,7 @@ def bench_eval(name, cfg, paths, secs, accelerator):
     gflop = gflop_per_audio_second(upstream, encoder, cfg.data.sample_rate, device)
     print(f"{name}: {gflop:.2f} GFLOP per audio second (torch.utils.flop_counter); achieved: "
           + ", ".join(f"{label}: {gflop * rate:.0f} GFLOP/s" for label, (rate, _) in out.items()))
-    if True in tables:  # what bf16 costs: agreement of each utterance's embedding with fp32's
-        a, b = torch.from_numpy(tables[False]), torch.from_numpy(tables[True])
-        cos = torch.nn.functional.cosine_similarity(a, b).min().item()
-        print(f"{name}: bf16 vs fp32 embeddings, lowest cosine over {len(paths)} utterances: {cos:.5f}")
-    for fixed in (k for k in tables if not isinstance(k, bool)):  # batching changes speed, not embeddings
-        a, b = torch.from_numpy(tables[False]), torch.from_numpy(tables[fixed])
-        cos = torch.nn.functional.cosine_similarity(a, b).min().item()
-        print(f"{name}: default batching vs {fixed:g} s batches, lowest cosine over {len(paths)} "
-              f"utterances: {cos:.7f}")
+    print_agreement(name, tables)
     return [[name, label, f"{rate:.1f}", f"{mem:.0f}", f"{rate / s_rate:.2f}x",
              "1.00" if label.startswith("simple") else padding(label)]
             for label, (rate, mem) in out.items()]
@@ -564,6 +571,7 @@ def training_section(args, tmp: Path, device, gpu_rows: list):
         cfg = load_config(str(ROOT / "configs" / base),
                           [f"data.dir={data_dir}", f"data.batch_size={s['batch']}", f"data.min_secs={s['secs']}",
                            f"data.max_secs={s['secs']}", "train.gradient_accumulate=1", *extra])  # a call = a step
+        cfg.num_workers = loader_workers(cfg.num_workers)  # the count the labels name
         label = f"{name}, {s['batch']} x {s['secs']:g} s"
         print(f"[bench] training: {label}", file=sys.stderr, flush=True)
         rows += bench_training(label, cfg, data_dir, device, s["steps"], s["loader"], gpu_rows)
@@ -581,6 +589,7 @@ def evaluation_section(args, tmp: Path, accelerator):
     rows = []
     for (name, base, extra), n in ((XVECTOR, n_fb), (WAVLM_BASE, n_ssl)):
         cfg = load_config(str(ROOT / "configs" / base), extra)
+        cfg.num_workers = loader_workers(cfg.num_workers)
         label = f"{name}, {n} utts ({sum(secs[:n]) / 60:.1f} min)"
         print(f"[bench] evaluation: {label}", file=sys.stderr, flush=True)
         rows += bench_eval(label, cfg, paths[:n], secs[:n], accelerator)

@@ -43,7 +43,7 @@ from accelerate.state import AcceleratorState
 from common import ROOT, GpuUtilisation
 
 from asv.config import load_config
-from asv.data import read_manifest, train_loader, trim_once
+from asv.data import loader_workers, read_manifest, train_loader, trim_once
 from asv.demo import make_demo_speaker
 from asv.embed import build_models, embed, eval_loader
 from asv.models import min_input_samples
@@ -175,7 +175,7 @@ def check_loader(sizes: dict, data: Path, device):
     _, cfg = recipe("wavlm", sizes, data)
     cfg.data.batch_size, cfg.data.max_secs = sizes["batch"], sizes["crop"]
     cfg.train.gradient_accumulate = sizes["accumulate"]
-    cfg.num_workers = min(cfg.num_workers, os.cpu_count() or 1)
+    cfg.num_workers = loader_workers(cfg.num_workers)  # the count, for the figure's label
     utts = [u for u in read_manifest(str(data)) if u.split == "train"]
     speakers = sorted({u.speaker for u in utts})
     accelerator = accelerator_for(cfg, "no")

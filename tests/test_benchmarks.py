@@ -38,7 +38,10 @@ def test_benchmark_quick(real_mini, vox1_meta):
     assert re.search(r"^device: \S+", out, re.M) and re.search(r"^torch \S+, threads \d+", out, re.M)
 
     train = table_rows(out, "training throughput")
-    assert len(train) == 8  # 2 models x (data with workers, data in process, model, both)
+    # per model: data with the config's workers (num_workers -1: none on 1 CPU) and in the process, model, both
+    data = [row for row in train if row[1].startswith("data only")]
+    assert sum(row[1] == "data only (0 workers)" for row in data) == 2 and len(data) in (2, 3, 4)
+    assert len(train) == len(data) + 4
     for row in train:
         positive(row[2]), positive(row[3])
     assert sum("bottleneck" in row[4] for row in train) == 2

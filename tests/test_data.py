@@ -832,3 +832,52 @@ def test_collate_padded():
     assert index.tolist() == [7, 2, 4]
     expected = torch.tensor([[1, 1, 1, 0, 0], [2, 2, 2, 2, 2], [3, 0, 0, 0, 0]], dtype=torch.float32)
     assert torch.equal(wavs, expected)
+
+
+# ---------------------------------------------------------------- loader workers
+
+def cpus(monkeypatch, n: int, processes: int | None = None):
+    """This process may use n CPUs (as taskset or a cgroup cpuset would say), with `processes` on the node."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+
+
+def test_num_workers_minus_one_is_the_cpus_this_process_may_use_less_one(monkeypatch):
+    from asv.data import AUTO_WORKERS_CAP, loader_workers
+    cpus(monkeypatch, 2)
+    assert loader_workers(-1) == 1  # the main process keeps a core
+    cpus(monkeypatch, 2, processes=2)
+    assert loader_workers(-1) == 0  # one core per process: it loads its own batches
+    cpus(monkeypatch, 1)
+    assert loader_workers(-1) == 0
+    cpus(monkeypatch, 64, processes=8)
+    assert loader_workers(-1) == 7
+    cpus(monkeypatch, 128)
+    assert loader_workers(-1) == AUTO_WORKERS_CAP == 8
+    assert loader_workers(3) == 3 and loader_workers(0) == 0  # a count is taken as given
+
+
+@pytest.mark.parametrize("config", ["base.yaml", "xvector_bn.yaml", "cam_plus.yaml", "resnet34.yaml"])
+def test_a_shipped_config_on_two_cores_starts_one_loader_worker(monkeypatch, config):
+    """base.yaml said 4 (and others 16) whatever the machine: on 2 cores that is 5 (17) processes on 2 CPUs."""
+    from asv.config import load_config
+    from asv.data import train_loader
+    from asv.embed import eval_loader
+    from conftest import REPO
+    cpus(monkeypatch, 2)
+    # augmentation off: its noise folders are not here, and it has nothing to do with the loader's workers
+    cfg = load_config(str(REPO / "configs" / config), ["augment.noise_prob=0", "augment.rir_prob=0",
+                                                       "augment.speed_prob=0"])
+    n = cfg.data.batch_size
+    utts = [Utterance(f"u{i}", f"/nowhere/{i}.wav", "s", 3.0, 16000, "train") for i in range(n)]
+    assert train_loader(cfg, utts, [0] * n, [3.0] * n).num_workers == 1
+    assert eval_loader([u.path for u in utts], [3.0] * n, cfg, 400, "cpu").num_workers == 1
+
+
+def test_num_workers_below_minus_one_is_refused():
+    from asv.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="num_workers.*-1"):
+        load_config(None, ["num_workers=-2"])

@@ -188,5 +188,9 @@ def test_multi_gpu_launch_on_a_cpu_machine_is_one_clear_line(demo, tmp_path):
                              *train_args(demo, exp, 4)], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"})
     assert result.returncode != 0
-    assert "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    # once across both processes, and the last thing said: no torchrun traceback or SIGTERM notice after it
+    assert output.count("ACCELERATE_USE_CPU=1 torchrun --nproc_per_node") == 1, output
+    assert output.rstrip().endswith("torchrun --nproc_per_node N <script> ..."), output
+    assert "Traceback" not in output and "SIGTERM" not in output, output
     assert not exp.exists()  # refused before anything was written

@@ -147,6 +147,20 @@ def test_a_resume_under_another_process_count_is_recorded(trained, exp):
     assert "global batch changes from 16 to 8" in (exp / "train.log").read_text()
 
 
+def test_num_workers_minus_one_is_resolved_in_the_start_line_and_run_json(trained, tmp_path):
+    """On 2 CPUs (the child's affinity, as taskset -c 0,1 gives) num_workers=-1 starts 1 loader worker, and
+    the run says so; config.yaml keeps -1, so an evaluation elsewhere fits its own machine."""
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a CPU affinity of at least 2 CPUs to narrow")
+    two = set(sorted(os.sched_getaffinity(0))[:2])
+    exp = tmp_path / "exp"
+    result = train(trained / "data", exp, "train.total_steps=1", "train.test_after_train=false", "num_workers=-1",
+                   preexec_fn=lambda: os.sched_setaffinity(0, two))
+    assert "1 loader workers each" in result.stdout, result.stdout
+    assert json.loads((exp / "run.json").read_text())["num_workers"] == 1
+    assert "num_workers: -1" in (exp / "config.yaml").read_text()
+
+
 # ---------------------------------------------------------------- one line instead of a traceback
 
 def test_out_naming_a_folder_is_refused_before_the_work(trained, exp, tmp_path):

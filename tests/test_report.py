@@ -424,6 +424,27 @@ def compared(tmp_path_factory):
     return {"root": root, "runs": runs, "figures": figures, "text": (root / "cmp.md").read_text()}
 
 
+def test_eer_vs_step_legends_of_long_run_names_stay_in_the_figure_and_off_the_other_panels():
+    """Three runs with long names on two test lists: each panel's legend (beside it) lies inside the figure
+    and over no other panel. With fixed margins the first legend lay under the second panel, names cut off."""
+    plt = report.plots.pyplot() or pytest.skip("matplotlib not installed")
+    names = ["wavlm_base_plus_ecapa_lr3e-4_seed1_a_long_run_name", "wavlm_large_superb_xvector_margin0.2_seed2",
+             "fbank_xvector_bn_adamw_cosine_warmup_seed3_run"]
+    panels = [{"title": name, "chosen": {f"C{i}": 200 for i in range(3)},
+               "series": [{"label": f"{run} {shown}", "points": [(100, 12.0 + i), (200, 10.0 + i), (300, 11.0)],
+                           "color": f"C{i}"} for i, run in enumerate(names) for shown in ("valid", name)]}
+              for name in ("vox1_o", "vox1_e")]
+    fig = report.plots.eer_vs_step_figure(plt, panels, "EER vs step")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        box = ax.get_legend().get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+        assert not any(other.get_window_extent(renderer).overlaps(box) for other in fig.axes if other is not ax)
+        assert ax.get_window_extent(renderer).width > 4 * fig.dpi  # the legends did not squeeze the axes away
+    plt.close(fig)
+
+
 def test_three_runs_share_one_det_plot_per_list(compared):
     root, figures = compared["root"], compared["figures"]
     assert sorted(p.name for p in root.glob("cmp_*")) == ["cmp_det_vox1_o.svg", "cmp_eer_vs_step.svg"]
