@@ -292,6 +292,28 @@ def to_device(x, device: torch.device):
 
 
 @torch.no_grad()
+def check_embedded(names: list[str], rms, peak, done, finite):
+    """embed()'s refusals, in one line naming the first file: no speech energy, or a NaN/inf embedding (with why)."""
+    quiet = np.flatnonzero(rms < NO_SPEECH_RMS)
+    if len(quiet):
+        more = f" ({len(quiet) - 1} more such file(s))" if len(quiet) > 1 else ""
+        raise ValueError(f"{names[quiet[0]]}: no speech energy (RMS {rms[quiet[0]]:.1e} of full scale, below "
+                         f"{NO_SPEECH_RMS:g} = -80 dBFS): nothing to embed{more}")
+    broken = np.flatnonzero(done & ~finite)
+    if len(broken):
+        first = broken[0]
+        more = f" ({len(broken) - 1} more such file(s))" if len(broken) > 1 else ""
+        if np.isnan(peak[first]):  # no samples seen: embedded from the feature cache
+            why = "from its hidden states in the feature cache"
+        elif peak[first] > 1:
+            why = f"its samples reach {peak[first]:.1e}, far outside [-1, 1]: scale the audio to full scale 1.0"
+        elif len(broken) == done.sum():
+            why = "so is every other one: the checkpoint's weights are likely NaN or inf"
+        else:
+            why = "its samples are finite and within [-1, 1]"
+        raise ValueError(f"{names[first]}: its embedding is NaN or inf ({why}){more}")
+
+
 def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: int = -1, chunk_samples: int = 0,
           store=None, names: list[str] | None = None):
     """Embed every utterance of a (prepared) loader with each (upstream, encoder) pair.
@@ -354,24 +376,8 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
         done[index[real]] = True
     for m, mode in zip(modules, was_training):
         m.train(mode)
-    quiet = np.flatnonzero(rms < NO_SPEECH_RMS)
-    if names is not None and len(quiet):
-        more = f" ({len(quiet) - 1} more such file(s))" if len(quiet) > 1 else ""
-        raise ValueError(f"{names[quiet[0]]}: no speech energy (RMS {rms[quiet[0]]:.1e} of full scale, below "
-                         f"{NO_SPEECH_RMS:g} = -80 dBFS): nothing to embed{more}")
-    broken = np.flatnonzero(done & ~finite)
-    if names is not None and len(broken):
-        first = broken[0]
-        more = f" ({len(broken) - 1} more such file(s))" if len(broken) > 1 else ""
-        if np.isnan(peak[first]):  # no samples seen: embedded from the feature cache
-            why = "from its hidden states in the feature cache"
-        elif peak[first] > 1:
-            why = f"its samples reach {peak[first]:.1e}, far outside [-1, 1]: scale the audio to full scale 1.0"
-        elif len(broken) == done.sum():
-            why = "so is every other one: the checkpoint's weights are likely NaN or inf"
-        else:
-            why = "its samples are finite and within [-1, 1]"
-        raise ValueError(f"{names[first]}: its embedding is NaN or inf ({why}){more}")
+    if names is not None:
+        check_embedded(names, rms, peak, done, finite)
     return tables, done
 
 
