@@ -291,7 +291,6 @@ def to_device(x, device: torch.device):
     return x.to(device, non_blocking=True)
 
 
-@torch.no_grad()
 def check_embedded(names: list[str], rms, peak, done, finite):
     """embed()'s refusals, in one line naming the first file: no speech energy, or a NaN/inf embedding (with why)."""
     quiet = np.flatnonzero(rms < NO_SPEECH_RMS)
@@ -314,6 +313,7 @@ def check_embedded(names: list[str], rms, peak, done, finite):
         raise ValueError(f"{names[first]}: its embedding is NaN or inf ({why}){more}")
 
 
+@torch.no_grad()
 def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: int = -1, chunk_samples: int = 0,
           store=None, names: list[str] | None = None):
     """Embed every utterance of a (prepared) loader with each (upstream, encoder) pair.
