@@ -380,7 +380,11 @@ def check_resume(accelerator, cfg, parts: Parts, folder: Path) -> bool:
     path = Path(folder) / FROZEN_FILE
     if not path.is_file():
         return False  # an earlier version's checkpoint: its state is whole
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = json.loads(path.read_text())
+        assert isinstance(recorded, dict)
+    except (OSError, ValueError, AssertionError):
+        raise ValueError(f"{path}: unreadable (not the JSON object train_asv.py writes)") from None
     found = frozen_fingerprint(accelerator, cfg, parts.encoder, parts.head, parts.upstream)
     if found["sha256"] != recorded.get("sha256"):
         raise ValueError(f"{path}: the {recorded.get('tensors')} frozen weights this checkpoint trained with differ "

@@ -70,12 +70,16 @@ def main():
     parser.add_argument("--budget", type=float, default=150.0, help="training CPU seconds per backbone")
     parser.add_argument("--probe", type=int, default=4, help="steps of the timing probe")
     parser.add_argument("--batch", type=int, default=16, help="2 s crops per step")
+    parser.add_argument("--backbones", nargs="+", choices=[d["name"] for d in BACKBONES.values()],
+                        default=[d["name"] for d in BACKBONES.values()], help="which of them to run")
     args = parser.parse_args()
     work = Path(args.work)
     data = work / "real-mini"
     run(["prepare_voxceleb.py", "--corpus", REAL_MINI, "--out", data, "--test-speakers", "5", "--valid-speakers", "2"])
     rows = []
     for name, downstream in BACKBONES.items():
+        if downstream["name"] not in args.backbones:
+            continue
         cfg = config(work, downstream)
         (one, one_wall) = train(cfg, data, work / downstream["name"] / "probe1", 1, args.batch, test=False)
         (more, more_wall) = train(cfg, data, work / downstream["name"] / "probe", args.probe, args.batch, test=False)
