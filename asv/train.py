@@ -394,8 +394,9 @@ def check_resume(accelerator, cfg, parts: Parts, folder: Path) -> bool:
         file = Path(folder) / f"model{f'_{i}' if i else ''}.safetensors"
         if not file.is_file():
             continue  # Accelerate names what is missing itself
+        bare = lambda names: {n.removeprefix("module.") for n in names}  # DDP's prefix: a resume on another count
         with safe_open(str(file), "pt") as f:
-            missing = set(model.state_dict()) - set(f.keys()) - {name for name, _ in frozen(model)}
+            missing = bare(model.state_dict()) - bare(f.keys()) - bare(name for name, _ in frozen(model))
         if missing:
             raise ValueError(f"{file}: has no {sorted(missing)[0]} ({len(missing)} tensors missing that are not frozen)")
     return True
