@@ -11,9 +11,10 @@ out). The test EER is the run's last checkpoint (validated once, at the end).
 
 The budget is CPU time (user + system) of the training process and its loader workers (getrusage of the
 waited-for children), not wall time: on a machine shared with other jobs the wall time of a step depends on
-how many of them run, while its CPU time barely does (they compete for cores, which stretches wall time,
-and much less for caches and memory bandwidth, which is what would move CPU time). The wall seconds are
-printed beside it to show how much the two differ.
+how many of them run (they take the cores), its CPU time much less (only through shared caches, memory
+bandwidth and SMT siblings). Much less is not nothing: on the shared 2-core VM of benchmarks/README.md a
+CAM++ step's wall time went from 16 s (loaded) to 0.5 s (quiet), its CPU time from 8.8 s to under 5 s. The
+wall seconds are printed beside the CPU seconds to show how far the two differ.
 """
 import argparse
 import json
