@@ -11,10 +11,11 @@ out). The test EER is the run's last checkpoint (validated once, at the end).
 
 The budget is CPU time (user + system) of the training process and its loader workers (getrusage of the
 waited-for children), not wall time: on a machine shared with other jobs the wall time of a step depends on
-how many of them run (they take the cores), its CPU time much less (only through shared caches, memory
-bandwidth and SMT siblings). Much less is not nothing: on the shared 2-core VM of benchmarks/README.md a
-CAM++ step's wall time went from 16 s (loaded) to 0.5 s (quiet), its CPU time from 8.8 s to under 5 s. The
-wall seconds are printed beside the CPU seconds to show how far the two differ.
+how many of them run (they take the cores); its CPU time should not, but on the shared 2-core VM of
+benchmarks/README.md it still rose 2-9x under load (a step of CAM++: 8.8 CPU s loaded, 0.99 quiet), most
+likely the spinning of torch's two threads waiting for each other, which counts as CPU time. So equal CPU
+budgets are equal only on a quiet machine or with one thread; the wall seconds are printed beside the CPU
+seconds to show how far the two differ.
 """
 import argparse
 import json
