@@ -33,8 +33,9 @@ from asv.models import load_model_file, min_input_samples, save_model_file
 from asv.run import (RunLock, best_entry, check_pickles, clear_partial_saves, complete_checkpoints, open_run, rank_key,
                      read_history, record_change, record_launch, record_validation, resume_folder, settle,
                      truncate_history, write_json, write_text)
-from asv.train import (Log, NonFiniteGuard, StepMeter, TrainState, build_parts, global_batch, label_encoder, lr_at,
-                       make_accelerator, one_line, prepare, rate, set_schedules, train_step)
+from asv.train import (FROZEN_FILE, Log, NonFiniteGuard, StepMeter, TrainState, build_parts, check_resume,
+                       frozen_fingerprint, global_batch, label_encoder, lr_at, make_accelerator, one_line, prepare, rate,
+                       register_lean_state, set_schedules, train_step)
 
 
 def main():
@@ -188,6 +189,8 @@ def save_checkpoint(accelerator, cfg, state: TrainState, upstream, encoder, head
                             accelerator.unwrap_model(head))
             # for report.py, which never loads a model: which upstream layers the featurizer relies on
             write_json(tmp / "layer_weights.json", enc.featurizer.layer_weights())
+            # what the Accelerate state leaves out (the frozen upstream, frozen parameters): a resume checks it
+            write_json(tmp / FROZEN_FILE, frozen_fingerprint(accelerator, cfg, encoder, head, upstream))
             state.processes = accelerator.num_processes
             state.save(tmp)
             if valid is not None:
@@ -209,8 +212,9 @@ def save_checkpoint(accelerator, cfg, state: TrainState, upstream, encoder, head
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
-    """Load the newest complete checkpoint (or train.resume_ckpt_dir) into the prepared objects."""
+def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState, parts):
+    """Load the newest complete checkpoint (or train.resume_ckpt_dir) into the prepared objects. Its state may
+    leave frozen parameters out (register_lean_state): they are the ones this run rebuilt, checked first."""
     t, exp = cfg.train, Path(cfg.exp_dir)
     folder = resume_folder(exp, cfg, checkpoints)
     if folder is None:
@@ -219,8 +223,9 @@ def resume(accelerator, cfg, checkpoints: list[Path], state: TrainState):
     if accelerator.is_main_process:
         migrate_train_state(folder)
     accelerator.wait_for_everyone()
+    lean = check_resume(accelerator, cfg, parts, folder)
     try:
-        accelerator.load_state(str(folder))
+        accelerator.load_state(str(folder), **({"strict": False} if lean else {}))
     except Exception as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ValueError(f"{folder}: cannot resume from it ({first})") from None
@@ -304,8 +309,9 @@ def build_run(accelerator, cfg, checkpoints: list[Path]):
         loader, validation.loader = prepare(accelerator, parts, loader, validation.loader)
     else:
         (loader,) = prepare(accelerator, parts, loader)
+    register_lean_state(accelerator, cfg)
     state = TrainState()  # saved and loaded as JSON beside Accelerate's state (never registered: a pickle)
-    resumed = resume(accelerator, cfg, checkpoints, state)
+    resumed = resume(accelerator, cfg, checkpoints, state, parts)
     return parts, loader, validation, state, about, resumed
 
 

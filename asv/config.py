@@ -139,11 +139,13 @@ class AugmentConfig:
 @dataclass
 class ScoreConfig:
     asnorm: bool = key(False, "also write adaptive s-norm scores (scores_asnorm.txt, metrics_asnorm.json)")
-    cohort_size: int = key(1000, "training utterances in the AS-norm cohort (spread over speakers)")
+    cohort_size: int = key(1000, "training utterances in the AS-norm (and QMF imposter-mean) cohort (spread over "
+                                 "speakers)")
     top_k: int = key(300, "closest cohort members per side")
     calibration: str = key("plain",
                            "plain: score -> LLR | qmf: also the plain one's quality-measure twin (log enrolment/test"
-                           " durations), both fit on validation trials, both reported")
+                           " durations, imposter means; the set chosen on held-out validation speakers), both fit"
+                           " on validation trials, both reported")
 
 
 @dataclass

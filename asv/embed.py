@@ -594,18 +594,26 @@ def checkpoint_calibrations(accelerator, ckpts: list[Path]) -> dict:
     return cals
 
 
-def ensure_qmf(cfg, ckpt: Path) -> metrics.QualityCalibration:
-    """The checkpoint's calibration_qmf.json; fit on its validation scores (and the durations of their
-    enrolment and test audio, from the data folder's manifest) and saved first when absent."""
+def ensure_qmf(ckpt: Path, valid_audio: dict[str, str], speaker_of: dict[str, str], secs: dict[str, float],
+               imposter: dict[str, float]) -> metrics.QualityCalibration:
+    """The checkpoint's calibration_qmf.json; fit on its validation scores (the plain calibration's), the
+    durations of their enrolment and test audio and the audio's imposter means (`imposter`: file -> mean of
+    its top-k cohort scores, this checkpoint's embeddings), the measures chosen on held-out validation speakers
+    (`speaker_of`: entry -> speaker), and saved first when absent."""
     cal = metrics.load_qmf(ckpt)
     if cal is not None:
         return cal
     path = Path(ckpt) / VALID_SCORES
     scores, labels = metrics.validation_scores(ckpt)
     entries = np.loadtxt(path, usecols=(0, 1), dtype=str, ndmin=2, comments=None)
-    known = {u.id: u.duration for u in read_manifest(cfg.data.dir)}
-    secs = np.array(audio_durations(list(entries.ravel()), dict(known)), dtype=np.float64).reshape(entries.shape)
-    cal = metrics.fit_qmf(scores, labels, secs[:, 0], secs[:, 1])
+    unknown = next((e for e in entries.ravel() if valid_audio.get(e) not in imposter), None)
+    if unknown is not None:
+        raise ValueError(f"{path}: names {unknown}, which the data folder's validation list does not (or which was "
+                         "not embedded): QMF is fit on the validation trials' audio")
+    side = [[valid_audio[e] for e in entries[:, i]] for i in (0, 1)]
+    cal = metrics.fit_qmf(scores, labels, *([secs[f] for f in files] for files in side),
+                          *([imposter[f] for f in files] for files in side),
+                          speakers=[(speaker_of[a], speaker_of[b]) for a, b in entries])
     metrics.save_qmf(ckpt, cal)
     return cal
 
@@ -614,11 +622,13 @@ def ensure_qmf(cfg, ckpt: Path) -> metrics.QualityCalibration:
 class Inputs:
     """Everything an evaluation reads, checked before any model is built."""
     lists: dict[str, tuple[TrialList, Trials, dict[str, str]]]  # key -> (list, its trials, entry -> audio file)
-    cohort: list[str]                                            # AS-norm cohort files ([] without AS-norm)
+    cohort: list[str]                                            # AS-norm / QMF cohort files ([]: neither)
     paths: list[str]                                             # every file to embed, once
     durations: list[float]
     data: dict = dataclasses.field(default_factory=dict)         # {"data_fingerprint": ...} of data the run was not
                                                                  # trained on (check_data): a result set of its own
+    valid: dict[str, str] = dataclasses.field(default_factory=dict)  # QMF: validation entry -> audio file (its fit)
+    valid_speakers: dict[str, str] = dataclasses.field(default_factory=dict)  # QMF: validation entry -> speaker
 
 
 def check_both_kinds(path, trials: Trials):
@@ -653,11 +663,17 @@ def read_inputs(cfg, lists: list[TrialList], trials_root: str | None = None) -> 
         check_both_kinds(spec.path, trials)
         loaded[spec.name if not spec.user_file else str(spec.path)] = (spec, trials, trial_audio(
             trials, spec.path, by_id, trials_root))
-    cohort = cohort_paths(utts, cfg.score.cohort_size) if cfg.score.asnorm else []
-    if cfg.score.asnorm and not cohort:
-        raise ValueError(f"score.asnorm needs training utterances in {cfg.data.dir} for its cohort")
-    paths = sorted({p for _, _, audio in loaded.values() for p in audio.values()} | set(cohort))
-    return Inputs(loaded, cohort, paths, audio_durations(paths, {u.path: u.duration for u in utts}))
+    qmf = cfg.score.calibration == "qmf"
+    cohort = cohort_paths(utts, cfg.score.cohort_size) if cfg.score.asnorm or qmf else []
+    if (cfg.score.asnorm or qmf) and not cohort:
+        needs = "score.asnorm" if cfg.score.asnorm else "score.calibration=qmf (its imposter means)"
+        raise ValueError(f"{needs} needs training utterances in {cfg.data.dir} for its cohort")
+    valid_list = trial_lists(cfg.data.dir).get("valid")  # QMF is fit on the validation trials: their audio too
+    valid = trial_audio(read_trials(valid_list), valid_list, by_id, trials_root) if qmf and valid_list else {}
+    paths = sorted({p for _, _, audio in loaded.values() for p in audio.values()} | set(cohort) | set(valid.values()))
+    speakers = {e: by_id[e].speaker if e in by_id else e for e in valid}  # a file outside the manifest: its own
+    return Inputs(loaded, cohort, paths, audio_durations(paths, {u.path: u.duration for u in utts}), valid=valid,
+                  valid_speakers=speakers)
 
 
 def check_data(ckpt: Path, cfg, inputs: Inputs) -> Inputs:
@@ -699,8 +715,6 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
     if overrides:  # the calibration is fit on validation scores of the run's config and data: it never applies here
         accelerator.print(f"note: {', '.join(f'{k}={v}' for k, v in overrides.items())}: not the run's config or "
                           f"data; results go to eval/<list>@{overrides_hash(overrides)}/, not calibrated")
-    qmfs = ({c: ensure_qmf(cfg, c) for c in ex.ckpts if cals.get(c) is not None}
-            if cfg.score.calibration == "qmf" else {})  # fit on validation trials only, as the plain one
     secs = dict(zip(paths, inputs.durations))
     row = {p: i for i, p in enumerate(paths)}
     tables, done = embed_files(accelerator, ex, paths, inputs.durations, cache)
@@ -715,6 +729,13 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
     out = {}
     for ckpt, table in zip(ex.ckpts, tables):
         out[str(ckpt)] = {}
+        qmf = None
+        if cfg.score.calibration == "qmf" and cals.get(ckpt) is not None and accelerator.is_main_process:
+            # fit on validation trials only, as the plain one; each side's imposter mean from this checkpoint
+            members = [row[p] for p in cohort if done[row[p]]]
+            mean, _ = cohort_stats(table, table[members], min(cfg.score.top_k, len(members)))
+            imposter = {p: float(mean[i]) for p, i in row.items() if done[i]}
+            qmf = ensure_qmf(ckpt, inputs.valid, inputs.valid_speakers, secs, imposter)
         for key, (spec, trials, audio) in inputs.lists.items():
             a, b = rows[key]
             scores, keep = score_trials(table, done, a, b)
@@ -726,14 +747,16 @@ def evaluate_checkpoints(accelerator, ex: Extractors, lists, trials_root: str | 
             if cal is not None and cal.fitted:
                 files["scores_calibrated.txt"] = scores_text(trials, keep, cal.llr(scores))
             line = metrics_line(ckpt, spec.name, m) + calibration_line(m)
-            if ckpt in qmfs:  # beside the plain calibration: the same scores, with their durations
+            if qmf is not None:  # beside the plain calibration: the same scores, with their quality measures
                 kept = np.flatnonzero(keep)
-                llrs = qmfs[ckpt].llr(scores, [secs[audio[trials.enroll[i]]] for i in kept],
-                                      [secs[audio[trials.test[i]]] for i in kept])
-                m["qmf"] = metrics.qmf_metrics(llrs, labels, qmfs[ckpt])
+                side = [[audio[names[i]] for i in kept] for names in (trials.enroll, trials.test)]
+                llrs = qmf.llr(scores, *([secs[f] for f in files] for files in side),
+                               *([imposter[f] for f in files] for files in side))
+                m["qmf"] = metrics.qmf_metrics(llrs, labels, qmf)
                 files["scores_qmf.txt"] = scores_text(trials, keep, llrs)
-                line += f" | QMF Cllr {m['qmf']['cllr']:.3f} actDCF0.01 {m['qmf']['act_dcf_0.01']:.4f}"
-            if cohort:
+                line += (f" | QMF ({qmf.chosen}) Cllr {m['qmf']['cllr']:.3f} "
+                         f"actDCF0.01 {m['qmf']['act_dcf_0.01']:.4f}")
+            if cfg.score.asnorm:
                 normed, used = asnorm(table, done, [row[p] for p in cohort], cfg.score.top_k, a[keep], b[keep], scores)
                 m["asnorm"] = {**metrics.compute_metrics(normed, labels), **used}
                 files["scores_asnorm.txt"] = scores_text(trials, keep, normed)

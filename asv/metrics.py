@@ -480,45 +480,92 @@ def calibration_line(m: dict) -> str:
 # ---------------------------------------------------------------------------- quality measures (QMF)
 
 QMF_FILE = "calibration_qmf.json"
-QMF_MEASURES = ("score", "log_enroll_secs", "log_test_secs", "score_x_log_min_secs")
+QMF_MEASURES = ("score", "log_enroll_secs", "log_test_secs", "score_x_log_min_secs", "enroll_imposter_mean",
+                "test_imposter_mean")
+OLD_QMF_MEASURES = ["score", "log_enroll_secs", "log_test_secs", "score_x_log_min_secs"]  # before imposter means
+# the nested sets fit_qmf chooses from (the first columns of QMF_MEASURES): the score alone is the plain calibration
+QMF_SETS = {"score": 1, "durations": 4, "durations+imposter": 6}
 
 
-def quality_measures(scores, enroll_secs, test_secs) -> np.ndarray:
-    """(N, 4): the score, the log durations of the enrolment and the test audio, and the score times the
-    log of the shorter one. The durations move where targets and non-targets score (an additive shift,
-    WeSpeaker's QMF); the product lets the scale follow the duration too (short audio: less reliable
-    scores, so a flatter LLR)."""
+def quality_measures(scores, enroll_secs, test_secs, enroll_imposter, test_imposter) -> np.ndarray:
+    """(N, 6): the score, the log durations of the enrolment and the test audio, the score times the log of
+    the shorter one, and each side's imposter mean. The durations move where targets and non-targets score (an
+    additive shift, WeSpeaker's QMF); the product lets the scale follow the duration too (short audio: less
+    reliable scores, so a flatter LLR). The imposter mean of a side is the mean of its top-k cosine scores
+    against the AS-norm cohort (training utterances, models.cohort_stats): an utterance close to many others
+    scores high against everyone, and the regression can take that out (WeSpeaker's QMF takes both sides')."""
     s = np.asarray(scores, dtype=np.float64)
     e, t = (np.log(np.maximum(np.asarray(d, dtype=np.float64), 1e-3)) for d in (enroll_secs, test_secs))
-    if not (s.shape == e.shape == t.shape) or s.ndim != 1:
-        raise ValueError(f"scores and durations must be 1-D and alike, got {s.shape}, {e.shape}, {t.shape}")
-    return np.stack([s, e, t, s * np.minimum(e, t)], axis=1)
+    me, mt = (np.asarray(m, dtype=np.float64) for m in (enroll_imposter, test_imposter))
+    if not (s.shape == e.shape == t.shape == me.shape == mt.shape) or s.ndim != 1:
+        raise ValueError(f"scores, durations and imposter means must be 1-D and alike, got {s.shape}, {e.shape}, "
+                         f"{t.shape}, {me.shape}, {mt.shape}")
+    return np.stack([s, e, t, s * np.minimum(e, t), me, mt], axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class QualityCalibration:
     """llr = weights . quality_measures(score, durations) + offset (QMF), and what it was fit on."""
-    weights: tuple  # one per QMF_MEASURES
+    weights: tuple  # one per QMF_MEASURES (0 for those of a set not chosen)
     offset: float
     prior: float
     num_trials: int
     num_targets: int
+    chosen: str = "durations+imposter"  # the QMF_SETS entry fitted: the lowest held-out-speaker Cllr on validation
+    held_out_cllr: dict = dataclasses.field(default_factory=dict)  # QMF_SETS name -> leave-one-speaker-out Cllr
 
-    def llr(self, scores, enroll_secs, test_secs):
-        return quality_measures(scores, enroll_secs, test_secs) @ np.asarray(self.weights) + self.offset
+    def llr(self, scores, enroll_secs, test_secs, enroll_imposter, test_imposter):
+        measures = quality_measures(scores, enroll_secs, test_secs, enroll_imposter, test_imposter)
+        return measures @ np.asarray(self.weights) + self.offset
 
 
-def fit_qmf(scores, labels, enroll_secs, test_secs, prior: float = 0.5) -> QualityCalibration:
+def fit_qmf(scores, labels, enroll_secs, test_secs, enroll_imposter, test_imposter, speakers=None,
+            prior: float = 0.5) -> QualityCalibration:
     """fit_calibration's logistic regression (weighted_logistic: the same class weights, prior and
     regularisation) on the quality measures instead of the score alone: WeSpeaker's score_calibration.py
-    QMF, with durations. With durations that say nothing (all equal) it is the plain calibration."""
+    QMF, with durations and imposter means. With measures that say nothing (all equal) it is the plain
+    calibration.
+
+    `speakers`: (enrolment speaker, test speaker) per trial. Then the set of measures (QMF_SETS) is the one
+    with the lowest Cllr on held-out speakers: each validation speaker in turn, the fit on the trials without
+    it, measured on the trials with it. A quality measure is mostly a property of the speaker (an imposter
+    mean above all), so a few validation speakers give its weight the sign of their own quirks; this keeps a
+    measure only when it carries over to speakers the fit has not seen. The final fit uses every trial."""
     if not 0 < prior < 1:
         raise ValueError(f"prior must be in (0, 1), got {prior}")
     scores, labels = _scores_labels(scores, labels)
     n, n_tar = len(labels), int(labels.sum())
-    w, offset = weighted_logistic(quality_measures(scores, enroll_secs, test_secs), labels, prior)
+    measures = quality_measures(scores, enroll_secs, test_secs, enroll_imposter, test_imposter)
+    held_out = held_out_cllr(measures, labels, speakers, prior) if speakers is not None else {}
+    chosen = min(held_out, key=lambda k: (held_out[k], QMF_SETS[k])) if held_out else "durations+imposter"
+    w, offset = np.zeros(measures.shape[1]), 0.0
+    w[:QMF_SETS[chosen]], offset = weighted_logistic(measures[:, :QMF_SETS[chosen]], labels, prior)
     return QualityCalibration(weights=tuple(float(v) for v in w), offset=offset, prior=prior, num_trials=n,
-                              num_targets=n_tar)
+                              num_targets=n_tar, chosen=chosen, held_out_cllr=held_out)
+
+
+def held_out_cllr(measures, labels, speakers, prior: float) -> dict:
+    """{QMF_SETS name: Cllr of its LLRs on held-out speakers}: for each speaker, the fit on the trials that do
+    not involve it, the LLRs of those that do (a non-target trial is held out with either of its speakers).
+    {} when no speaker can be held out (fewer than 3 speakers: what is left has no non-target trial)."""
+    enroll, test = (np.asarray(side) for side in zip(*speakers)) if len(speakers) else (np.array([]),) * 2
+    if len(enroll) != len(labels):
+        raise ValueError(f"speakers: one (enrolment, test) pair per trial, got {len(enroll)} for {len(labels)}")
+    out_llr = {name: [] for name in QMF_SETS}
+    out_labels = []
+    for spk in np.unique(np.concatenate([enroll, test])):
+        out = (enroll == spk) | (test == spk)
+        fit = ~out
+        if labels[fit].all() or not labels[fit].any() or labels[out].all() or not labels[out].any():
+            continue  # both kinds of trial on each side, or nothing to fit or measure
+        for name, cols in QMF_SETS.items():
+            w, offset = weighted_logistic(measures[fit, :cols], labels[fit], prior)
+            out_llr[name].append(measures[out, :cols] @ w + offset)
+        out_labels.append(labels[out])
+    if not out_labels:
+        return {}
+    held = np.concatenate(out_labels)
+    return {name: compute_cllr(np.concatenate(llrs), held) for name, llrs in out_llr.items()}
 
 
 def save_qmf(folder, cal: QualityCalibration):
@@ -527,14 +574,16 @@ def save_qmf(folder, cal: QualityCalibration):
 
 
 def load_qmf(folder) -> QualityCalibration | None:
-    """<folder>/calibration_qmf.json, or None when there is none."""
+    """<folder>/calibration_qmf.json, or None when there is none (or it predates the imposter means: refit)."""
     path = Path(folder) / QMF_FILE
     data = read_json(path)
-    if data is None:
+    if data is None or (isinstance(data, dict) and data.get("measures") == OLD_QMF_MEASURES):
         return None
     try:
         if data.pop("measures") != list(QMF_MEASURES) or len(data["weights"]) != len(QMF_MEASURES):
             raise ValueError("other quality measures than " + ", ".join(QMF_MEASURES))
+        if data.get("chosen", "durations+imposter") not in QMF_SETS:
+            raise ValueError(f"chosen: not one of {', '.join(QMF_SETS)}")
         return QualityCalibration(**{**data, "weights": tuple(float(w) for w in data["weights"])})
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
@@ -543,7 +592,8 @@ def load_qmf(folder) -> QualityCalibration | None:
 def qmf_metrics(llrs, labels, cal: QualityCalibration) -> dict:
     """metrics.json's "qmf" entry: the actual DCFs and Cllr of the QMF LLRs, beside the plain calibration's."""
     return {**{f"act_dcf_{p:g}": compute_act_dcf(llrs, labels, p) for p in (0.01, 0.05)},
-            "cllr": compute_cllr(llrs, labels), "calibration": dict(zip(QMF_MEASURES, cal.weights), offset=cal.offset)}
+            "cllr": compute_cllr(llrs, labels), "calibration": dict(zip(QMF_MEASURES, cal.weights), offset=cal.offset),
+            "chosen": cal.chosen, "held_out_cllr": cal.held_out_cllr}
 
 
 # ---------------------------------------------------------------------------- named thresholds

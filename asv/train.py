@@ -336,6 +336,91 @@ def prepare(accelerator, parts: Parts, *loaders):
     return loaders
 
 
+# ---------------------------------------------------------------------------- a lean resume state
+
+FROZEN_FILE = "frozen_weights.json"  # in each step-N: the fingerprint of the weights its Accelerate state leaves out
+
+
+def frozen(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(state-dict name, tensor) of the parameters that never learn: no optimizer holds them, so a run never
+    changes them (a fine-tuned upstream's CNN and the layers above the selection, LoRA's base weights)."""
+    return [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+
+
+def drops_frozen(cfg) -> bool:
+    """A checkpoint's Accelerate state leaves the frozen parameters of what learns out when the run rebuilds them
+    (upstream.ckpt, the bundle or the random-init seed). A run started from train.init_from took them from that
+    file, which a resume does not read: its state keeps them."""
+    return not cfg.train.init_from
+
+
+def register_lean_state(accelerator, cfg):
+    """save_state writes every prepared module's state dict; this drops their frozen parameters from it (a LoRA
+    run's state holds its adapters, not a copy of the upstream). A frozen upstream is never prepared, so never
+    saved. frozen_fingerprint records what was left out; check_resume refuses a resume that would differ."""
+    if not drops_frozen(cfg):
+        return
+
+    def drop(models, weights, output_dir):
+        for model, state in zip(models, weights):  # the prepared (wrapped) modules: names as in their state dicts
+            for name, _ in frozen(model):
+                state.pop(name, None)
+
+    accelerator.register_save_state_pre_hook(drop)
+
+
+def frozen_fingerprint(accelerator, cfg, encoder, head, upstream) -> dict:
+    """sha256 over the name, dtype, shape and bytes of every parameter a checkpoint relies on but its Accelerate
+    state does not hold: the frozen upstream's (never prepared), and the frozen ones of what learns (dropped by
+    register_lean_state). Names are the unwrapped modules', so the process count does not change it."""
+    import hashlib
+
+    prepared = {"encoder": True, "head": True, "upstream": bool(cfg.upstream.trainable)}
+    digest, tensors, numel = hashlib.sha256(), 0, 0
+    for role, module in (("encoder", encoder), ("head", head), ("upstream", upstream)):
+        if prepared[role] and not drops_frozen(cfg):
+            continue  # kept in the state: not the fingerprint's business
+        for name, p in frozen(accelerator.unwrap_model(module)):
+            data = p.detach().cpu().contiguous()
+            digest.update(f"{role}.{name} {data.dtype} {tuple(data.shape)}\n".encode())
+            digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
+            tensors, numel = tensors + 1, numel + data.numel()
+    return {"sha256": digest.hexdigest(), "tensors": tensors, "numel": numel}
+
+
+def check_resume(accelerator, cfg, parts: Parts, folder: Path) -> bool:
+    """Before load_state: whether the folder's state leaves frozen parameters out (then it is loaded with
+    strict=False). Refused in one line: frozen weights this run rebuilds differently from those the checkpoint
+    trained with, or a state that lacks anything but frozen parameters (strict=False must not hide it)."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(folder) / FROZEN_FILE
+    if not path.is_file():
+        return False  # an earlier version's checkpoint: its state is whole
+    try:
+        recorded = json.loads(path.read_text())
+        assert isinstance(recorded, dict)
+    except (OSError, ValueError, AssertionError):
+        raise ValueError(f"{path}: unreadable (not the JSON object train_asv.py writes)") from None
+    found = frozen_fingerprint(accelerator, cfg, parts.encoder, parts.head, parts.upstream)
+    if found["sha256"] != recorded.get("sha256"):
+        raise ValueError(f"{path}: the {recorded.get('tensors')} frozen weights this checkpoint trained with differ "
+                         f"from the ones this run rebuilds ({found['tensors']}; upstream.ckpt, the bundle or the "
+                         "random-init seed changed?): resuming would not continue that run")
+    for i, model in enumerate(parts.trained):  # Accelerate's model{,_1,_2}.safetensors, in prepare's order
+        file = Path(folder) / f"model{f'_{i}' if i else ''}.safetensors"
+        if not file.is_file():
+            continue  # Accelerate names what is missing itself
+        bare = lambda names: {n.removeprefix("module.") for n in names}  # DDP's prefix: a resume on another count
+        with safe_open(str(file), "pt") as f:
+            missing = bare(model.state_dict()) - bare(f.keys()) - bare(name for name, _ in frozen(model))
+        if missing:
+            raise ValueError(f"{file}: has no {sorted(missing)[0]} ({len(missing)} tensors missing that are not frozen)")
+    return True
+
+
 def train_step(accelerator, parts: Parts, wavs, lengths, labels, clip: float):
     """One micro-batch: forward, backward and, when the gradients are complete, clip and step.
     Returns (loss, logits, finite); `finite` is False when the step's loss or gradient norm is not

@@ -1,12 +1,20 @@
 """LoRA through peft (upstream.lora_rank): only the adapters learn, model.pt holds the adapters and not a second
 copy of the upstream, and evaluation's merged model embeds like the unmerged one."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from asv.config import ConfigError, load_config
 from asv.embed import build_models
 from asv.models import Extractor, load_model_file, model_meta, save_model_file
-from asv.train import build_parts
+from asv.train import FROZEN_FILE, build_parts
+from tests.conftest import REPO
 from tests.test_finetune import ARCH
 
 
@@ -89,3 +97,67 @@ def test_lora_needs_a_trainable_ssl_upstream():
         load_config(None, ["upstream.lora_rank=8"])
     with pytest.raises(ConfigError, match="lora_alpha applies with upstream.lora_rank"):
         load_config(None, ["upstream.lora_alpha=8"])
+
+
+def lora_run(data, exp, steps, ckpt, name="wavlm_base_plus"):
+    """A LoRA fine-tune of a small upstream (its weights from `ckpt`) on the demo corpus, a checkpoint every
+    2 steps, one log line per step; returns (returncode, stdout + stderr)."""
+    cmd = [sys.executable, "train_asv.py", "--config", "configs/demo.yaml", f"data.dir={data}", f"exp_dir={exp}",
+           "num_workers=0", "data.batch_size=4", "train.log_step=1", "train.eval_step=100", "train.save_step=2",
+           "train.keep_num_ckpts=0", "train.log_with=none", f"train.total_steps={steps}",
+           "train.test_after_train=false", f"upstream.name={name}", f"upstream.ckpt={ckpt}", "upstream.n_mels=80",
+           "upstream.trainable=true", f"upstream.arch={ARCH}", "upstream.lora_rank=4",
+           "featurizer.layer_selections=[0,1,2]", "optim.upstream_lr_ratio=0.5"]
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    return result.returncode, result.stdout + result.stderr
+
+
+def step_losses(exp) -> dict:
+    """{step: the loss of train.log's last line for it} (a resume redoes steps: the last line is the redone one)."""
+    return {int(m[1]): m[2] for m in re.finditer(r"^step (\d+) \| loss (\S+)", (exp / "train.log").read_text(), re.M)}
+
+
+def test_lora_resume_state_holds_no_upstream_copy_and_resumes_exactly(tmp_path):
+    """The step-N folder's Accelerate state holds the adapters of the upstream, not its frozen base (LoRA's base
+    weights, the CNN, the layers above the selection): those come back from upstream.ckpt, checked against the
+    fingerprint the checkpoint recorded. A run stopped at step 2 and resumed to step 4 logs the uninterrupted run's
+    losses and ends with its weights, bit for bit (same machine, one thread); the same resume with another
+    upstream.ckpt behind the same path is refused."""
+    from safetensors import safe_open
+
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(data)], cwd=REPO, check=True,
+                   capture_output=True)
+    source = source_file("wavlm_base_plus", tmp_path)
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    for exp, steps in ((clean, 4), (stopped, 2)):
+        rc, out = lora_run(data, exp, steps, source)
+        assert rc == 0, out[-3000:]
+
+    upstream_state = torch.load(source, weights_only=True)
+    upstream_bytes = sum(v.numel() * v.element_size() for v in upstream_state.values())
+    with safe_open(str(stopped / "step-2" / "model_2.safetensors"), "pt") as f:  # prepared third: the upstream
+        keys = set(f.keys())
+    adapters = {k for k in keys if "lora_" in k}
+    assert adapters and not any("base_layer" in k or "feature_extractor" in k for k in keys)
+    assert not any(".layers.2." in k for k in keys)  # above the deepest selected layer (2): never runs, frozen
+    # what is left of the upstream: the adapters and nothing else of its weights (torchaudio's names: model.*)
+    assert keys == adapters, sorted(keys - adapters)[:5]
+    size = (stopped / "step-2" / "model_2.safetensors").stat().st_size
+    assert size < 0.2 * upstream_bytes, (size, upstream_bytes)
+    assert json.loads((stopped / "step-2" / FROZEN_FILE).read_text())["numel"] >= sum(
+        v.numel() for v in upstream_state.values())  # every base weight is fingerprinted (LoRA wraps them all)
+
+    rc, out = lora_run(data, stopped, 4, source)
+    assert rc == 0 and "resumed from" in out, out[-3000:]
+    assert step_losses(stopped) == step_losses(clean) and set(step_losses(clean)) == {1, 2, 3, 4}
+    a, b = (torch.load(e / "step-4" / "model.pt", weights_only=True) for e in (clean, stopped))
+    for part in ("encoder", "upstream", "head"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+    # another source behind the same upstream.ckpt path: the rebuilt base is not the one step-2 trained with
+    shutil.rmtree(stopped / "step-4")
+    torch.save({k: v + 0.01 for k, v in upstream_state.items()}, source)
+    rc, out = lora_run(data, stopped, 4, source)
+    assert rc != 0 and "frozen weights this checkpoint trained with differ" in out, out[-3000:]
