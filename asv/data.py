@@ -671,8 +671,9 @@ def write_shards(data_dir, out, shard_mb: float = 256, show_progress: bool = Tru
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; give a new or empty folder for the shards")
-    if out.is_dir() and _store_entries(out):
-        raise ValueError(f"{out}: holds {_store_entries(out)[0]}, not a shard store's file; give a new or empty folder")
+    strangers = _store_entries(out) if out.is_dir() else []
+    if strangers:
+        raise ValueError(f"{out}: holds {strangers[0]}, not a shard store's file; give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     utts = read_manifest(data_dir)
     keys = []

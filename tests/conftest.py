@@ -5,6 +5,7 @@ Tolerances: each explicit one says in a comment where it comes from (float32 err
 spread measured across kernels: tests/test_kernels.py reruns the numerics under ATEN_CPU_CAPABILITY=default and
 one thread). The defaults, pytest.approx (rel 1e-6) and torch.testing.assert_close (float32: rtol 1.3e-6,
 atol 1e-5), are used only where both sides are the same arithmetic up to the rounding of a few operations."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +34,12 @@ def real_mini() -> Path:
 @pytest.fixture
 def vox1_meta() -> Path:
     return need(VOX1_META)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """prepare_voxceleb.py --demo's data folder, once per test module (test_prepare and test_tracking have their own)."""
+    out = tmp_path_factory.mktemp("demo") / "data"
+    subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(out)], cwd=REPO, check=True,
+                   capture_output=True)
+    return out

@@ -62,14 +62,6 @@ def kill_tree(proc: subprocess.Popen):
     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(out)], cwd=REPO, check=True,
-                   capture_output=True)
-    return out
-
-
 def train_args(demo, exp, steps=20):
     return ["train_asv.py", "--config", "configs/demo.yaml", f"data.dir={demo}", f"exp_dir={exp}", *QUICK,
             f"train.total_steps={steps}", "train.test_after_train=false"]

@@ -125,18 +125,6 @@ def test_attentive_pool_counts_2999_frames_under_bf16():
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=0)  # float32 sums (see the stats pool test)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-    out = tmp_path_factory.mktemp("demo") / "data"
-    subprocess.run([sys.executable, "prepare_voxceleb.py", "--demo", "--out", str(out)], cwd=REPO, check=True,
-                   capture_output=True)
-    return out
-
-
 def quick_run(demo, exp, *overrides):
     from asv.config import load_config
     from tests.conftest import REPO

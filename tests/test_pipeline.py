@@ -58,13 +58,6 @@ def manifest_ids(data: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    run("prepare_voxceleb.py", "--demo", "--out", out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def ref(demo, tmp_path_factory):
     """An uninterrupted 30-step run (checkpoints and validation every 10 steps, all kept): (run folder, stdout).
     The evaluation tests below write their results into its checkpoints."""
