@@ -374,13 +374,17 @@ def breakdown_rows(b: dict, steady: tuple[float, float]) -> list[str]:
             "|---|---|---|---|", *rows]
 
 
+def header(title: str, loads: list, setting: str) -> list[str]:
+    """A table's title with the date, the command that made it, and the machine's load at each stage's start."""
+    return [f"# {title}, {time.strftime('%Y-%m-%d %H:%M')}", "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`",
+            "", f"{os.cpu_count()} CPUs; load average (1 min) at the stages' starts: "
+            f"{', '.join(f'{name} {load:.1f}' for name, load in loads)}; {setting}", ""]
+
+
 def report(args, r: dict, trials: int, loads: list) -> str:
-    head = [f"# WavLM Base+ (frozen, random weights), s3prl 0.4.18 vs ours, {time.strftime('%Y-%m-%d %H:%M')}",
-            "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
-            f"{os.cpu_count()} CPUs; load average (1 min) at the stages' starts: "
-            f"{', '.join(f'{name} {load:.1f}' for name, load in loads)}; corpus {args.corpus}, "
-            f"our loader workers {args.workers}, s3prl's {args.peer_workers}; intra-op threads "
-            f"{args.threads or 'torch default'}", ""]
+    head = header("WavLM Base+ (frozen, random weights), s3prl 0.4.18 vs ours", loads,
+                  f"corpus {args.corpus}, our loader workers {args.workers}, s3prl's {args.peer_workers}; "
+                  f"intra-op threads {args.threads or 'torch default'}")
     text = head + main_rows(args, r, trials)
     if "breakdown" in r:
         text += ["", *breakdown_rows(r["breakdown"], (mean(r["s3prl"]["steps"]), mean(r["ours_train"]["steps"])))]
@@ -405,12 +409,10 @@ def eval_only(args):
                                 cwd=ROOT, tag="compare_ssl") if name == "s3prl"
                    else eval_ours(args, f"eval_only_{name}", ckpts, trials))
     ours = {k: mean([r["ours_before"][k], r["ours_after"][k]]) for k in ("wall", "cpu", "pss")}
-    head = [f"# Evaluation of {len(ckpts)} checkpoints, WavLM Base+, s3prl 0.4.18 vs ours, "
-            f"{time.strftime('%Y-%m-%d %H:%M')}", "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
-            f"{os.cpu_count()} CPUs; load average (1 min) at the starts: "
-            f"{', '.join(f'{n} {load:.1f}' for n, load in loads)}; intra-op threads {args.threads or 'torch default'}",
-            "", f"| {sum(1 for _ in open(trials))} trials | s3prl 0.4.18 stage 3 | ours, before | ours, after | "
-            "s3prl / mean of ours |", "|---|---|---|---|---|"]
+    head = header(f"Evaluation of {len(ckpts)} checkpoints, WavLM Base+, s3prl 0.4.18 vs ours", loads,
+                  f"intra-op threads {args.threads or 'torch default'}")
+    head += [f"| {sum(1 for _ in open(trials))} trials | s3prl 0.4.18 stage 3 | ours, before | ours, after | "
+             "s3prl / mean of ours |", "|---|---|---|---|---|"]
     rows = [f"| {label} | {r['s3prl'][k]:.1f} | {r['ours_before'][k]:.1f} | {r['ours_after'][k]:.1f} | "
             f"{r['s3prl'][k] / ours[k]:.2f}x |" for k, label in (("wall", "wall s"), ("cpu", "CPU s (user + system)"),
                                                                  ("pss", "peak PSS MB"))]
