@@ -34,6 +34,7 @@ from .models import (
     model_meta,
     run_chunked,
 )
+from .models.onednn import onednn_linear
 from .models.upstream import FEATURES
 from .run import (atomic_write, check_replaceable, data_fingerprint, eval_overrides, recover_dir, replace_dir,
                   resolve_checkpoint, run_config, run_folder, write_text)
@@ -244,12 +245,12 @@ def check_lengths(names: list[str], durations: list[float], sample_rate: int, mi
 
 
 # data.eval_batch_secs 0: the fastest batching where evaluation runs (benchmarks/benchmark.py --only evaluation).
-# CPU: 60 s batches (2 AMD EPYC cores, torch's threads, two runs: 1.5-2.5x one utterance per batch for the log-mel
-# x-vector, 1.2-1.4x for WavLM Base+, in spite of 1.1-1.3x padding). CPU with one intra-op thread and an SSL
-# upstream: one utterance per batch, as its products cost the same CPU time either way and large batches add page
-# faults for their temporaries (WavLM Base+, 5 checkpoints, 40 utterances: 29.1 s CPU, against 34.3 s in 60 s
-# batches: user 27.3 vs 26.7 s, system 1.8 vs 7.7 s); on two threads the same evaluation took 42-47 s in 60 s batches
-# and 65-86 s one utterance at a time (load 3-3.6). GPU: 600 s, as one utterance leaves most of the device idle.
+# CPU, log-mel features: 60 s batches (2 AMD EPYC cores, torch's threads, two runs: 1.5-2.5x one utterance per
+# batch for the log-mel x-vector). CPU, SSL upstream: one utterance per batch, on any thread count. Its products
+# cost the same either way, and large batches add padding and page faults for their temporaries: WavLM Base+,
+# 5 checkpoints, 40 utterances, 2 AMD EPYC cores, quiet machine, 2026-12-02: 13.9 s wall (20.8 s user, 2.5 s
+# system) one utterance per batch against 19.9 s (21.2, 11.9) in 60 s batches on two threads, 21.1 s against
+# 27.6 s on one. GPU: 600 s, as one utterance leaves most of the device idle.
 # Every normalisation is per utterance, so the choice changes speed and memory, not embeddings.
 CPU_EVAL_BATCH_SECS, GPU_EVAL_BATCH_SECS = 60.0, 600.0
 ONE_UTTERANCE = 1e-9  # a budget below any file's length: each batch holds one utterance
@@ -261,7 +262,7 @@ def eval_batch_secs(cfg: Config, device) -> float:
         return cfg.data.eval_batch_secs
     if torch.device(device).type != "cpu":
         return GPU_EVAL_BATCH_SECS
-    if torch.get_num_threads() == 1 and cfg.upstream.name not in FEATURES:
+    if cfg.upstream.name not in FEATURES:
         return ONE_UTTERANCE
     return CPU_EVAL_BATCH_SECS
 
@@ -349,7 +350,7 @@ def embed(accelerator, upstreams, encoders, loader, num_utts: int, max_batches: 
         if n == max_batches:
             break
         embs = [None] * len(encoders)
-        with accelerator.autocast():
+        with accelerator.autocast(), onednn_linear(accelerator.device):
             for key, members in groups.items():
                 device = devices[key]
                 hidden, frames = run_chunked(upstreams[members[0]], to_device(wavs, device),
