@@ -108,7 +108,8 @@ def parse_args():
     ap.add_argument("--steps", type=int, default=5, help="training steps, one checkpoint after each")
     ap.add_argument("--eval-utts", type=int, default=40, help="test utterances of the evaluation list (all pairs)")
     ap.add_argument("--max-secs", type=float, default=8.0, help="training crop, both toolkits (SUPERB: 8)")
-    ap.add_argument("--workers", type=int, default=4, help="our loader workers (configs/base.yaml: 4)")
+    ap.add_argument("--workers", type=int, default=-1,
+                    help="our loader workers, training and evaluation (configs/base.yaml's -1: fit the machine)")
     ap.add_argument("--peer-workers", type=int, default=0,
                     help="s3prl's loader workers (the peer runner's default: its fastest on 2 CPUs)")
     ap.add_argument("--threads", type=int, default=0,
@@ -190,6 +191,7 @@ def step_seconds(folders: list[Path]) -> list[float]:
 def parity(args, ckpt: Path, wav_file: str) -> dict:
     """Max |ours - s3prl| over every layer's hidden states of one utterance (batch of 1), on the frames both make."""
     import torch
+    from asv.models.onednn import onednn_linear
     from asv.models.upstream import SSLUpstream
 
     from asv.audio import load_audio
@@ -200,7 +202,7 @@ def parity(args, ckpt: Path, wav_file: str) -> dict:
                     args.work / "parity_s3prl.npy"], check=True, env={**os.environ, **PEER_ENV})
     theirs = np.load(args.work / "parity_s3prl.npy")  # (L, T + 1, D): s3prl repeats the last frame once
     upstream = SSLUpstream("wavlm_base_plus", ckpt=str(ckpt)).eval()
-    with torch.no_grad():
+    with torch.no_grad(), onednn_linear("cpu"):  # as evaluation runs it
         hidden, frames = upstream(torch.from_numpy(wav)[None], torch.tensor([len(wav)]))
     ours = np.stack([h[0].numpy() for h in hidden])
     n = int(frames[0])
@@ -238,7 +240,8 @@ def train_ours(args, name: str, data: Path, ckpt: Path, steps: int, overrides=()
 
 
 def eval_ours(args, name: str, ckpts: list[Path], trials: Path, extra=()) -> dict:
-    cmd = [sys.executable, "evaluate_asv.py", "--ckpt-dir", *ckpts, "--trials", trials, *extra]
+    cmd = [sys.executable, "evaluate_asv.py", "--ckpt-dir", *ckpts, "--trials", trials, f"num_workers={args.workers}",
+           *extra]
     return run_measured(name, cmd, args.work / "logs", threads_env(args), cwd=ROOT, tag="compare_ssl")
 
 
