@@ -1,6 +1,8 @@
 """Evaluation's float32 linear layers through oneDNN on x86-64 CPUs (models/onednn.py): that evaluation runs them
 there, that the outputs are the float32 product's within its rounding bound, and that nothing else is touched."""
 import contextlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +13,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from asv.embed import embed_files, load_extractors
 from asv.models.onednn import OneDNNLinear, available, onednn_linear
+from tests.conftest import REPO
 from tests.test_models import short_alone_and_beside_a_long_one
-from tests.test_ssl_speed import make_run, wavs  # noqa: F401  (wavs: a fixture)
+from tests.test_ssl_speed import SECS, make_run, write_wav
 
 pytestmark = pytest.mark.skipif(not available(), reason="oneDNN's linear needs an x86-64 CPU and a torch with oneDNN")
 ONEDNN_OP = "mkldnn::_linear_pointwise"
@@ -64,7 +67,8 @@ def test_an_embedding_through_onednn_is_the_same_alone_and_beside_a_much_longer_
         assert short_alone_and_beside_a_long_one(name, "superb_xvector") >= 0.99999
 
 
-def test_evaluation_embeds_through_onednn_and_agrees_with_torchs_linear(tmp_path, wavs, monkeypatch):  # noqa: F811
+def test_evaluation_embeds_through_onednn_and_agrees_with_torchs_linear(tmp_path, monkeypatch):
+    wavs = [write_wav(tmp_path / "wav" / f"u{i}.wav", s, i) for i, s in enumerate(SECS)]
     ckpts = make_run(tmp_path / "run", steps=(1,))
     ex = load_extractors(ckpts)
     ops = ops_run(lambda: embed_files(Accelerator(cpu=True), ex, wavs))
@@ -77,3 +81,16 @@ def test_evaluation_embeds_through_onednn_and_agrees_with_torchs_linear(tmp_path
     cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     # tolerance: two float32 summation orders through the tiny model, ~1e-6 relative per value: 1 - cosine ~1e-12
     assert cosine.min() >= 0.99999
+
+
+def test_linear_kernels_benchmark_prints_both_kernels_side_by_side():
+    out = subprocess.run([sys.executable, "benchmarks/linear_kernels.py", "--threads", "1", "--repeats", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 150") or
+            line.startswith("| 400")]
+    assert len(rows) == 8
+    for row in rows:
+        mkl, onednn, ratio, diff = float(row[2]), float(row[3]), row[4].strip(), float(row[5])
+        assert mkl > 0 and onednn > 0 and ratio.endswith("x")
+        assert diff < 768 * 2.0 ** -24  # the float32 rounding bound of the longest dot product, relative to its scale
