@@ -42,7 +42,7 @@ class DataConfig:
     batch_size: int = key(10, "utterances per batch per process (SUPERB: 10)")
     eval_batch_secs: float = key(0.0,
                                  "audio seconds per evaluation batch, length-sorted; 0: the fastest for the device "
-                                 "(CPU: 60, one utterance with an SSL upstream on one thread; GPU: 600). Embeddings do not depend on it")
+                                 "(CPU: 60, one utterance per batch with an SSL upstream; GPU: 600). Embeddings do not depend on it")
     eval_chunk_secs: float = key(0.0,
                                  ">0: upstream on windows this long at evaluation: memory bounded by it, not the "
                                  "longest file")
