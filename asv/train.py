@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -201,6 +202,11 @@ def check_launch(accelerator):
             "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N <script> ...")
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun's worker: the verb prints the line
         raise ValueError(line)
+    if torch.distributed.is_initialized():  # Accelerate joined a process group first: wait until every worker
+        try:  # is through it, or one still joining when the agent dies prints a "Connection reset" traceback
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
+        except RuntimeError:  # a worker that never arrives is stopped with the agent all the same
+            pass
     agent = os.getppid()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(f"error: {line}", file=sys.stderr, flush=True)

@@ -270,7 +270,10 @@ def test_ctrl_c_says_how_to_resume_in_one_line(trained, exp):
     from test_faults import ROOT, train_cmd
     proc = subprocess.Popen([sys.executable, *map(str, train_cmd(trained / "data", exp, "train.total_steps=100000",
                                                                  "train.save_step=100000"))],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as in a terminal: a shell's background job (`cmd &` without job control) inherits
+                            # SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while "resumed from" not in ((exp / "train.log").read_text() if (exp / "train.log").exists() else ""):
         assert time.time() < deadline and proc.poll() is None
